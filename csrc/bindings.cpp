@@ -1,0 +1,610 @@
+// The one Python boundary of the extension: takes DLPack arrays (capsules or objects with
+// __dlpack__), checks every argument before any work, and dispatches to the CPU or CUDA op.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cmath>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "specdiff/dlpack.h"
+#include "specdiff/math.h"
+#include "specdiff/ops.h"
+#include "specdiff/philox.h"
+
+namespace py = pybind11;
+using namespace specdiff;
+
+#ifndef SPECDIFF_VERSION
+#define SPECDIFF_VERSION "0.0.0"
+#endif
+#ifndef SPECDIFF_CUDA_ARCHS
+#define SPECDIFF_CUDA_ARCHS ""
+#endif
+
+namespace {
+
+[[noreturn]] void value_error(const std::string& msg) { throw py::value_error(msg); }
+[[noreturn]] void type_error(const std::string& msg) { throw py::type_error(msg); }
+
+std::string shape_str(const std::vector<int64_t>& s) {
+  std::ostringstream os;
+  os << "(";
+  for (size_t i = 0; i < s.size(); ++i) os << (i ? ", " : "") << s[i];
+  if (s.size() == 1) os << ",";
+  os << ")";
+  return os.str();
+}
+
+enum class Kind { kFloat32, kBFloat16, kFloat16, kInt32, kInt64, kBool, kUInt8, kOther };
+
+const char* kind_name(Kind k) {
+  switch (k) {
+    case Kind::kFloat32: return "float32";
+    case Kind::kBFloat16: return "bfloat16";
+    case Kind::kFloat16: return "float16";
+    case Kind::kInt32: return "int32";
+    case Kind::kInt64: return "int64";
+    case Kind::kBool: return "bool";
+    case Kind::kUInt8: return "uint8";
+    default: return "an unsupported dtype";
+  }
+}
+
+// A borrowed DLPack array; the producer's deleter runs when this goes away.
+class Array {
+ public:
+  Array() = default;
+  Array(const Array&) = delete;
+  Array& operator=(const Array&) = delete;
+  ~Array() {
+    if (legacy_ && legacy_->deleter) legacy_->deleter(legacy_);
+    if (versioned_ && versioned_->deleter) versioned_->deleter(versioned_);
+  }
+
+  void take(py::handle obj, const char* name) {
+    name_ = name;
+    py::object cap;
+    if (PyCapsule_CheckExact(obj.ptr())) {
+      cap = py::reinterpret_borrow<py::object>(obj);
+    } else if (py::hasattr(obj, "__dlpack__")) {
+      cap = obj.attr("__dlpack__")();
+    } else {
+      type_error(std::string(name) + " must be a DLPack array (torch, numpy, CuPy, JAX), got " +
+                 std::string(py::str(py::type::of(obj))));
+    }
+    PyObject* c = cap.ptr();
+    if (PyCapsule_IsValid(c, "dltensor_versioned")) {
+      versioned_ = static_cast<SdDLManagedTensorVersioned*>(PyCapsule_GetPointer(c, "dltensor_versioned"));
+      PyCapsule_SetName(c, "used_dltensor_versioned");
+      if (versioned_->version.major != 1) {
+        versioned_ = nullptr;
+        value_error(std::string(name) + ": unsupported DLPack major version");
+      }
+      t_ = &versioned_->dl_tensor;
+      readonly_ = (versioned_->flags & kSdDLFlagReadOnly) != 0;
+    } else if (PyCapsule_IsValid(c, "dltensor")) {
+      legacy_ = static_cast<SdDLManagedTensor*>(PyCapsule_GetPointer(c, "dltensor"));
+      PyCapsule_SetName(c, "used_dltensor");
+      t_ = &legacy_->dl_tensor;
+    } else {
+      type_error(std::string(name) + " is not an unused DLPack capsule");
+    }
+    shape_.assign(t_->shape, t_->shape + t_->ndim);
+    strides_.resize(static_cast<size_t>(t_->ndim));
+    int64_t s = 1;
+    for (int i = t_->ndim - 1; i >= 0; --i) {
+      strides_[static_cast<size_t>(i)] = t_->strides ? t_->strides[i] : s;
+      s *= t_->shape[i];
+    }
+    const SdDLDataType d = t_->dtype;
+    if (d.lanes != 1) kind_ = Kind::kOther;
+    else if (d.code == kSdDLFloat && d.bits == 32) kind_ = Kind::kFloat32;
+    else if (d.code == kSdDLBfloat && d.bits == 16) kind_ = Kind::kBFloat16;
+    else if (d.code == kSdDLFloat && d.bits == 16) kind_ = Kind::kFloat16;
+    else if (d.code == kSdDLInt && d.bits == 32) kind_ = Kind::kInt32;
+    else if (d.code == kSdDLInt && d.bits == 64) kind_ = Kind::kInt64;
+    else if (d.code == kSdDLBool && d.bits == 8) kind_ = Kind::kBool;
+    else if (d.code == kSdDLUInt && d.bits == 8) kind_ = Kind::kUInt8;
+    else kind_ = Kind::kOther;
+    if (t_->device.device_type != kSdDLCPU && t_->device.device_type != kSdDLCUDA)
+      value_error(std::string(name) + " must live on the CPU or a CUDA device (DLPack device type " +
+                  std::to_string(t_->device.device_type) + ")");
+  }
+
+  const std::string& name() const { return name_; }
+  int ndim() const { return t_->ndim; }
+  int64_t size(int i) const { return shape_[static_cast<size_t>(i)]; }
+  int64_t stride(int i) const { return strides_[static_cast<size_t>(i)]; }
+  Kind kind() const { return kind_; }
+  bool is_cuda() const { return t_->device.device_type == kSdDLCUDA; }
+  int device_id() const { return t_->device.device_id; }
+  void* data() const { return static_cast<char*>(t_->data) + t_->byte_offset; }
+  int64_t numel() const {
+    int64_t n = 1;
+    for (auto s : shape_) n *= s;
+    return n;
+  }
+
+  void check_shape(const std::vector<int64_t>& want, const char* dims) const {
+    if (shape_ != want)
+      value_error(name_ + " must have shape " + dims + " = " + shape_str(want) + ", got " +
+                  shape_str(shape_));
+  }
+  void check_ndim(int n, const char* dims) const {
+    if (t_->ndim != n)
+      value_error(name_ + " must have " + std::to_string(n) + " dimensions " + dims + ", got " +
+                  std::to_string(t_->ndim) + " with shape " + shape_str(shape_));
+  }
+  void check_kinds(std::initializer_list<Kind> ok, const char* what) const {
+    for (Kind k : ok)
+      if (k == kind_) return;
+    type_error(name_ + " must be " + what + ", got " + kind_name(kind_));
+  }
+  void check_last_contiguous() const {
+    if (t_->ndim > 0 && shape_.back() > 1 && strides_.back() != 1)
+      value_error(name_ + " must be contiguous in its last dimension (stride 1), got stride " +
+                  std::to_string(strides_.back()));
+  }
+  void check_contiguous() const {
+    int64_t s = 1;
+    for (int i = t_->ndim - 1; i >= 0; --i) {
+      if (shape_[static_cast<size_t>(i)] > 1 && strides_[static_cast<size_t>(i)] != s)
+        value_error(name_ + " must be contiguous");
+      s *= shape_[static_cast<size_t>(i)];
+    }
+  }
+  void check_writable() const {
+    if (readonly_) value_error(name_ + " is read-only");
+  }
+
+ private:
+  std::string name_;
+  SdDLTensor* t_ = nullptr;
+  SdDLManagedTensor* legacy_ = nullptr;
+  SdDLManagedTensorVersioned* versioned_ = nullptr;
+  std::vector<int64_t> shape_, strides_;
+  Kind kind_ = Kind::kOther;
+  bool readonly_ = false;
+};
+
+DType logits_dtype(const Array& a) {
+  a.check_kinds({Kind::kFloat32, Kind::kBFloat16, Kind::kFloat16}, "float32, bfloat16 or float16");
+  return a.kind() == Kind::kFloat32 ? DType::kFloat32
+         : a.kind() == Kind::kBFloat16 ? DType::kBFloat16 : DType::kFloat16;
+}
+
+LogitsView logits_view(const Array& a) {
+  a.check_last_contiguous();
+  LogitsView v;
+  v.data = a.data();
+  v.dtype = logits_dtype(a);
+  v.s0 = a.stride(0);
+  v.s1 = a.stride(1);
+  return v;
+}
+
+IdView id_view(const Array& a) {
+  a.check_kinds({Kind::kInt32, Kind::kInt64}, "int32 or int64");
+  IdView v;
+  v.data = a.data();
+  v.is64 = a.kind() == Kind::kInt64;
+  v.s0 = a.ndim() > 0 ? a.stride(0) : 0;
+  v.s1 = a.ndim() > 1 ? a.stride(1) : 0;
+  return v;
+}
+
+// All arrays on one device; returns true for CUDA.
+struct DeviceCheck {
+  bool set = false, cuda = false;
+  int id = 0;
+  std::string first;
+  void add(const Array& a) {
+    if (!set) {
+      set = true;
+      cuda = a.is_cuda();
+      id = a.device_id();
+      first = a.name();
+      return;
+    }
+    if (a.is_cuda() != cuda || (cuda && a.device_id() != id))
+      value_error(a.name() + " must be on the same device as " + first);
+  }
+};
+
+// Host-side id range check (CPU arrays only; CUDA ids are checked by the caller).
+void check_id_range(const Array& a, const IdView& v, int64_t rows, int64_t cols, int64_t hi,
+                    const char* bound) {
+  if (a.is_cuda()) return;
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < cols; ++j) {
+      const int64_t x = v.at(i, j);
+      if (x < 0 || x >= hi)
+        value_error(a.name() + " holds " + std::to_string(x) + " at index " +
+                    (cols > 1 || a.ndim() > 1 ? "(" + std::to_string(i) + ", " + std::to_string(j) + ")"
+                                              : std::to_string(i)) +
+                    ", outside [0, " + bound + ") = [0, " + std::to_string(hi) + ")");
+    }
+}
+
+// A per-row float: (B,) float32 array, or a scalar.
+RowFloat row_float(py::handle arr, double value, const char* name, int64_t B, DeviceCheck& dev,
+                   Array& holder) {
+  RowFloat r;
+  if (!arr.is_none()) {
+    holder.take(arr, name);
+    holder.check_kinds({Kind::kFloat32}, "float32");
+    holder.check_shape({B}, "(B,)");
+    holder.check_contiguous();
+    dev.add(holder);
+    r.data = static_cast<const float*>(holder.data());
+    if (!holder.is_cuda())
+      for (int64_t b = 0; b < B; ++b)
+        if (!(r.data[b] >= 0.0f) || std::isinf(r.data[b]))
+          value_error(std::string(name) + " must be finite and >= 0, got " +
+                      std::to_string(r.data[b]) + " at row " + std::to_string(b));
+  } else {
+    if (!(value >= 0.0) || std::isinf(value))
+      value_error(std::string(name) + " must be finite and >= 0, got " + std::to_string(value));
+    r.value = static_cast<float>(value);
+  }
+  return r;
+}
+
+RowSeed row_seed_arg(py::handle arr, int64_t value, int64_t B, DeviceCheck& dev, Array& holder) {
+  RowSeed s;
+  s.value = static_cast<uint64_t>(value);
+  if (!arr.is_none()) {
+    holder.take(arr, "seed");
+    holder.check_kinds({Kind::kInt64}, "int64");
+    holder.check_shape({B}, "(B,)");
+    holder.check_contiguous();
+    dev.add(holder);
+    s.data = static_cast<const int64_t*>(holder.data());
+  }
+  return s;
+}
+
+uint64_t offset_arg(int64_t offset) {
+  if (offset < 0 || offset >= (int64_t{1} << 56))
+    value_error("offset must be in [0, 2^56), got " + std::to_string(offset));
+  return static_cast<uint64_t>(offset);
+}
+
+void check_output(Array& a, py::handle obj, const char* name, Kind kind,
+                  const std::vector<int64_t>& shape, const char* dims, DeviceCheck& dev) {
+  a.take(obj, name);
+  a.check_kinds({kind}, kind_name(kind));
+  a.check_shape(shape, dims);
+  a.check_contiguous();
+  a.check_writable();
+  dev.add(a);
+}
+
+#if defined(SPECDIFF_WITH_CUDA)
+void check_cuda(int err, const char* what) {
+  if (err != 0) throw std::runtime_error(std::string(what) + ": " + cuda::error_string(err));
+}
+void* workspace_ptr(py::handle ws, size_t need, Array& holder, DeviceCheck& dev) {
+  if (need == 0) return nullptr;
+  if (ws.is_none()) value_error("workspace of " + std::to_string(need) + " bytes is required");
+  holder.take(ws, "workspace");
+  holder.check_kinds({Kind::kUInt8}, "uint8");
+  holder.check_contiguous();
+  dev.add(holder);
+  if (static_cast<size_t>(holder.numel()) < need)
+    value_error("workspace must hold at least " + std::to_string(need) + " bytes, got " +
+                std::to_string(holder.numel()));
+  return holder.data();
+}
+#endif
+
+[[noreturn]] void no_cuda() {
+  value_error("the arrays are on a CUDA device but specdiff_ext was built without CUDA kernels "
+              "(build_info()['cuda'] is False); install with nvcc on the PATH");
+}
+
+// ---------------------------------------------------------------- verify / rejection_sample
+void verify_py(py::handle target_logits, py::handle draft_ids, py::handle draft_logits,
+               py::handle draft_point_mass, py::handle vocab_map, py::handle vocab_inv,
+               py::handle temperature, double temperature_value, py::handle draft_temperature,
+               double draft_temperature_value, py::handle seed, int64_t seed_value,
+               int64_t offset, py::handle target_lse, py::handle draft_lse, py::handle out_ids,
+               py::handle out_num_accepted, py::handle out_valid, py::handle workspace,
+               uint64_t stream) {
+  DeviceCheck dev;
+  Array tl, di, dl, pm, vm, vi, ta, dta, sd, tlse, dlse, oi, on, ov, ws;
+  VerifyParams p;
+  tl.take(target_logits, "target_logits");
+  tl.check_ndim(3, "(B, G+1, V)");
+  dev.add(tl);
+  p.B = tl.size(0);
+  p.G = tl.size(1) - 1;
+  p.V = tl.size(2);
+  if (p.G < 0) value_error("target_logits must have G+1 >= 1 positions, got shape (" + std::to_string(p.B) + ", 0, " + std::to_string(p.V) + ")");
+  if (p.V < 1) value_error("target_logits must have a vocabulary of at least 1, got V = 0");
+  p.target = logits_view(tl);  // target_logits: (B, G+1, V)
+  di.take(draft_ids, "draft_ids");
+  p.draft_ids = id_view(di);
+  di.check_shape({p.B, p.G}, "(B, G)");  // draft_ids: (B, G)
+  dev.add(di);
+  p.Vd = p.V;
+  if (!vocab_map.is_none()) {
+    vm.take(vocab_map, "vocab_map");
+    p.vocab_map = id_view(vm);
+    vm.check_ndim(1, "(Vd,)");  // vocab_map: (Vd,)
+    dev.add(vm);
+    p.Vd = vm.size(0);
+    if (p.Vd < 1 || p.Vd > p.V)
+      value_error("vocab_map must have 1 <= Vd <= V = " + std::to_string(p.V) + " entries, got " + std::to_string(p.Vd));
+    check_id_range(vm, p.vocab_map, p.Vd, 1, p.V, "V");
+    if (vocab_inv.is_none()) value_error("vocab_inv is required with vocab_map");
+    vi.take(vocab_inv, "vocab_inv");
+    vi.check_kinds({Kind::kInt32}, "int32");
+    vi.check_shape({p.V}, "(V,)");  // vocab_inv: (V,)
+    vi.check_contiguous();
+    dev.add(vi);
+    p.vocab_inv = static_cast<const int32_t*>(vi.data());
+  }
+  if (!draft_logits.is_none()) {
+    dl.take(draft_logits, "draft_logits");
+    dl.check_ndim(3, "(B, G, Vd)");
+    dl.check_shape({p.B, p.G, p.Vd}, "(B, G, Vd)");  // draft_logits: (B, G, Vd)
+    dev.add(dl);
+    p.draft = logits_view(dl);
+  }
+  if (!draft_point_mass.is_none()) {
+    pm.take(draft_point_mass, "draft_point_mass");
+    pm.check_kinds({Kind::kBool}, "bool");
+    pm.check_shape({p.B, p.G}, "(B, G)");  // draft_point_mass: (B, G)
+    dev.add(pm);
+    p.point_mass = static_cast<const uint8_t*>(pm.data());
+    p.pm_s0 = pm.stride(0);
+    p.pm_s1 = pm.stride(1);
+  }
+  p.tau = row_float(temperature, temperature_value, "temperature", p.B, dev, ta);
+  p.draft_tau = row_float(draft_temperature, draft_temperature_value, "draft_temperature", p.B, dev, dta);
+  p.seed = row_seed_arg(seed, seed_value, p.B, dev, sd);
+  p.offset = offset_arg(offset);
+  if (!target_lse.is_none()) {
+    tlse.take(target_lse, "target_lse");
+    tlse.check_kinds({Kind::kFloat32}, "float32");
+    tlse.check_shape({p.B, p.G + 1}, "(B, G+1)");  // target_lse: (B, G+1)
+    tlse.check_contiguous();
+    dev.add(tlse);
+    p.target_lse = static_cast<const float*>(tlse.data());
+  }
+  if (!draft_lse.is_none()) {
+    dlse.take(draft_lse, "draft_lse");
+    dlse.check_kinds({Kind::kFloat32}, "float32");
+    dlse.check_shape({p.B, p.G}, "(B, G)");  // draft_lse: (B, G)
+    dlse.check_contiguous();
+    dev.add(dlse);
+    p.draft_lse = static_cast<const float*>(dlse.data());
+  }
+  check_output(oi, out_ids, "out_ids", Kind::kInt64, {p.B, p.G + 1}, "(B, G+1)", dev);
+  check_output(on, out_num_accepted, "out_num_accepted", Kind::kInt64, {p.B}, "(B,)", dev);
+  check_output(ov, out_valid, "out_valid", Kind::kBool, {p.B}, "(B,)", dev);
+  p.out_ids = static_cast<int64_t*>(oi.data());
+  p.out_num_accepted = static_cast<int64_t*>(on.data());
+  p.out_valid = static_cast<bool*>(ov.data());
+  check_id_range(di, p.draft_ids, p.B, p.G, p.V, "V");
+  if (p.B == 0) return;
+
+  if (dev.cuda) {
+#if defined(SPECDIFF_WITH_CUDA)
+    const size_t need = cuda::verify_workspace_bytes(p.B, p.G, p.V, p.Vd, dev.id);
+    void* w = workspace_ptr(workspace, need, ws, dev);
+    check_cuda(cuda::verify(p, w, need, reinterpret_cast<void*>(stream)), "verify");
+#else
+    (void)workspace;
+    (void)stream;
+    no_cuda();
+#endif
+  } else {
+    py::gil_scoped_release nogil;
+    cpu::verify(p);
+  }
+}
+
+// ---------------------------------------------------------------- gather_logprobs
+void gather_py(py::handle logits, py::handle ids, py::handle temperature, double temperature_value,
+               py::handle out_lse, py::handle out_logprobs, py::handle workspace, uint64_t stream) {
+  DeviceCheck dev;
+  Array lg, id, ta, ol, op, ws;
+  GatherParams p;
+  lg.take(logits, "logits");
+  lg.check_ndim(3, "(B, N, V)");  // logits: (B, N, V)
+  dev.add(lg);
+  p.B = lg.size(0);
+  p.N = lg.size(1);
+  p.V = lg.size(2);
+  if (p.V < 1) value_error("logits must have a vocabulary of at least 1, got V = 0");
+  p.logits = logits_view(lg);
+  id.take(ids, "ids");
+  p.ids = id_view(id);
+  id.check_shape({p.B, p.N}, "(B, N)");  // ids: (B, N)
+  dev.add(id);
+  p.tau = row_float(temperature, temperature_value, "temperature", p.B, dev, ta);
+  check_output(ol, out_lse, "out_lse", Kind::kFloat32, {p.B, p.N}, "(B, N)", dev);
+  check_output(op, out_logprobs, "out_logprobs", Kind::kFloat32, {p.B, p.N}, "(B, N)", dev);
+  p.out_lse = static_cast<float*>(ol.data());
+  p.out_logprobs = static_cast<float*>(op.data());
+  check_id_range(id, p.ids, p.B, p.N, p.V, "V");
+  if (p.B * p.N == 0) return;
+  if (dev.cuda) {
+#if defined(SPECDIFF_WITH_CUDA)
+    const size_t need = cuda::gather_workspace_bytes(p.B, p.N, p.V, dev.id);
+    void* w = workspace_ptr(workspace, need, ws, dev);
+    check_cuda(cuda::gather_logprobs(p, w, need, reinterpret_cast<void*>(stream)), "gather_logprobs");
+#else
+    (void)workspace;
+    (void)stream;
+    no_cuda();
+#endif
+  } else {
+    py::gil_scoped_release nogil;
+    cpu::gather_logprobs(p);
+  }
+}
+
+// ---------------------------------------------------------------- denoise_step
+void denoise_py(py::handle logits, py::handle tokens, py::handle commit_step, int64_t step,
+                int64_t num_steps, int mode, py::handle vocab_map, py::handle temperature,
+                double temperature_value, py::handle seed, int64_t seed_value, int64_t offset,
+                py::handle out_tokens, py::handle out_commit_step, py::handle out_lse,
+                py::handle out_valid, py::handle workspace, uint64_t stream) {
+  DeviceCheck dev;
+  Array lg, tk, cs, vm, ta, sd, ot, oc, ol, ov, ws;
+  DenoiseParams p;
+  lg.take(logits, "logits");
+  lg.check_ndim(3, "(B, G, Vd)");  // logits: (B, G, Vd)
+  dev.add(lg);
+  p.B = lg.size(0);
+  p.G = lg.size(1);
+  p.Vd = lg.size(2);
+  if (p.Vd < 1) value_error("logits must have a vocabulary of at least 1, got Vd = 0");
+  p.logits = logits_view(lg);
+  tk.take(tokens, "tokens");
+  p.tokens = id_view(tk);
+  tk.check_shape({p.B, p.G}, "(B, G)");  // tokens: (B, G)
+  dev.add(tk);
+  cs.take(commit_step, "commit_step");
+  cs.check_kinds({Kind::kInt32}, "int32");
+  cs.check_shape({p.B, p.G}, "(B, G)");  // commit_step: (B, G)
+  dev.add(cs);
+  p.commit_step = static_cast<const int32_t*>(cs.data());
+  p.cs_s0 = cs.stride(0);
+  p.cs_s1 = cs.stride(1);
+  if (num_steps < 1) value_error("num_steps must be >= 1, got " + std::to_string(num_steps));
+  if (step < 0 || step >= num_steps)
+    value_error("step must be in [0, num_steps) = [0, " + std::to_string(num_steps) + "), got " + std::to_string(step));
+  if (num_steps > (int64_t{1} << 30)) value_error("num_steps must be < 2^30, got " + std::to_string(num_steps));
+  p.step = step;
+  p.num_steps = num_steps;
+  if (mode < 0 || mode > 2) value_error("mode must be 0 (random), 1 (confidence) or 2 (left_to_right), got " + std::to_string(mode));
+  p.mode = static_cast<CommitMode>(mode);
+  if (!vocab_map.is_none()) {
+    vm.take(vocab_map, "vocab_map");
+    p.vocab_map = id_view(vm);
+    vm.check_shape({p.Vd}, "(Vd,)");  // vocab_map: (Vd,)
+    dev.add(vm);
+  }
+  p.tau = row_float(temperature, temperature_value, "temperature", p.B, dev, ta);
+  p.seed = row_seed_arg(seed, seed_value, p.B, dev, sd);
+  p.offset = offset_arg(offset);
+  check_output(ot, out_tokens, "out_tokens", Kind::kInt64, {p.B, p.G}, "(B, G)", dev);
+  check_output(oc, out_commit_step, "out_commit_step", Kind::kInt32, {p.B, p.G}, "(B, G)", dev);
+  check_output(ol, out_lse, "out_lse", Kind::kFloat32, {p.B, p.G}, "(B, G)", dev);
+  check_output(ov, out_valid, "out_valid", Kind::kBool, {p.B}, "(B,)", dev);
+  p.out_tokens = static_cast<int64_t*>(ot.data());
+  p.out_commit_step = static_cast<int32_t*>(oc.data());
+  p.out_lse = static_cast<float*>(ol.data());
+  p.out_valid = static_cast<bool*>(ov.data());
+  if (p.B == 0) return;
+  if (dev.cuda) {
+#if defined(SPECDIFF_WITH_CUDA)
+    const size_t need = cuda::denoise_workspace_bytes(p.B, p.G, p.Vd, dev.id);
+    void* w = workspace_ptr(workspace, need, ws, dev);
+    check_cuda(cuda::denoise_step(p, w, need, reinterpret_cast<void*>(stream)), "denoise_step");
+#else
+    (void)workspace;
+    (void)stream;
+    no_cuda();
+#endif
+  } else {
+    py::gil_scoped_release nogil;
+    cpu::denoise_step(p);
+  }
+}
+
+py::dict build_info() {
+  py::dict d;
+  d["version"] = SPECDIFF_VERSION;
+#if defined(SPECDIFF_WITH_CUDA)
+  d["cuda"] = true;
+  std::vector<int> archs;
+  std::string s = SPECDIFF_CUDA_ARCHS;
+  size_t pos = 0;
+  while (pos < s.size()) {
+    size_t end = s.find_first_of(";, ", pos);
+    if (end == std::string::npos) end = s.size();
+    std::string tok = s.substr(pos, end - pos);
+    std::string digits;
+    for (char c : tok) {
+      if (c >= '0' && c <= '9') digits += c;
+      else break;
+    }
+    if (!digits.empty()) archs.push_back(std::stoi(digits));
+    pos = end + 1;
+  }
+  d["cuda_archs"] = archs;
+  d["cuda_device_count"] = cuda::device_count();
+  d["cuda_available"] = cuda::device_count() > 0;
+#else
+  d["cuda"] = false;
+  d["cuda_archs"] = std::vector<int>{};
+  d["cuda_device_count"] = 0;
+  d["cuda_available"] = false;
+#endif
+  d["openmp"] = cpu::has_openmp();
+  return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "specdiff_ext compiled core: denoise, gather and rejection-sampling ops on DLPack arrays";
+  m.def("build_info", &build_info, "What was compiled in: version, cuda, cuda_archs, cuda_available, openmp.");
+  m.def("verify", &verify_py, "Chain rejection sampling over draft blocks (docs/ops.md); fills the out_* arrays.",
+        py::arg("target_logits"), py::arg("draft_ids"), py::arg("draft_logits"),
+        py::arg("draft_point_mass"), py::arg("vocab_map"), py::arg("vocab_inv"),
+        py::arg("temperature"), py::arg("temperature_value"), py::arg("draft_temperature"),
+        py::arg("draft_temperature_value"), py::arg("seed"), py::arg("seed_value"),
+        py::arg("offset"), py::arg("target_lse"), py::arg("draft_lse"), py::arg("out_ids"),
+        py::arg("out_num_accepted"), py::arg("out_valid"), py::arg("workspace"),
+        py::arg("stream"));
+  m.def("gather_logprobs", &gather_py, "Log-sum-exp of each row and log-probability of one id per row.",
+        py::arg("logits"), py::arg("ids"), py::arg("temperature"), py::arg("temperature_value"),
+        py::arg("out_lse"), py::arg("out_logprobs"), py::arg("workspace"), py::arg("stream"));
+  m.def("denoise_step", &denoise_py, "One masked-diffusion reverse step: sample and commit tokens.",
+        py::arg("logits"), py::arg("tokens"), py::arg("commit_step"), py::arg("step"),
+        py::arg("num_steps"), py::arg("mode"), py::arg("vocab_map"), py::arg("temperature"),
+        py::arg("temperature_value"), py::arg("seed"), py::arg("seed_value"), py::arg("offset"),
+        py::arg("out_tokens"), py::arg("out_commit_step"), py::arg("out_lse"),
+        py::arg("out_valid"), py::arg("workspace"), py::arg("stream"));
+  m.def("workspace_bytes",
+        [](const std::string& op, int64_t B, int64_t G, int64_t V, int64_t Vd, int device) -> size_t {
+#if defined(SPECDIFF_WITH_CUDA)
+          if (op == "verify") return cuda::verify_workspace_bytes(B, G, V, Vd, device);
+          if (op == "gather_logprobs") return cuda::gather_workspace_bytes(B, G, V, device);
+          if (op == "denoise_step") return cuda::denoise_workspace_bytes(B, G, Vd, device);
+          value_error("workspace_bytes: unknown op '" + op + "'");
+#else
+          (void)op; (void)B; (void)G; (void)V; (void)Vd; (void)device;
+          return 0;
+#endif
+        },
+        "CUDA workspace bytes an op needs for these sizes.", py::arg("op"), py::arg("B"),
+        py::arg("G"), py::arg("V"), py::arg("Vd"), py::arg("device"));
+  m.def("philox_word",
+        [](int64_t seed, int64_t row, int64_t offset, uint32_t position, uint64_t index, uint32_t tag) {
+          RowSeed s;
+          s.value = static_cast<uint64_t>(seed);
+          const RowStream st = make_stream(s, row, offset_arg(offset));
+          const uint32_t w = st.word(position, index, tag);
+          return py::make_tuple(w, uniform_from_bits(w), gumbel_from_bits(w));
+        },
+        "The random word, uniform and Gumbel variate the ops draw for (batch seed, row, offset, position, index, tag).",
+        py::arg("seed"), py::arg("row"), py::arg("offset"), py::arg("position"), py::arg("index"), py::arg("tag"));
+  m.def("philox4x32_10",
+        [](uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0, uint32_t k1) {
+          const Philox4 r = philox4x32_10(c0, c1, c2, c3, k0, k1);
+          return py::make_tuple(r.x[0], r.x[1], r.x[2], r.x[3]);
+        },
+        "Philox-4x32-10 of one counter and key.", py::arg("c0"), py::arg("c1"), py::arg("c2"),
+        py::arg("c3"), py::arg("k0"), py::arg("k1"));
+  m.def("fast_exp", [](float x) { return fast_exp(x); }, "The kernels' exp.", py::arg("x"));
+  m.def("fast_log", [](float x) { return fast_log(x); }, "The kernels' log.", py::arg("x"));
+}

@@ -1,0 +1,103 @@
+// CPU denoise_step: one reverse step of the masked-diffusion drafter, one batch row per task.
+#include <cmath>
+#include <vector>
+
+#include "dispatch.h"
+#include "row_kernels.h"
+#include "specdiff/ops.h"
+
+namespace specdiff {
+namespace cpu {
+namespace {
+
+template <typename T>
+void denoise_row(const DenoiseParams& p, int64_t b, std::vector<float>& conf,
+                 std::vector<char>& commit, std::vector<int64_t>& arg) {
+  const int64_t G = p.G;
+  const float tau = p.tau.at(b);
+  const float inv_te = tau > 0.0f ? 1.0f / tau : 1.0f;
+  const int64_t R = p.num_steps - p.step;
+  const RowStream st = make_stream(p.seed, b, p.offset);
+  bool valid = true;
+  int64_t masked = 0;
+  conf.assign(static_cast<size_t>(G), kNegInf);
+  commit.assign(static_cast<size_t>(G), 0);
+  arg.assign(static_cast<size_t>(G), -1);
+
+  for (int64_t g = 0; g < G; ++g) {
+    const int32_t cs = p.commit_step[b * p.cs_s0 + g * p.cs_s1];
+    p.out_tokens[b * G + g] = p.tokens.at(b, g);
+    p.out_commit_step[b * G + g] = cs;
+    p.out_lse[b * G + g] = NAN;
+    if (cs >= 0) continue;
+    ++masked;
+    const RowStats s = row_stats(p.logits.row<T>(b, g), p.Vd, inv_te);
+    if (!s.valid()) {
+      valid = false;
+      continue;
+    }
+    const float lse = s.lse();
+    p.out_lse[b * G + g] = lse;
+    conf[static_cast<size_t>(g)] = fast_exp(s.m - lse);
+    arg[static_cast<size_t>(g)] = s.arg;
+    commit[static_cast<size_t>(g)] = 1;  // candidate
+  }
+
+  // Which candidates commit at this step.
+  if (R > 1) {
+    if (p.mode == CommitMode::kRandom) {
+      const float prob = 1.0f / static_cast<float>(R);
+      for (int64_t g = 0; g < G; ++g) {
+        if (!commit[static_cast<size_t>(g)]) continue;
+        const float u = uniform_from_bits(st.word(static_cast<uint32_t>(g), 0, kTagDenoiseCommit));
+        commit[static_cast<size_t>(g)] = u < prob;
+      }
+    } else {
+      int64_t n = (masked + R - 1) / R;
+      std::vector<char> chosen(static_cast<size_t>(G), 0);
+      while (n-- > 0) {
+        int64_t best = -1;
+        for (int64_t g = 0; g < G; ++g) {
+          if (!commit[static_cast<size_t>(g)] || chosen[static_cast<size_t>(g)]) continue;
+          if (best < 0 || (p.mode == CommitMode::kConfidence &&
+                           conf[static_cast<size_t>(g)] > conf[static_cast<size_t>(best)]))
+            best = g;
+        }
+        if (best < 0) break;
+        chosen[static_cast<size_t>(best)] = 1;
+      }
+      commit.swap(chosen);
+    }
+  }
+
+  for (int64_t g = 0; g < G; ++g) {
+    if (!commit[static_cast<size_t>(g)]) continue;
+    int64_t j = arg[static_cast<size_t>(g)];
+    if (tau > 0.0f) {
+      j = row_race(p.logits.row<T>(b, g), p.Vd, inv_te, st, static_cast<uint32_t>(g),
+                   kTagDenoiseToken, -1);
+    }
+    p.out_tokens[b * G + g] = p.vocab_map.data != nullptr ? p.vocab_map.at(j) : j;
+    p.out_commit_step[b * G + g] = static_cast<int32_t>(p.step);
+  }
+  p.out_valid[b] = valid;
+}
+
+}  // namespace
+
+void denoise_step(const DenoiseParams& p) {
+  dispatch_dtype(p.logits.dtype, [&](auto tv) {
+    using T = decltype(tv);
+#pragma omp parallel
+    {
+      std::vector<float> conf;
+      std::vector<char> commit;
+      std::vector<int64_t> arg;
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t b = 0; b < p.B; ++b) denoise_row<T>(p, b, conf, commit, arg);
+    }
+  });
+}
+
+}  // namespace cpu
+}  // namespace specdiff

@@ -1,0 +1,39 @@
+// CPU gather_logprobs: log-sum-exp of each row and the log-probability of one id.
+#include <cmath>
+
+#include "dispatch.h"
+#include "row_kernels.h"
+#include "specdiff/ops.h"
+
+namespace specdiff {
+namespace cpu {
+
+void gather_logprobs(const GatherParams& p) {
+  dispatch_dtype(p.logits.dtype, [&](auto tv) {
+    using T = decltype(tv);
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int64_t r = 0; r < p.B * p.N; ++r) {
+      const int64_t b = r / p.N, n = r % p.N;
+      const T* row = p.logits.row<T>(b, n);
+      const float tau = p.tau.at(b);
+      const bool greedy = tau == 0.0f;
+      const RowStats s = row_stats(row, p.V, greedy ? 1.0f : 1.0f / tau);
+      const int64_t id = p.ids.at(b, n);
+      float lse = NAN, lp = NAN;
+      if (s.valid() && id >= 0 && id < p.V) {
+        if (greedy) {
+          lse = s.m;
+          lp = id == s.arg ? 0.0f : kNegInf;
+        } else {
+          lse = s.lse();
+          lp = sd_mul(to_float(row[id]), 1.0f / tau) - lse;
+        }
+      }
+      p.out_lse[r] = lse;
+      p.out_logprobs[r] = lp;
+    }
+  });
+}
+
+}  // namespace cpu
+}  // namespace specdiff

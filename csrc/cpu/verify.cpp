@@ -1,0 +1,151 @@
+// CPU verify / rejection_sample: chain speculative sampling, one batch row per OpenMP task.
+// Positions after the first rejection are never read.
+#include <cmath>
+#include <vector>
+
+#include "dispatch.h"
+#include "row_kernels.h"
+#include "specdiff/ops.h"
+
+namespace specdiff {
+namespace cpu {
+namespace {
+
+template <typename TT, typename TD>
+void verify_row(const VerifyParams& p, int64_t b, std::vector<float>& qbuf) {
+  const int64_t G = p.G, V = p.V;
+  int64_t* out = p.out_ids + b * (G + 1);
+  for (int64_t i = 0; i <= G; ++i) out[i] = -1;
+  p.out_num_accepted[b] = 0;
+  p.out_valid[b] = false;
+
+  const float tau = p.tau.at(b);
+  const bool greedy = tau == 0.0f;
+  const float inv_tau = greedy ? 1.0f : 1.0f / tau;
+  const float dtau = p.draft_tau.at(b);
+  const bool soft_drafts = p.draft.data != nullptr && dtau > 0.0f;
+  const float inv_dtau = soft_drafts ? 1.0f / dtau : 1.0f;
+  const RowStream st = make_stream(p.seed, b, p.offset);
+
+  for (int64_t i = 0; i <= G; ++i) {
+    const TT* trow = p.target.row<TT>(b, i);
+    // Target statistics of position i (lse given by the caller, or one pass over the row).
+    RowStats sp;
+    if (p.target_lse != nullptr && !greedy) {
+      sp.m = p.target_lse[b * (G + 1) + i];
+      sp.s = 1.0f;
+      sp.bad = !std::isfinite(sp.m);
+    } else {
+      sp = row_stats(trow, V, inv_tau);
+    }
+    if (!sp.valid()) return;
+    const float lse_p = sp.lse();
+
+    if (i == G) {  // every draft accepted: bonus token
+      out[G] = greedy ? sp.arg : row_race(trow, V, inv_tau, st, static_cast<uint32_t>(G),
+                                          kTagSample, -1);
+      if (out[G] < 0) {
+        out[G] = -1;
+        return;
+      }
+      p.out_num_accepted[b] = G;
+      p.out_valid[b] = true;
+      return;
+    }
+
+    const int64_t x = p.draft_ids.at(b, i);
+    if (x < 0 || x >= V) return;
+    if (greedy) {
+      if (x == sp.arg) {
+        out[i] = x;
+        continue;
+      }
+      out[i] = sp.arg;
+      p.out_num_accepted[b] = i;
+      p.out_valid[b] = true;
+      return;
+    }
+
+    const bool soft =
+        soft_drafts && !(p.point_mass != nullptr && p.point_mass[b * p.pm_s0 + i * p.pm_s1]);
+    float lse_q = 0.0f, qx = 1.0f;
+    const TD* drow = soft ? p.draft.row<TD>(b, i) : nullptr;
+    if (soft) {
+      RowStats sq;
+      if (p.draft_lse != nullptr) {
+        sq.m = p.draft_lse[b * G + i];
+        sq.s = 1.0f;
+        sq.bad = !std::isfinite(sq.m);
+      } else {
+        sq = row_stats(drow, p.Vd, inv_dtau);
+      }
+      if (!sq.valid()) return;
+      lse_q = sq.lse();
+      const int64_t j = p.vocab_inv != nullptr ? p.vocab_inv[x] : x;
+      qx = j >= 0 ? fast_exp(sd_mul(to_float(drow[j]), inv_dtau) - lse_q) : 0.0f;
+    }
+    const float px = fast_exp(sd_mul(to_float(trow[x]), inv_tau) - lse_p);
+    const float u = uniform_from_bits(st.word(static_cast<uint32_t>(i), 0, kTagAccept));
+    if (u * qx < px) {
+      out[i] = x;
+      continue;
+    }
+
+    // First rejection at i: draw the correction.
+    int64_t c = -1;
+    if (!soft) {
+      c = row_race(trow, V, inv_tau, st, static_cast<uint32_t>(i), kTagSample, x);
+    } else {
+      // Draft log-weights on the target vocabulary (-inf outside the drafter's).
+      qbuf.assign(static_cast<size_t>(V), kNegInf);
+      if (p.vocab_map.data != nullptr) {
+        for (int64_t j = 0; j < p.Vd; ++j)
+          qbuf[static_cast<size_t>(p.vocab_map.at(j))] = sd_mul(to_float(drow[j]), inv_dtau);
+      } else {
+        for (int64_t v = 0; v < V; ++v) qbuf[static_cast<size_t>(v)] = sd_mul(to_float(drow[v]), inv_dtau);
+      }
+      FloatTiles<TT> tiles{trow, V, {}};
+      float best = kNegInf, fb = kNegInf;
+      int64_t fb_idx = -1;
+      tiles.for_each([&](const float* xs, int64_t n, int64_t base) {
+        tile_race_residual(xs, qbuf.data() + base, n, base, inv_tau, lse_p, lse_q, st,
+                           static_cast<uint32_t>(i), &best, &c, &fb, &fb_idx);
+      });
+      if (c < 0) c = fb_idx;
+    }
+    if (c < 0) c = row_race(trow, V, inv_tau, st, static_cast<uint32_t>(i), kTagSample, -1);
+    if (c < 0) return;
+    out[i] = c;
+    p.out_num_accepted[b] = i;
+    p.out_valid[b] = true;
+    return;
+  }
+}
+
+}  // namespace
+
+void verify(const VerifyParams& p) {
+  dispatch_dtype(p.target.dtype, [&](auto tt) {
+    using TT = decltype(tt);
+    dispatch_dtype(p.draft.dtype, [&](auto td) {
+      using TD = decltype(td);
+#pragma omp parallel
+      {
+        std::vector<float> qbuf;
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t b = 0; b < p.B; ++b) verify_row<TT, TD>(p, b, qbuf);
+      }
+    });
+  });
+}
+
+bool has_openmp() {
+#if defined(_OPENMP)
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace cpu
+}  // namespace specdiff

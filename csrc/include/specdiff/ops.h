@@ -1,0 +1,82 @@
+// Parameters and entry points of every op.  Arrays arrive as raw pointers with element strides;
+// the caller (bindings.cpp) has validated shapes, dtypes, devices and id ranges.
+#pragma once
+
+#include "common.h"
+
+namespace specdiff {
+
+// verify / rejection_sample (docs/ops.md).
+struct VerifyParams {
+  int64_t B = 0, G = 0, V = 0, Vd = 0;
+  LogitsView target;       // (B, G+1, V)
+  IdView draft_ids;        // (B, G)
+  LogitsView draft;        // (B, G, Vd); data == nullptr: every draft is a point mass
+  const uint8_t* point_mass = nullptr;  // (B, G) bool, may be null
+  int64_t pm_s0 = 0, pm_s1 = 0;
+  IdView vocab_map;        // (Vd,) target ids, data may be null (identity)
+  const int32_t* vocab_inv = nullptr;  // (V,) drafter index of each target id or -1 (CUDA)
+  RowFloat tau, draft_tau;
+  RowSeed seed;
+  uint64_t offset = 0;
+  const float* target_lse = nullptr;  // (B, G+1) contiguous; null: computed (verify)
+  const float* draft_lse = nullptr;   // (B, G) contiguous; null: computed (verify)
+  int64_t* out_ids = nullptr;         // (B, G+1)
+  int64_t* out_num_accepted = nullptr;  // (B,)
+  bool* out_valid = nullptr;          // (B,)
+};
+
+// gather_logprobs.
+struct GatherParams {
+  int64_t B = 0, N = 0, V = 0;
+  LogitsView logits;  // (B, N, V)
+  IdView ids;         // (B, N)
+  RowFloat tau;
+  float* out_lse = nullptr;       // (B, N)
+  float* out_logprobs = nullptr;  // (B, N)
+};
+
+enum class CommitMode : int { kRandom = 0, kConfidence = 1, kLeftToRight = 2 };
+
+// denoise_step.
+struct DenoiseParams {
+  int64_t B = 0, G = 0, Vd = 0;
+  LogitsView logits;             // (B, G, Vd)
+  IdView tokens;                 // (B, G)
+  const int32_t* commit_step = nullptr;  // (B, G) with strides cs_s0, cs_s1
+  int64_t cs_s0 = 0, cs_s1 = 0;
+  int64_t step = 0, num_steps = 1;
+  CommitMode mode = CommitMode::kRandom;
+  IdView vocab_map;              // (Vd,) or null
+  RowFloat tau;
+  RowSeed seed;
+  uint64_t offset = 0;
+  int64_t* out_tokens = nullptr;       // (B, G)
+  int32_t* out_commit_step = nullptr;  // (B, G)
+  float* out_lse = nullptr;            // (B, G)
+  bool* out_valid = nullptr;           // (B,)
+};
+
+namespace cpu {
+void verify(const VerifyParams& p);
+void gather_logprobs(const GatherParams& p);
+void denoise_step(const DenoiseParams& p);
+bool has_openmp();
+}  // namespace cpu
+
+#if defined(SPECDIFF_WITH_CUDA)
+namespace cuda {
+// Workspace bytes verify needs for these sizes (0 when none).
+size_t verify_workspace_bytes(int64_t B, int64_t G, int64_t V, int64_t Vd, int device);
+size_t gather_workspace_bytes(int64_t B, int64_t N, int64_t V, int device);
+size_t denoise_workspace_bytes(int64_t B, int64_t G, int64_t Vd, int device);
+// Launchers: return the first CUDA error, stream last.
+int verify(const VerifyParams& p, void* workspace, size_t workspace_bytes, void* stream);
+int gather_logprobs(const GatherParams& p, void* workspace, size_t workspace_bytes, void* stream);
+int denoise_step(const DenoiseParams& p, void* workspace, size_t workspace_bytes, void* stream);
+const char* error_string(int err);
+int device_count();
+}  // namespace cuda
+#endif
+
+}  // namespace specdiff
