@@ -300,7 +300,7 @@ void* workspace_ptr(py::handle ws, size_t need, Array& holder, DeviceCheck& dev)
 }
 #endif
 
-[[noreturn]] void no_cuda() {
+[[noreturn, maybe_unused]] void no_cuda() {
   value_error("the arrays are on a CUDA device but specdiff_ext was built without CUDA kernels "
               "(build_info()['cuda'] is False); install with nvcc on the PATH");
 }
@@ -396,7 +396,7 @@ void verify_py(py::handle target_logits, py::handle draft_ids, py::handle draft_
 #if defined(SPECDIFF_WITH_CUDA)
     const size_t need = cuda::verify_workspace_bytes(p.B, p.G, p.V, p.Vd, dev.id);
     void* w = workspace_ptr(workspace, need, ws, dev);
-    check_cuda(cuda::verify(p, w, need, reinterpret_cast<void*>(stream)), "verify");
+    check_cuda(cuda::verify(p, w, need, reinterpret_cast<void*>(stream), dev.id), "verify");
 #else
     (void)workspace;
     (void)stream;
@@ -437,7 +437,7 @@ void gather_py(py::handle logits, py::handle ids, py::handle temperature, double
 #if defined(SPECDIFF_WITH_CUDA)
     const size_t need = cuda::gather_workspace_bytes(p.B, p.N, p.V, dev.id);
     void* w = workspace_ptr(workspace, need, ws, dev);
-    check_cuda(cuda::gather_logprobs(p, w, need, reinterpret_cast<void*>(stream)), "gather_logprobs");
+    check_cuda(cuda::gather_logprobs(p, w, need, reinterpret_cast<void*>(stream), dev.id), "gather_logprobs");
 #else
     (void)workspace;
     (void)stream;
@@ -507,7 +507,7 @@ void denoise_py(py::handle logits, py::handle tokens, py::handle commit_step, in
 #if defined(SPECDIFF_WITH_CUDA)
     const size_t need = cuda::denoise_workspace_bytes(p.B, p.G, p.Vd, dev.id);
     void* w = workspace_ptr(workspace, need, ws, dev);
-    check_cuda(cuda::denoise_step(p, w, need, reinterpret_cast<void*>(stream)), "denoise_step");
+    check_cuda(cuda::denoise_step(p, w, need, reinterpret_cast<void*>(stream), dev.id), "denoise_step");
 #else
     (void)workspace;
     (void)stream;

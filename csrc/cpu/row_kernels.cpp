@@ -1,4 +1,6 @@
-// Float32 tile loops, multi-versioned for x86-64 levels so that they vectorise.
+// Float32 tile loops, multi-versioned for x86-64 levels so that they vectorise.  Reductions keep
+// kLanes independent accumulators (a fixed, layout-independent order), which lets the compiler
+// vectorise them without reassociating floating-point sums.
 #include "row_kernels.h"
 
 #include <cmath>
@@ -12,40 +14,87 @@
 namespace specdiff {
 namespace cpu {
 
+namespace {
+constexpr int kLanes = 16;
+constexpr int64_t kChunk = 256;  // entries per race block (a multiple of 4 * kLanes)
+}  // namespace
+
 SD_CLONES void tile_max(const float* x, int64_t n, float* max_out, bool* bad_out) {
-  float m = kNegInf;
-  int bad = 0;
+  // NaN check in float arithmetic (vectorises): (v clamped below at -FLT_MAX) * 0 is 0 for
+  // finite values and -inf, NaN for NaN and +inf.  The max is exact in any order.
+  float mm = kNegInf, cc = 0.0f;
+#pragma omp simd reduction(max : mm) reduction(+ : cc)
   for (int64_t i = 0; i < n; ++i) {
     const float v = x[i];
-    bad |= (v != v) | (v == INFINITY);
-    m = v > m ? v : m;
+    cc += (v < -3.4028235e38f ? -3.4028235e38f : v) * 0.0f;
+    mm = v > mm ? v : mm;
   }
-  *max_out = m;
-  *bad_out = bad != 0;
+  *max_out = mm;
+  *bad_out = cc != cc || mm == INFINITY;
 }
 
 SD_CLONES float tile_sumexp(const float* x, int64_t n, float inv_tau, float m) {
+  float acc[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) acc[j] += fast_exp(sd_mul(x[i + j], inv_tau) - m);
   float s = 0.0f;
-  for (int64_t i = 0; i < n; ++i) s += fast_exp(sd_mul(x[i], inv_tau) - m);
+  for (int j = 0; j < kLanes; ++j) s += acc[j];
+  for (; i < n; ++i) s += fast_exp(sd_mul(x[i], inv_tau) - m);
   return s;
 }
 
 namespace {
-constexpr int64_t kChunk = 256;  // entries per inner block (a multiple of 4)
 
-// Gumbel variates for indices base .. base+n-1 (base a multiple of 4).
+// Gumbel variates for indices base .. base+n-1 (base a multiple of 4, n <= kChunk).  Philox runs
+// on kLanes counters at a time in structure-of-arrays form so the 32x32->64 products vectorise.
 SD_CLONES void gumbel_block(int64_t base, int64_t n, const RowStream& st, uint32_t position,
                             uint32_t tag, float* g) {
+  constexpr uint32_t kM0 = 0xD2511F53u, kM1 = 0xCD9E8D57u;
+  constexpr uint32_t kW0 = 0x9E3779B9u, kW1 = 0xBB67AE85u;
   const int64_t groups = (n + 3) / 4;
-  uint32_t w[kChunk];
-  for (int64_t q = 0; q < groups; ++q) {
-    const Philox4 r = st.words4(position, static_cast<uint64_t>((base >> 2) + q), tag);
-    w[4 * q + 0] = r.x[0];
-    w[4 * q + 1] = r.x[1];
-    w[4 * q + 2] = r.x[2];
-    w[4 * q + 3] = r.x[3];
+  const uint32_t c3in = st.off_hi | (tag << 24);
+  for (int64_t q0 = 0; q0 < groups; q0 += kLanes) {
+    uint32_t c0[kLanes], c1[kLanes], c2[kLanes], c3[kLanes];
+    for (int j = 0; j < kLanes; ++j) {
+      c0[j] = static_cast<uint32_t>((base >> 2) + q0 + j);
+      c1[j] = position;
+      c2[j] = st.off_lo;
+      c3[j] = c3in;
+    }
+    uint32_t k0 = st.k0, k1 = st.k1;
+    for (int r = 0; r < 10; ++r) {
+      if (r > 0) {
+        k0 += kW0;
+        k1 += kW1;
+      }
+      for (int j = 0; j < kLanes; ++j) {
+        const uint64_t p0 = static_cast<uint64_t>(kM0) * c0[j];
+        const uint64_t p1 = static_cast<uint64_t>(kM1) * c2[j];
+        const uint32_t n0 = static_cast<uint32_t>(p1 >> 32) ^ c1[j] ^ k0;
+        const uint32_t n2 = static_cast<uint32_t>(p0 >> 32) ^ c3[j] ^ k1;
+        c1[j] = static_cast<uint32_t>(p1);
+        c3[j] = static_cast<uint32_t>(p0);
+        c0[j] = n0;
+        c2[j] = n2;
+      }
+    }
+    float g0[kLanes], g1[kLanes], g2[kLanes], g3[kLanes];
+    for (int j = 0; j < kLanes; ++j) {
+      g0[j] = gumbel_from_bits(c0[j]);
+      g1[j] = gumbel_from_bits(c1[j]);
+      g2[j] = gumbel_from_bits(c2[j]);
+      g3[j] = gumbel_from_bits(c3[j]);
+    }
+    const int64_t lim = groups - q0 < kLanes ? groups - q0 : kLanes;
+    for (int64_t j = 0; j < lim; ++j) {
+      float* o = g + 4 * (q0 + j);
+      o[0] = g0[j];
+      o[1] = g1[j];
+      o[2] = g2[j];
+      o[3] = g3[j];
+    }
   }
-  for (int64_t i = 0; i < n; ++i) g[i] = gumbel_from_bits(w[i]);
 }
 
 // Argmax of key[0..n), lowest index on ties; -inf entries never win.
@@ -61,6 +110,7 @@ inline void block_argmax(const float* key, int64_t n, int64_t base, float* best,
     }
   }
 }
+
 }  // namespace
 
 SD_CLONES void tile_race(const float* x, int64_t n, int64_t base, float inv_tau,

@@ -6,6 +6,7 @@
 #include <cstring>
 
 #if defined(__CUDACC__)
+#include <cuda_fp16.h>
 #define SD_HD __host__ __device__ __forceinline__
 #define SD_DEVICE_CODE 1
 #else
@@ -48,6 +49,9 @@ SD_HD uint32_t float_to_bits(float f) {
 SD_HD float to_float(float x) { return x; }
 SD_HD float to_float(bf16_t x) { return bits_to_float(static_cast<uint32_t>(x.bits) << 16); }
 SD_HD float to_float(f16_t x) {
+#if defined(SD_ON_DEVICE)
+  return __half2float(__ushort_as_half(x.bits));
+#else
   // IEEE binary16 -> binary32, exact (subnormals, infinities and NaN included).
   const uint32_t h = x.bits;
   const uint32_t sign = (h & 0x8000u) << 16;
@@ -66,6 +70,7 @@ SD_HD float to_float(f16_t x) {
     return bits_to_float(sign | (exp << 23) | (mant << 13));
   }
   return bits_to_float(sign | ((exp + 127 - 15) << 23) | (mant << 13));
+#endif
 }
 
 // Token ids arrive as int32 or int64.

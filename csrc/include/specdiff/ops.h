@@ -2,6 +2,8 @@
 // the caller (bindings.cpp) has validated shapes, dtypes, devices and id ranges.
 #pragma once
 
+#include <cstddef>
+
 #include "common.h"
 
 namespace specdiff {
@@ -70,10 +72,10 @@ namespace cuda {
 size_t verify_workspace_bytes(int64_t B, int64_t G, int64_t V, int64_t Vd, int device);
 size_t gather_workspace_bytes(int64_t B, int64_t N, int64_t V, int device);
 size_t denoise_workspace_bytes(int64_t B, int64_t G, int64_t Vd, int device);
-// Launchers: return the first CUDA error, stream last.
-int verify(const VerifyParams& p, void* workspace, size_t workspace_bytes, void* stream);
-int gather_logprobs(const GatherParams& p, void* workspace, size_t workspace_bytes, void* stream);
-int denoise_step(const DenoiseParams& p, void* workspace, size_t workspace_bytes, void* stream);
+// Launchers: return the first CUDA error (a cudaError_t value); `device` is made current.
+int verify(const VerifyParams& p, void* workspace, size_t workspace_bytes, void* stream, int device);
+int gather_logprobs(const GatherParams& p, void* workspace, size_t workspace_bytes, void* stream, int device);
+int denoise_step(const DenoiseParams& p, void* workspace, size_t workspace_bytes, void* stream, int device);
 const char* error_string(int err);
 int device_count();
 }  // namespace cuda
