@@ -3,6 +3,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <climits>
 #include <cmath>
 #include <sstream>
 #include <string>
@@ -490,6 +491,7 @@ void denoise_py(py::handle logits, py::handle tokens, py::handle commit_step, in
     p.vocab_map = id_view(vm);
     vm.check_shape({p.Vd}, "(Vd,)");  // vocab_map: (Vd,)
     dev.add(vm);
+    check_id_range(vm, p.vocab_map, p.Vd, 1, INT64_MAX, "2^63");
   }
   p.tau = row_float(temperature, temperature_value, "temperature", p.B, dev, ta);
   p.seed = row_seed_arg(seed, seed_value, p.B, dev, sd);

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import sys
+import warnings
 from typing import Any, Optional, Tuple, Union
 
 import numpy as np
@@ -59,7 +60,12 @@ class _Frontend:
             self.kind = "numpy"
             if x.dtype == np.float64:
                 raise TypeError(f"{name} must be float32, bfloat16 or float16 logits or integer ids, got float64")
-            return torch.from_numpy(np.ascontiguousarray(x) if not x.flags.writeable else x)
+            if not x.flags.writeable:
+                # Inputs are only read: wrap read-only arrays without a copy.
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", UserWarning)
+                    return torch.from_numpy(x)
+            return torch.from_numpy(x)
         if hasattr(x, "__dlpack__"):
             mod = type(x).__module__.split(".")[0]
             self.kind = "jax" if mod in ("jax", "jaxlib") else mod
@@ -150,15 +156,14 @@ def _check_cuda_ids(ids: Tensor, hi: int, name: str, bound: str) -> None:
         raise ValueError(f"{name} holds {bad}, outside [0, {bound}) = [0, {hi})")
 
 
-_INV_CACHE: dict = {}
-
-
 def _vocab_inverse(vocab_map: Tensor, V: int) -> Tensor:
-    """(V,) int32: the drafter index of each target id, -1 outside the map (cached)."""
-    key = (vocab_map.data_ptr(), vocab_map._version, tuple(vocab_map.shape), vocab_map.dtype, V, str(vocab_map.device))
-    inv = _INV_CACHE.get(key)
-    if inv is not None:
-        return inv
+    """(V,) int32: the drafter index of each target id, -1 outside the map.
+
+    Cached on the vocab_map tensor object itself (so the cache lives and dies with it) and
+    keyed by its version counter, which in-place writes through torch bump."""
+    cached = getattr(vocab_map, "_specdiff_vocab_inv", None)
+    if cached is not None and cached[0] == vocab_map._version and cached[1] == V:
+        return cached[2]
     if vocab_map.dim() != 1:
         raise ValueError(f"vocab_map must have shape (Vd,), got {tuple(vocab_map.shape)}")
     if vocab_map.dtype not in (torch.int32, torch.int64):
@@ -173,9 +178,10 @@ def _vocab_inverse(vocab_map: Tensor, V: int) -> Tensor:
     inv[vocab_map.long()] = torch.arange(Vd, dtype=torch.int32, device=vocab_map.device)
     if int((inv >= 0).sum()) != Vd:
         raise ValueError("vocab_map must not repeat a target id")
-    if len(_INV_CACHE) > 16:
-        _INV_CACHE.clear()
-    _INV_CACHE[key] = inv
+    try:
+        vocab_map._specdiff_vocab_inv = (vocab_map._version, V, inv)
+    except (AttributeError, RuntimeError):  # pragma: no cover - tensors without a __dict__
+        pass
     return inv
 
 

@@ -26,6 +26,12 @@ void verify_row(const VerifyParams& p, int64_t b, std::vector<float>& qbuf) {
   const bool soft_drafts = p.draft.data != nullptr && dtau > 0.0f;
   const float inv_dtau = soft_drafts ? 1.0f / dtau : 1.0f;
   const RowStream st = make_stream(p.seed, b, p.offset);
+  // An invalid row is all -1 with nothing accepted, whatever was written before the bad row.
+  auto invalid = [&] {
+    for (int64_t t = 0; t <= G; ++t) out[t] = -1;
+    p.out_num_accepted[b] = 0;
+    p.out_valid[b] = false;
+  };
 
   for (int64_t i = 0; i <= G; ++i) {
     const TT* trow = p.target.row<TT>(b, i);
@@ -38,23 +44,20 @@ void verify_row(const VerifyParams& p, int64_t b, std::vector<float>& qbuf) {
     } else {
       sp = row_stats(trow, V, inv_tau);
     }
-    if (!sp.valid()) return;
+    if (!sp.valid()) return invalid();
     const float lse_p = sp.lse();
 
     if (i == G) {  // every draft accepted: bonus token
       out[G] = greedy ? sp.arg : row_race(trow, V, inv_tau, st, static_cast<uint32_t>(G),
                                           kTagSample, -1);
-      if (out[G] < 0) {
-        out[G] = -1;
-        return;
-      }
+      if (out[G] < 0) return invalid();
       p.out_num_accepted[b] = G;
       p.out_valid[b] = true;
       return;
     }
 
     const int64_t x = p.draft_ids.at(b, i);
-    if (x < 0 || x >= V) return;
+    if (x < 0 || x >= V) return invalid();
     if (greedy) {
       if (x == sp.arg) {
         out[i] = x;
@@ -79,7 +82,7 @@ void verify_row(const VerifyParams& p, int64_t b, std::vector<float>& qbuf) {
       } else {
         sq = row_stats(drow, p.Vd, inv_dtau);
       }
-      if (!sq.valid()) return;
+      if (!sq.valid()) return invalid();
       lse_q = sq.lse();
       const int64_t j = p.vocab_inv != nullptr ? p.vocab_inv[x] : x;
       qx = j >= 0 ? fast_exp(sd_mul(to_float(drow[j]), inv_dtau) - lse_q) : 0.0f;
@@ -114,7 +117,7 @@ void verify_row(const VerifyParams& p, int64_t b, std::vector<float>& qbuf) {
       if (c < 0) c = fb_idx;
     }
     if (c < 0) c = row_race(trow, V, inv_tau, st, static_cast<uint32_t>(i), kTagSample, -1);
-    if (c < 0) return;
+    if (c < 0) return invalid();
     out[i] = c;
     p.out_num_accepted[b] = i;
     p.out_valid[b] = true;

@@ -1,0 +1,227 @@
+"""Bad input never crashes or returns garbage: every op checks every argument first and raises
+ValueError or TypeError whose message names the argument."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import pytest
+import torch
+
+B, G, V, VD = 3, 2, 7, 5
+
+
+def _verify_args() -> dict[str, Any]:
+    g = torch.Generator().manual_seed(0)
+    return dict(
+        target_logits=torch.randn(B, G + 1, V, generator=g),
+        draft_ids=torch.randint(0, V, (B, G), generator=g),
+        draft_logits=torch.randn(B, G, V, generator=g),
+        draft_point_mass=torch.zeros(B, G, dtype=torch.bool),
+        temperature=1.0,
+        draft_temperature=1.0,
+        seed=0,
+        offset=0,
+    )
+
+
+def _rejection_args() -> dict[str, Any]:
+    a = _verify_args()
+    a["target_lse"] = torch.zeros(B, G + 1)
+    a["draft_lse"] = torch.zeros(B, G)
+    return a
+
+
+def _gather_args() -> dict[str, Any]:
+    return dict(logits=torch.randn(B, G, V), ids=torch.zeros(B, G, dtype=torch.long),
+                temperature=1.0)
+
+
+def _denoise_args() -> dict[str, Any]:
+    return dict(logits=torch.randn(B, G, VD), tokens=torch.zeros(B, G, dtype=torch.long),
+                commit_step=torch.full((B, G), -1, dtype=torch.int32), step=0, num_steps=3,
+                mode="random", temperature=1.0, seed=0, offset=0)
+
+
+def _call(ops: Any, op: str, args: dict[str, Any]) -> Any:
+    a = dict(args)
+    if op in ("verify", "rejection_sample"):
+        fn = getattr(ops, op)
+        return fn(a.pop("target_logits"), a.pop("draft_ids"), a.pop("draft_logits"), **a)
+    if op == "gather_logprobs":
+        return ops.gather_logprobs(a.pop("logits"), a.pop("ids"), **a)
+    if op == "denoise_step":
+        return ops.denoise_step(a.pop("logits"), a.pop("tokens"), a.pop("commit_step"), **a)
+    raise ValueError(op)
+
+
+BASE: dict[str, Callable[[], dict[str, Any]]] = {
+    "verify": _verify_args,
+    "rejection_sample": _rejection_args,
+    "gather_logprobs": _gather_args,
+    "denoise_step": _denoise_args,
+}
+
+_f = torch.float32
+# (op, argument, bad value (or a function of the valid arguments), what the message must name)
+CASES: list[tuple[str, str, Any, str]] = []
+for _op in ("verify", "rejection_sample"):
+    CASES += [
+        (_op, "target_logits", torch.zeros(B, G + 1, V, dtype=torch.int32), "target_logits"),
+        (_op, "target_logits", torch.zeros(B, G + 1, V, dtype=torch.float64), "target_logits"),
+        (_op, "target_logits", torch.zeros(B, V), "target_logits"),
+        (_op, "target_logits", torch.zeros(B, 0, V), "target_logits"),
+        (_op, "target_logits", [[[0.0] * V] * (G + 1)] * B, "target_logits"),
+        (_op, "draft_ids", torch.zeros(B, G), "draft_ids"),
+        (_op, "draft_ids", torch.zeros(B, G + 1, dtype=torch.long), "draft_ids"),
+        (_op, "draft_ids", torch.zeros(B + 1, G, dtype=torch.long), "draft_ids"),
+        (_op, "draft_ids", torch.zeros(B * G, dtype=torch.long), "draft_ids"),
+        (_op, "draft_ids", torch.full((B, G), V, dtype=torch.long), "draft_ids"),
+        (_op, "draft_ids", torch.full((B, G), -1, dtype=torch.int32), "draft_ids"),
+        (_op, "draft_logits", torch.zeros(B, G, V, dtype=torch.int64), "draft_logits"),
+        (_op, "draft_logits", torch.zeros(B, G), "draft_logits"),
+        (_op, "draft_logits", torch.zeros(B, G + 1, V), "draft_logits"),
+        (_op, "draft_logits", torch.zeros(B + 1, G, V), "draft_logits"),
+        (_op, "draft_logits", torch.zeros(B, G, VD), "draft_logits|vocab_map"),
+        (_op, "draft_point_mass", torch.zeros(B, G), "draft_point_mass"),
+        (_op, "draft_point_mass", torch.zeros(B, G + 1, dtype=torch.bool), "draft_point_mass"),
+        (_op, "temperature", -1.0, "temperature"),
+        (_op, "temperature", math.nan, "temperature"),
+        (_op, "temperature", math.inf, "temperature"),
+        (_op, "temperature", "hot", "temperature"),
+        (_op, "temperature", torch.ones(B + 1), "temperature"),
+        (_op, "temperature", torch.ones(B, 1), "temperature"),
+        (_op, "temperature", torch.tensor([1.0, -0.5, 1.0]), "temperature"),
+        (_op, "temperature", torch.ones(B, dtype=torch.int64), "temperature"),
+        (_op, "draft_temperature", -0.5, "draft_temperature"),
+        (_op, "draft_temperature", torch.ones(B - 1), "draft_temperature"),
+        (_op, "seed", torch.zeros(B), "seed"),
+        (_op, "seed", torch.zeros(B + 1, dtype=torch.long), "seed"),
+        (_op, "seed", 1.5, "seed"),
+        (_op, "seed", "s", "seed"),
+        (_op, "offset", -1, "offset"),
+        (_op, "offset", 1 << 56, "offset"),
+        (_op, "offset", 1.5, "offset"),
+        (_op, "vocab_map", torch.arange(VD + 1), "vocab_map|draft_logits"),
+        (_op, "vocab_map", torch.arange(VD, dtype=_f), "vocab_map"),
+        (_op, "vocab_map", torch.arange(VD).reshape(1, VD), "vocab_map"),
+        (_op, "vocab_map", torch.tensor([0, 1, 2, 3, V]), "vocab_map"),
+        (_op, "vocab_map", torch.tensor([0, 1, 2, 3, -1]), "vocab_map"),
+        (_op, "vocab_map", torch.tensor([0, 1, 2, 2, 3]), "vocab_map"),
+    ]
+CASES += [
+    ("rejection_sample", "target_lse", torch.zeros(B, G), "target_lse"),
+    ("rejection_sample", "target_lse", torch.zeros(B, G + 1, dtype=torch.int32), "target_lse"),
+    ("rejection_sample", "target_lse", None, "target_lse"),
+    ("rejection_sample", "draft_lse", None, "draft_lse"),
+    ("rejection_sample", "draft_lse", torch.zeros(B, G + 1), "draft_lse"),
+    ("rejection_sample", "draft_lse", torch.zeros(B, G, dtype=torch.int64), "draft_lse"),
+    ("gather_logprobs", "logits", torch.zeros(B, G, V, dtype=torch.int32), "logits"),
+    ("gather_logprobs", "logits", torch.zeros(B, G, V, dtype=torch.float64), "logits"),
+    ("gather_logprobs", "logits", torch.zeros(B, V), "logits"),
+    ("gather_logprobs", "ids", torch.zeros(B, G), "ids"),
+    ("gather_logprobs", "ids", torch.zeros(B, G + 1, dtype=torch.long), "ids"),
+    ("gather_logprobs", "ids", torch.zeros(B, dtype=torch.long), "ids"),
+    ("gather_logprobs", "ids", torch.full((B, G), V, dtype=torch.int32), "ids"),
+    ("gather_logprobs", "ids", torch.full((B, G), -1, dtype=torch.long), "ids"),
+    ("gather_logprobs", "temperature", -0.1, "temperature"),
+    ("gather_logprobs", "temperature", torch.ones(B + 2), "temperature"),
+    ("gather_logprobs", "temperature", torch.tensor([1.0, math.nan, 1.0]), "temperature"),
+    ("denoise_step", "logits", torch.zeros(B, G, VD, dtype=torch.int64), "logits"),
+    ("denoise_step", "logits", torch.zeros(B, G, VD, dtype=torch.float64), "logits"),
+    ("denoise_step", "logits", torch.zeros(B, VD), "logits"),
+    ("denoise_step", "tokens", torch.zeros(B, G), "tokens"),
+    ("denoise_step", "tokens", torch.zeros(B, G + 1, dtype=torch.long), "tokens"),
+    ("denoise_step", "commit_step", torch.zeros(B, G), "commit_step"),
+    ("denoise_step", "commit_step", torch.zeros(B + 1, G, dtype=torch.int32), "commit_step"),
+    ("denoise_step", "commit_step", torch.zeros(B * G, dtype=torch.int32), "commit_step"),
+    ("denoise_step", "step", -1, "step"),
+    ("denoise_step", "step", 3, "step"),
+    ("denoise_step", "step", 1.5, "step"),
+    ("denoise_step", "num_steps", 0, "num_steps|step"),
+    ("denoise_step", "mode", "bogus", "mode"),
+    ("denoise_step", "mode", 5, "mode"),
+    ("denoise_step", "mode", None, "mode"),
+    ("denoise_step", "temperature", -2.0, "temperature"),
+    ("denoise_step", "temperature", torch.ones(B + 1), "temperature"),
+    ("denoise_step", "seed", torch.zeros(B, dtype=torch.int32), "seed"),
+    ("denoise_step", "offset", -5, "offset"),
+    ("denoise_step", "vocab_map", torch.arange(VD + 1), "vocab_map"),
+    ("denoise_step", "vocab_map", torch.arange(VD, dtype=_f), "vocab_map"),
+    ("denoise_step", "vocab_map", torch.tensor([0, 1, -2, 3, 4]), "vocab_map"),
+]
+
+
+def _case_id(case: tuple[str, str, Any, str]) -> str:
+    op, arg, bad, _ = case
+    if isinstance(bad, torch.Tensor):
+        desc = f"{str(bad.dtype).replace('torch.', '')}{tuple(bad.shape)}"
+    else:
+        desc = type(bad).__name__ if not isinstance(bad, (int, float)) else repr(bad)
+    return f"{op}-{arg}-{desc}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
+def test_bad_argument_is_named(ops, case) -> None:
+    op, arg, bad, name = case
+    args = BASE[op]()
+    if arg == "vocab_map" and op != "denoise_step":
+        args["draft_logits"] = torch.randn(B, G, VD)
+        if op == "rejection_sample":
+            args["draft_lse"] = torch.zeros(B, G)
+    args[arg] = bad
+    with pytest.raises((ValueError, TypeError), match=name):
+        _call(ops, op, args)
+
+
+@pytest.mark.parametrize("op", list(BASE))
+def test_valid_base_arguments_pass(ops, op) -> None:
+    """The unmodified arguments of the cases above are accepted (so each case tests one thing)."""
+    _call(ops, op, BASE[op]())
+    if op != "denoise_step":
+        a = BASE[op]() if op != "gather_logprobs" else None
+        if a is not None:
+            a["draft_logits"] = torch.randn(B, G, VD)
+            a["vocab_map"] = torch.tensor([6, 0, 3, 2, 4])
+            _call(ops, op, a)
+
+
+@pytest.mark.parametrize("bad", [torch.zeros(5), torch.zeros(2, 3, 4), torch.zeros(2, 3),
+                                 torch.zeros(2, 3, dtype=torch.bool)], ids=str)
+def test_point_mass_mask_bad_commit_step(ops, bad) -> None:
+    with pytest.raises((ValueError, TypeError), match="commit_step"):
+        ops.point_mass_mask(bad)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("op", list(BASE))
+def test_device_mix_is_named(ops, op) -> None:
+    args = BASE[op]()
+    first = next(iter(args))  # the logits
+    for other, value in args.items():
+        if other == first or not isinstance(value, torch.Tensor):
+            continue
+        a = BASE[op]()
+        a[first] = a[first].cuda()
+        with pytest.raises((ValueError, TypeError), match=f"{first}|{other}"):
+            _call(ops, op, a)
+        torch.cuda.synchronize()
+    a = BASE[op]()
+    a[first] = a[first].cuda()
+    a["temperature"] = torch.ones(B)  # per-row tensor left on the CPU
+    with pytest.raises((ValueError, TypeError), match=f"{first}|temperature"):
+        _call(ops, op, a)
+
+
+@pytest.mark.cuda
+def test_cuda_out_of_range_ids_are_named(ops) -> None:
+    a = _verify_args()
+    a = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in a.items()}
+    a["draft_ids"] = torch.full((B, G), V, dtype=torch.long, device="cuda")
+    with pytest.raises(ValueError, match="draft_ids"):
+        _call(ops, "verify", a)
+    g = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in _gather_args().items()}
+    g["ids"] = torch.full((B, G), -3, dtype=torch.long, device="cuda")
+    with pytest.raises(ValueError, match="ids"):
+        _call(ops, "gather_logprobs", g)
