@@ -114,11 +114,7 @@ def _row_scalar(front: _Frontend, value: Any, name: str, B: int, device: torch.d
         raise ValueError(f"{name} must have shape (B,) = ({B},), got {tuple(t.shape)}")
     if t.device != device:
         raise ValueError(f"{name} must be on the same device as the logits ({device}), got {t.device}")
-    t = t.to(torch.float32).contiguous()
-    if t.device.type == "cuda" and not torch.cuda.is_current_stream_capturing():
-        if bool(((t < 0) | ~torch.isfinite(t)).any()):
-            raise ValueError(f"{name} must be finite and >= 0 in every row")
-    return t, 0.0
+    return t.to(torch.float32).contiguous(), 0.0
 
 
 def _seed_arg(front: _Frontend, seed: Any, B: int, device: torch.device) -> Tuple[Optional[Tensor], int]:
@@ -145,15 +141,41 @@ def _offset_arg(offset: Any) -> int:
     return int(offset)
 
 
-def _check_cuda_ids(ids: Tensor, hi: int, name: str, bound: str) -> None:
-    """Range check of ids on a GPU (one reduction and a sync; skipped inside CUDA-graph capture,
-    where the kernels still never read or write out of bounds)."""
-    if ids.device.type != "cuda" or ids.numel() == 0 or torch.cuda.is_current_stream_capturing():
-        return
-    lo_hi = torch.stack([ids.min(), ids.max()]).tolist()
-    if lo_hi[0] < 0 or lo_hi[1] >= hi:
-        bad = lo_hi[0] if lo_hi[0] < 0 else lo_hi[1]
-        raise ValueError(f"{name} holds {bad}, outside [0, {bound}) = [0, {hi})")
+class _DeviceChecks:
+    """Value checks of GPU tensors (id ranges, temperatures), run together with one device sync.
+
+    Skipped inside CUDA-graph capture; the kernels never read or write out of bounds whatever
+    the values (an out-of-range id or a negative temperature then makes its row invalid).
+    Callers that need no host sync at all can call ``torch.ops.specdiff.*`` directly."""
+
+    def __init__(self) -> None:
+        self.items: list = []
+
+    def ids(self, t: Tensor, hi: int, name: str, bound: str) -> None:
+        if t.device.type == "cuda" and t.numel() > 0:
+            self.items.append(("ids", t, hi, name, bound))
+
+    def temperature(self, t: Optional[Tensor], name: str) -> None:
+        if t is not None and t.device.type == "cuda" and t.numel() > 0:
+            self.items.append(("tau", t, 0, name, ""))
+
+    def run(self) -> None:
+        if not self.items or torch.cuda.is_current_stream_capturing():
+            return
+        vals = []
+        for kind, t, _, _, _ in self.items:
+            if kind == "ids":
+                vals += [t.min().to(torch.float64), t.max().to(torch.float64)]
+            else:
+                vals += [((t < 0) | ~torch.isfinite(t)).sum().to(torch.float64), t.min().to(torch.float64)]
+        got = torch.stack(vals).tolist()
+        for j, (kind, _, hi, name, bound) in enumerate(self.items):
+            a, b = got[2 * j], got[2 * j + 1]
+            if kind == "ids" and (a < 0 or b >= hi):
+                bad = int(a) if a < 0 else int(b)
+                raise ValueError(f"{name} holds {bad}, outside [0, {bound}) = [0, {hi})")
+            if kind == "tau" and a > 0:
+                raise ValueError(f"{name} must be finite and >= 0 in every row, got {b}")
 
 
 def _vocab_inverse(vocab_map: Tensor, V: int) -> Tensor:
@@ -345,8 +367,12 @@ def _verify_common(
     off = _offset_arg(offset)
     tlse = _opt(f, target_lse, "target_lse")
     dlse = _opt(f, draft_lse, "draft_lse")
-    if di.device.type == "cuda" and di.dim() == 2 and di.shape == (B, G1 - 1):
-        _check_cuda_ids(di, V, "draft_ids", "V")
+    checks = _DeviceChecks()
+    if di.dim() == 2 and tuple(di.shape) == (B, G1 - 1):
+        checks.ids(di, V, "draft_ids", "V")
+    checks.temperature(ta, "temperature")
+    checks.temperature(dta, "draft_temperature")
+    checks.run()
     ids, num, valid = _call(
         _verify_op, tl, di, dl, pm, vm, vinv, ta, tv, dta, dtv, sd, sv, off, tlse, dlse
     )
@@ -496,8 +522,11 @@ def gather_logprobs(logits: ArrayLike, ids: ArrayLike, temperature: Union[float,
     lg = _last_contiguous(lg)
     ix = f.tensor(ids, "ids")
     ta, tv = _row_scalar(f, temperature, "temperature", lg.shape[0], lg.device)
-    if ix.device.type == "cuda" and ix.dim() == 2 and tuple(ix.shape) == tuple(lg.shape[:2]):
-        _check_cuda_ids(ix, lg.shape[2], "ids", "V")
+    checks = _DeviceChecks()
+    if ix.dim() == 2 and tuple(ix.shape) == tuple(lg.shape[:2]):
+        checks.ids(ix, lg.shape[2], "ids", "V")
+    checks.temperature(ta, "temperature")
+    checks.run()
     lse, lp = _call(_gather_op, lg, ix, ta, tv)
     return GatherResult(f.out(lse), f.out(lp))
 
@@ -568,9 +597,12 @@ def denoise_step(
             raise TypeError(f"{name} must be an int, got {type(val).__name__}")
     m = CommitMode.parse(mode)
     vm = _opt(f, vocab_map, "vocab_map")
-    if vm is not None and vm.device.type == "cuda":
-        _check_cuda_ids(vm, sys.maxsize, "vocab_map", "2^63")
     ta, tv = _row_scalar(f, temperature, "temperature", lg.shape[0], lg.device)
+    checks = _DeviceChecks()
+    if vm is not None:
+        checks.ids(vm, sys.maxsize, "vocab_map", "2^63")
+    checks.temperature(ta, "temperature")
+    checks.run()
     sd, sv = _seed_arg(f, seed, lg.shape[0], lg.device)
     off = _offset_arg(offset)
     out = _call(_denoise_op, lg, tk, cs, int(step), int(num_steps), int(m), vm, ta, tv, sd, sv, off)

@@ -12,7 +12,7 @@ namespace {
 
 template <typename T>
 void denoise_row(const DenoiseParams& p, int64_t b, std::vector<float>& conf,
-                 std::vector<char>& commit, std::vector<int64_t>& arg) {
+                 std::vector<char>& commit, std::vector<int64_t>& arg, bool par) {
   const int64_t G = p.G;
   const float tau = p.tau.at(b);
   const float inv_te = tau > 0.0f ? 1.0f / tau : 1.0f;
@@ -31,7 +31,7 @@ void denoise_row(const DenoiseParams& p, int64_t b, std::vector<float>& conf,
     p.out_lse[b * G + g] = NAN;
     if (cs >= 0) continue;
     ++masked;
-    const RowStats s = row_stats(p.logits.row<T>(b, g), p.Vd, inv_te);
+    const RowStats s = row_stats(p.logits.row<T>(b, g), p.Vd, inv_te, par);
     if (!s.valid()) {
       valid = false;
       continue;
@@ -75,7 +75,7 @@ void denoise_row(const DenoiseParams& p, int64_t b, std::vector<float>& conf,
     int64_t j = arg[static_cast<size_t>(g)];
     if (tau > 0.0f) {
       j = row_race(p.logits.row<T>(b, g), p.Vd, inv_te, st, static_cast<uint32_t>(g),
-                   kTagDenoiseToken, -1);
+                   kTagDenoiseToken, -1, par);
     }
     p.out_tokens[b * G + g] = p.vocab_map.data != nullptr ? p.vocab_map.at(j) : j;
     p.out_commit_step[b * G + g] = static_cast<int32_t>(p.step);
@@ -88,13 +88,20 @@ void denoise_row(const DenoiseParams& p, int64_t b, std::vector<float>& conf,
 void denoise_step(const DenoiseParams& p) {
   dispatch_dtype(p.logits.dtype, [&](auto tv) {
     using T = decltype(tv);
+    if (p.B < max_threads()) {
+      std::vector<float> conf;
+      std::vector<char> commit;
+      std::vector<int64_t> arg;
+      for (int64_t b = 0; b < p.B; ++b) denoise_row<T>(p, b, conf, commit, arg, true);
+      return;
+    }
 #pragma omp parallel
     {
       std::vector<float> conf;
       std::vector<char> commit;
       std::vector<int64_t> arg;
 #pragma omp for schedule(dynamic, 1)
-      for (int64_t b = 0; b < p.B; ++b) denoise_row<T>(p, b, conf, commit, arg);
+      for (int64_t b = 0; b < p.B; ++b) denoise_row<T>(p, b, conf, commit, arg, false);
     }
   });
 }

@@ -5,6 +5,12 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
+#include <vector>
+
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
 
 #include "specdiff/common.h"
 #include "specdiff/math.h"
@@ -36,41 +42,76 @@ inline void to_float_tile(const T* src, int64_t n, float* dst) {
   for (int64_t i = 0; i < n; ++i) dst[i] = to_float(src[i]);
 }
 
-// A row viewed as float32 tiles, converting 16-bit types on the fly.
-template <typename T>
-struct FloatTiles {
-  const T* row;
-  int64_t V;
-  float buf[kTile];
+inline int max_threads() {
+#if defined(_OPENMP)
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
 
-  // Calls f(const float* tile, int64_t n, int64_t base) for each tile.
-  template <typename F>
-  void for_each(F&& f) {
-    for (int64_t base = 0; base < V; base += kTile) {
-      const int64_t n = std::min<int64_t>(kTile, V - base);
-      if constexpr (std::is_same_v<T, float>) {
-        f(row + base, n, base);
-      } else {
-        to_float_tile(row + base, n, buf);
-        f(static_cast<const float*>(buf), n, base);
-      }
+// Calls f(tile, const float* x, n, base) for each kTile-long tile of a row, converting 16-bit
+// types to float32 on the fly.  parallel: tiles are spread over the OpenMP threads (for batches
+// too small to fill the threads with rows).  Callers reduce per-tile results in tile order, so
+// the result does not depend on the number of threads.
+template <typename T, typename F>
+void for_tiles(const T* row, int64_t V, bool parallel, F&& f) {
+  const int64_t nt = (V + kTile - 1) / kTile;
+  auto one = [&](int64_t t, float* buf) {
+    const int64_t base = t * kTile;
+    const int64_t n = std::min<int64_t>(kTile, V - base);
+    if constexpr (std::is_same_v<T, float>) {
+      (void)buf;
+      f(t, row + base, n, base);
+    } else {
+      to_float_tile(row + base, n, buf);
+      f(t, static_cast<const float*>(buf), n, base);
     }
+  };
+  if (parallel && nt > 1) {
+#pragma omp parallel
+    {
+      float buf[kTile];
+#pragma omp for schedule(static)
+      for (int64_t t = 0; t < nt; ++t) one(t, buf);
+    }
+  } else {
+    float buf[kTile];
+    for (int64_t t = 0; t < nt; ++t) one(t, buf);
   }
-};
+}
+
+inline int64_t num_tiles(int64_t V) { return (V + kTile - 1) / kTile; }
+
+// Merges per-tile race winners in tile order (ties keep the lower index).
+inline int64_t merge_race(const std::vector<float>& key, const std::vector<int64_t>& idx) {
+  float best = kNegInf;
+  int64_t win = -1;
+  for (size_t t = 0; t < key.size(); ++t)
+    if (idx[t] >= 0 && key[t] > best) {
+      best = key[t];
+      win = idx[t];
+    }
+  return win;
+}
 
 // Statistics of one row at inverse temperature inv_tau: two reads (max, then sum of exp).
 template <typename T>
-RowStats row_stats(const T* row, int64_t V, float inv_tau) {
-  FloatTiles<T> tiles{row, V, {}};
+RowStats row_stats(const T* row, int64_t V, float inv_tau, bool parallel = false) {
+  const int64_t nt = num_tiles(V);
+  std::vector<float> tmax(static_cast<size_t>(nt)), tsum(static_cast<size_t>(nt));
+  std::vector<char> tbad(static_cast<size_t>(nt));
+  for_tiles(row, V, parallel, [&](int64_t t, const float* x, int64_t n, int64_t) {
+    bool b;
+    tile_max(x, n, &tmax[static_cast<size_t>(t)], &b);
+    tbad[static_cast<size_t>(t)] = b;
+  });
   float m = kNegInf;
   bool bad = false;
-  tiles.for_each([&](const float* x, int64_t n, int64_t) {
-    float tm;
-    bool tb;
-    tile_max(x, n, &tm, &tb);
-    m = std::max(m, tm);
-    bad = bad || tb;
-  });
+  for (int64_t t = 0; t < nt; ++t) {
+    m = std::max(m, tmax[static_cast<size_t>(t)]);
+    bad = bad || tbad[static_cast<size_t>(t)];
+  }
   RowStats s;
   s.bad = bad;
   if (bad || m == kNegInf) return s;
@@ -82,10 +123,11 @@ RowStats row_stats(const T* row, int64_t V, float inv_tau) {
     }
   }
   s.m = sd_mul(m, inv_tau);
-  float sum = 0.0f;
-  tiles.for_each([&](const float* x, int64_t n, int64_t) {
-    sum += tile_sumexp(x, n, inv_tau, s.m);
+  for_tiles(row, V, parallel, [&](int64_t t, const float* x, int64_t n, int64_t) {
+    tsum[static_cast<size_t>(t)] = tile_sumexp(x, n, inv_tau, s.m);
   });
+  float sum = 0.0f;
+  for (int64_t t = 0; t < nt; ++t) sum += tsum[static_cast<size_t>(t)];
   s.s = sum;
   return s;
 }
@@ -93,14 +135,15 @@ RowStats row_stats(const T* row, int64_t V, float inv_tau) {
 // Categorical draw from softmax(row * inv_tau) by race; -1 when no entry can win.
 template <typename T>
 int64_t row_race(const T* row, int64_t V, float inv_tau, const RowStream& st, uint32_t position,
-                 uint32_t tag, int64_t exclude) {
-  FloatTiles<T> tiles{row, V, {}};
-  float best = kNegInf;
-  int64_t idx = -1;
-  tiles.for_each([&](const float* x, int64_t n, int64_t base) {
-    tile_race(x, n, base, inv_tau, st, position, tag, exclude, &best, &idx);
+                 uint32_t tag, int64_t exclude, bool parallel = false) {
+  const size_t nt = static_cast<size_t>(num_tiles(V));
+  std::vector<float> key(nt, kNegInf);
+  std::vector<int64_t> idx(nt, -1);
+  for_tiles(row, V, parallel, [&](int64_t t, const float* x, int64_t n, int64_t base) {
+    tile_race(x, n, base, inv_tau, st, position, tag, exclude, &key[static_cast<size_t>(t)],
+              &idx[static_cast<size_t>(t)]);
   });
-  return idx;
+  return merge_race(key, idx);
 }
 
 }  // namespace cpu

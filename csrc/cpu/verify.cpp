@@ -12,7 +12,7 @@ namespace cpu {
 namespace {
 
 template <typename TT, typename TD>
-void verify_row(const VerifyParams& p, int64_t b, std::vector<float>& qbuf) {
+void verify_row(const VerifyParams& p, int64_t b, std::vector<float>& qbuf, bool par) {
   const int64_t G = p.G, V = p.V;
   int64_t* out = p.out_ids + b * (G + 1);
   for (int64_t i = 0; i <= G; ++i) out[i] = -1;
@@ -42,14 +42,14 @@ void verify_row(const VerifyParams& p, int64_t b, std::vector<float>& qbuf) {
       sp.s = 1.0f;
       sp.bad = !std::isfinite(sp.m);
     } else {
-      sp = row_stats(trow, V, inv_tau);
+      sp = row_stats(trow, V, inv_tau, par);
     }
     if (!sp.valid()) return invalid();
     const float lse_p = sp.lse();
 
     if (i == G) {  // every draft accepted: bonus token
       out[G] = greedy ? sp.arg : row_race(trow, V, inv_tau, st, static_cast<uint32_t>(G),
-                                          kTagSample, -1);
+                                          kTagSample, -1, par);
       if (out[G] < 0) return invalid();
       p.out_num_accepted[b] = G;
       p.out_valid[b] = true;
@@ -80,7 +80,7 @@ void verify_row(const VerifyParams& p, int64_t b, std::vector<float>& qbuf) {
         sq.s = 1.0f;
         sq.bad = !std::isfinite(sq.m);
       } else {
-        sq = row_stats(drow, p.Vd, inv_dtau);
+        sq = row_stats(drow, p.Vd, inv_dtau, par);
       }
       if (!sq.valid()) return invalid();
       lse_q = sq.lse();
@@ -97,7 +97,7 @@ void verify_row(const VerifyParams& p, int64_t b, std::vector<float>& qbuf) {
     // First rejection at i: draw the correction.
     int64_t c = -1;
     if (!soft) {
-      c = row_race(trow, V, inv_tau, st, static_cast<uint32_t>(i), kTagSample, x);
+      c = row_race(trow, V, inv_tau, st, static_cast<uint32_t>(i), kTagSample, x, par);
     } else {
       // Draft log-weights on the target vocabulary (-inf outside the drafter's).
       qbuf.assign(static_cast<size_t>(V), kNegInf);
@@ -107,16 +107,18 @@ void verify_row(const VerifyParams& p, int64_t b, std::vector<float>& qbuf) {
       } else {
         for (int64_t v = 0; v < V; ++v) qbuf[static_cast<size_t>(v)] = sd_mul(to_float(drow[v]), inv_dtau);
       }
-      FloatTiles<TT> tiles{trow, V, {}};
-      float best = kNegInf, fb = kNegInf;
-      int64_t fb_idx = -1;
-      tiles.for_each([&](const float* xs, int64_t n, int64_t base) {
+      const size_t nt = static_cast<size_t>(num_tiles(V));
+      std::vector<float> key(nt, kNegInf), fkey(nt, kNegInf);
+      std::vector<int64_t> idx(nt, -1), fidx(nt, -1);
+      for_tiles(trow, V, par, [&](int64_t t, const float* xs, int64_t n, int64_t base) {
+        const size_t u = static_cast<size_t>(t);
         tile_race_residual(xs, qbuf.data() + base, n, base, inv_tau, lse_p, lse_q, st,
-                           static_cast<uint32_t>(i), &best, &c, &fb, &fb_idx);
+                           static_cast<uint32_t>(i), &key[u], &idx[u], &fkey[u], &fidx[u]);
       });
-      if (c < 0) c = fb_idx;
+      c = merge_race(key, idx);
+      if (c < 0) c = merge_race(fkey, fidx);
     }
-    if (c < 0) c = row_race(trow, V, inv_tau, st, static_cast<uint32_t>(i), kTagSample, -1);
+    if (c < 0) c = row_race(trow, V, inv_tau, st, static_cast<uint32_t>(i), kTagSample, -1, par);
     if (c < 0) return invalid();
     out[i] = c;
     p.out_num_accepted[b] = i;
@@ -132,11 +134,17 @@ void verify(const VerifyParams& p) {
     using TT = decltype(tt);
     dispatch_dtype(p.draft.dtype, [&](auto td) {
       using TD = decltype(td);
+      if (p.B < max_threads()) {
+        // Too few rows to fill the threads: rows in turn, each row's passes split by tiles.
+        std::vector<float> qbuf;
+        for (int64_t b = 0; b < p.B; ++b) verify_row<TT, TD>(p, b, qbuf, true);
+        return;
+      }
 #pragma omp parallel
       {
         std::vector<float> qbuf;
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t b = 0; b < p.B; ++b) verify_row<TT, TD>(p, b, qbuf);
+        for (int64_t b = 0; b < p.B; ++b) verify_row<TT, TD>(p, b, qbuf, false);
       }
     });
   });
