@@ -256,6 +256,11 @@ timeout -k 10 "$(limit 300 12)" $PY benchmarks/bench_ops.py --device cuda --json
   --flashinfer-timeout 120 --warmup-ms 10 --rep-ms 40 $FI_ARG ${BENCH_ARGS:-} >"$W/bench.log" 2>&1
 echo $? >"$W/bench.rc"
 keep "bench_ops.py" "$W/bench.log"
+say "== 6b kernel profile at $(elapsed) s"
+timeout -k 5 "$(limit 90 8)" $PY benchmarks/profile_ops.py --json "$RES/profile_cuda.json" >"$W/profile.log" 2>&1
+echo $? >"$W/profile.rc"
+keep "profile_ops.py" "$W/profile.log"
+cat "$W/profile.log" | tail -8
 say "bench rc $(rc_of bench) at $(elapsed) s"
 
 # ---------------------------------------------------------------------------------------------

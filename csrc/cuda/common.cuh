@@ -260,6 +260,39 @@ row_stats_kernel(LogitsView lv, int64_t N, int64_t V, int64_t S, RowFloat tau, R
         }
       }
     }
+  } else if constexpr (VEC > 1) {
+    // One max per vector, then one rescale at most: the per-element work is a conversion, a
+    // product, a max and one exp.
+    for (int64_t base = c0 + static_cast<int64_t>(threadIdx.x) * VEC; base < c1;
+         base += static_cast<int64_t>(blockDim.x) * VEC) {
+      if (base + VEC <= c1) {
+        float x[VEC];
+        load_vec<T, VEC>(row + base, x);
+        float vm = kNegInf;
+        bool vbad = false;
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) {
+          vbad |= sd_isnan(x[i]) || x[i] == INFINITY;
+          x[i] = sd_mul(x[i], inv_te);
+          vm = fmaxf(vm, x[i]);
+        }
+        ts.bad |= vbad;
+        if (vm > ts.m) {
+          int first = 0;
+#pragma unroll
+          for (int i = VEC - 1; i >= 0; --i) first = x[i] == vm ? i : first;
+          ts.s = ts.m == kNegInf ? 0.0f : ts.s * __expf(ts.m - vm);
+          ts.m = vm;
+          ts.arg = base + first;
+        }
+        if (ts.m != kNegInf) {
+#pragma unroll
+          for (int i = 0; i < VEC; ++i) ts.s += __expf(x[i] - ts.m);
+        }
+      } else {
+        for (int64_t v = base; v < c1; ++v) ts.add(v, to_float(row[v]), inv_te);
+      }
+    }
   } else {
     for_chunk<T, VEC>(row, c0, c1, [&](int64_t v, float l) { ts.add(v, l, inv_te); });
   }

@@ -75,6 +75,16 @@ chain_kernel(VerifyParams p, int64_t St, int64_t Sd, const Partial* __restrict__
   const bool soft_drafts = p.draft.data != nullptr && dtau > 0.0f;
   const float inv_dtau = soft_drafts ? 1.0f / dtau : 1.0f;
   const RowStream st = make_stream(p.seed, b, p.offset);
+  if (!(tau >= 0.0f) || !(dtau >= 0.0f)) {  // negative or NaN temperature: the row is invalid
+    if (lane == 0) {
+      p.out_num_accepted[b] = 0;
+      p.out_valid[b] = false;
+      Job job{};
+      job.mode = kNone;
+      jobs[b] = job;
+    }
+    return;
+  }
 
   for (int64_t i0 = 0; i0 <= G; i0 += 32) {
     const int64_t i = i0 + lane;
@@ -242,8 +252,12 @@ cudaError_t launch_verify(const VerifyParams& p, void* ws, const Layout& L, cuda
   // 1. Row statistics: target rows (skipped for sampled rows when the caller gave lse).
   RowSkip tskip;
   tskip.skip_if_tau_pos = p.target_lse != nullptr;
-  SD_CUDA_CALL(launch_row_stats<TT>(p.target, p.B, p.G + 1, p.V, L.St, p.tau, tskip, RaceSpec{}, pt, nullptr, stream));
-  if (p.draft.data != nullptr && p.draft_lse == nullptr && p.G > 0) {
+  // With the caller's lse and one positive temperature, no target row needs a pass.
+  const bool no_target_pass = p.target_lse != nullptr && p.tau.data == nullptr && p.tau.value > 0.0f;
+  if (!no_target_pass)
+    SD_CUDA_CALL(launch_row_stats<TT>(p.target, p.B, p.G + 1, p.V, L.St, p.tau, tskip, RaceSpec{}, pt, nullptr, stream));
+  const bool no_soft = p.draft_tau.data == nullptr && p.draft_tau.value == 0.0f;
+  if (p.draft.data != nullptr && p.draft_lse == nullptr && p.G > 0 && !no_soft) {
     RowSkip dskip;
     dskip.point_mass = p.point_mass;
     dskip.pm_s0 = p.pm_s0;
