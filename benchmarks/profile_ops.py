@@ -55,7 +55,9 @@ def main() -> None:
         for ev in prof.key_averages():
             t = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
             if t and ("specdiff" in ev.key or "kernel" in ev.key.lower()):
-                per[ev.key.split("<")[0].split("(")[0][-40:]] = t / n
+                name = ev.key.replace("(anonymous namespace)::", "").split("<")[0].split("(")[0]
+                short = name.replace("void ", "").split("::")[-1]
+                per[short] = per.get(short, 0.0) + t / n
         k_us = sum(per.values())
         gbs = tl.numel() * tl.element_size() * 2 / (k_us * 1e-6) / 1e9 if k_us else 0.0
         detail = ", ".join(f"{k} {v:.1f}" for k, v in sorted(per.items(), key=lambda kv: -kv[1]))

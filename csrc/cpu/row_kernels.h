@@ -115,11 +115,15 @@ RowStats row_stats(const T* row, int64_t V, float inv_tau, bool parallel = false
   RowStats s;
   s.bad = bad;
   if (bad || m == kNegInf) return s;
-  // argmax: first index holding the max.
-  for (int64_t v = 0; v < V; ++v) {
-    if (to_float(row[v]) == m) {
-      s.arg = v;
-      break;
+  // argmax: the first index holding the max, searched in the first tile whose max it is.
+  for (int64_t t = 0; t < nt && s.arg < 0; ++t) {
+    if (tmax[static_cast<size_t>(t)] != m) continue;
+    const int64_t end = std::min<int64_t>(V, (t + 1) * kTile);
+    for (int64_t v = t * kTile; v < end; ++v) {
+      if (to_float(row[v]) == m) {
+        s.arg = v;
+        break;
+      }
     }
   }
   s.m = sd_mul(m, inv_tau);
