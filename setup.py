@@ -26,6 +26,11 @@ class CMakeBuild(build_ext):
         out_dir = Path(self.get_ext_fullpath(ext.name)).parent.resolve()
         build_dir = Path(self.build_temp).resolve() / ext.name
         build_dir.mkdir(parents=True, exist_ok=True)
+        # A cache from an earlier build may point into a deleted isolated build environment
+        # (pip's temporary pybind11/cmake): configure afresh every time.
+        cache = build_dir / "CMakeCache.txt"
+        if cache.exists():
+            cache.unlink()
         args = [
             f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}",
             f"-DPython_EXECUTABLE={sys.executable}",
