@@ -176,16 +176,50 @@ def row_seeds(seed: Seed, batch_size: int) -> np.ndarray:
     return np.uint64(int(seed) & MASK64) + np.uint64(GOLDEN_GAMMA) * b
 
 
+def _signed64(x: int) -> int:
+    x &= MASK64
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+def _lsr64(z: Tensor, k: int) -> Tensor:
+    """Logical right shift of int64 tensors read as uint64."""
+    return (z >> k) & ((1 << (64 - k)) - 1)
+
+
+def _splitmix64_t(z: Tensor) -> Tensor:
+    """splitmix64 over an int64 tensor read as uint64 (torch int64 arithmetic wraps mod 2^64)."""
+    z = z + _signed64(GOLDEN_GAMMA)
+    z = (z ^ _lsr64(z, 30)) * _signed64(0xBF58476D1CE4E5B9)
+    z = (z ^ _lsr64(z, 27)) * _signed64(0x94D049BB133111EB)
+    return z ^ _lsr64(z, 31)
+
+
+@torch.compiler.disable  # Inductor would constant-fold the wrapping uint64 products as Python ints
 def row_keys(seed: Seed, batch_size: int, device: Any = "cpu") -> Tensor:
     """Philox key of every row: ``k = splitmix64(row_seed)``, ``(k & 0xFFFFFFFF, k >> 32)``.
+
+    Pure torch (no numpy); torch.compile of the reference runs it eagerly.
 
     Shape:
         seed: int or (B,) int64. Returns (B, 2) int64.
     """
-    k = _splitmix64_np(row_seeds(seed, batch_size))
-    k0 = (k & np.uint64(MASK32)).astype(np.int64)
-    k1 = (k >> np.uint64(32)).astype(np.int64)
-    return torch.from_numpy(np.stack([k0, k1], axis=-1).reshape(batch_size, 2)).to(device)
+    if isinstance(seed, np.ndarray):
+        seed = torch.from_numpy(np.ascontiguousarray(seed).view(np.int64))
+    if isinstance(seed, Tensor):
+        if tuple(seed.shape) != (batch_size,):
+            raise ValueError(
+                f"seed must be an int or have shape (B,) = ({batch_size},), got {tuple(seed.shape)}"
+            )
+        if seed.dtype != torch.int64:
+            raise TypeError(f"seed must be int64, got {seed.dtype}")
+        s = seed.to(device)
+    else:
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+            raise TypeError(f"seed must be an int or an int64 tensor, got {type(seed).__name__}")
+        b = torch.arange(1, batch_size + 1, dtype=torch.int64, device=device)
+        s = b * _signed64(GOLDEN_GAMMA) + _signed64(int(seed))
+    k = _splitmix64_t(s)
+    return torch.stack([k & MASK32, _lsr64(k, 32)], dim=-1).reshape(batch_size, 2)
 
 
 def _counter(index: Tensor, position: Any, offset: int, tag: int) -> Tensor:
