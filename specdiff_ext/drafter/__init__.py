@@ -6,10 +6,18 @@
 - `sample_block`, `DraftBlock` (sampler.py): T denoising steps through `ops.denoise_step`, with
   what `ops.verify` needs to stay exact.
 - `save_drafter`, `load_drafter` (checkpoint.py): safetensors + JSON naming the target.
+- `read_sharegpt`, `generate_dataset`, `load_shards` (data.py): distillation prompts and the
+  target's continuations as token shards with a manifest (resumable).
+- `mdlm_loss`, `make_blocks`, `multi_block_hidden` (losses.py): the MDLM loss over many draft
+  blocks per sequence in one forward pass.
+- train.py: the training loop and CLI (``python -m specdiff_ext.drafter.train``); imported
+  lazily, not re-exported here.
 """
 
 from .checkpoint import load_drafter, save_drafter
 from .config import ContextMode, DrafterConfig
+from .data import generate_dataset, load_shards, read_sharegpt
+from .losses import make_blocks, mdlm_loss, multi_block_hidden
 from .model import DiffusionDrafter, DrafterCache
 from .sampler import DraftBlock, sample_block
 
@@ -22,4 +30,10 @@ __all__ = [
     "sample_block",
     "save_drafter",
     "load_drafter",
+    "read_sharegpt",
+    "generate_dataset",
+    "load_shards",
+    "make_blocks",
+    "mdlm_loss",
+    "multi_block_hidden",
 ]

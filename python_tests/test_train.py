@@ -1,0 +1,273 @@
+"""Drafter distillation (specdiff_ext.drafter.data / losses / train) on tiny models: the ShareGPT
+reader on a truncated file, the multi-block training forward against the cached inference path,
+the loss falling on a learnable synthetic corpus, checkpoint + resume, and resumable generation
+with a tiny random Llama target."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from specdiff_ext.drafter import DiffusionDrafter, DrafterConfig
+from specdiff_ext.drafter import data as data_mod
+from specdiff_ext.drafter.data import TokenData, generate_dataset, load_shards, read_sharegpt
+from specdiff_ext.drafter.losses import make_blocks, mdlm_loss, multi_block_hidden, position_weights
+from specdiff_ext.drafter.train import build_parser, lr_at, train
+
+VOCAB, HIDDEN, LAYERS = 61, 32, 3
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one thread is fastest, and immune to oversubscription on a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# ------------------------------------------------------------------------------ reader
+
+def test_sharegpt_reader_stops_at_truncated_record(tmp_path: Path) -> None:
+    recs = [
+        {"id": "a", "conversations": [{"from": "human", "value": " first "},
+                                       {"from": "gpt", "value": "x"}]},
+        {"id": "b", "conversations": [{"from": "gpt", "value": "no human first"},
+                                       {"from": "human", "value": "second"}]},
+        {"id": "c", "conversations": []},
+        {"id": "d", "conversations": [{"from": "human", "value": "third, with \"quotes\" ]"}]},
+        {"id": "e", "conversations": [{"from": "human", "value": "never read"}]},
+    ]
+    text = "[\n" + ",\n".join(json.dumps(r, indent=2) for r in recs) + "\n]"
+    cut = text.index('"never read"') + 5  # inside the last record
+    path = tmp_path / "sg.json"
+    path.write_text(text[:cut])
+    assert list(read_sharegpt(path)) == ["first", "second", 'third, with "quotes" ]']
+    assert list(read_sharegpt(path, limit=2)) == ["first", "second"]
+    path.write_text(text)  # complete file: every record
+    assert list(read_sharegpt(path))[-1] == "never read"
+
+
+def test_heldout_split_is_stable() -> None:
+    prompts = [f"prompt {i}" for i in range(400)]
+    train1, held1 = data_mod.split_prompts(prompts, 0.1)
+    train2, held2 = data_mod.split_prompts(list(reversed(prompts)), 0.1)
+    assert set(held1) == set(held2) and 15 < len(held1) < 70
+    assert not set(train1) & set(held1)
+
+
+# ------------------------------------------------------------------------------ loss
+
+def _tiny_drafter(vocab: int = 50, layers: int = 2, seed: int = 0) -> DiffusionDrafter:
+    torch.manual_seed(seed)
+    cfg = DrafterConfig(vocab_size=vocab, hidden_size=32, n_heads=4, n_kv_heads=2, head_dim=8,
+                        intermediate_size=64, n_layers=layers, target_name="tiny")
+    emb = torch.nn.Embedding(vocab, 32)
+    return DiffusionDrafter(cfg, emb, emb.weight.detach().clone())
+
+
+def test_multi_block_forward_matches_cached_drafter() -> None:
+    d = _tiny_drafter()
+    g = torch.Generator().manual_seed(1)
+    seqs = torch.randint(0, 50, (3, 24), generator=g)
+    lengths, lo = torch.tensor([24, 17, 9]), torch.tensor([2, 5, 3])
+    b = make_blocks(seqs, lengths, lo, 5, 4, d.config.mask_id, gen=g, eps=0.3)
+    assert ((b.labels == -100) == (b.anchors[..., None] + 1 + torch.arange(5)
+                                   >= lengths[:, None, None])).all()
+    with torch.no_grad():
+        hid = multi_block_hidden(d, b.context, b.anchors, b.noised)  # (B, K, G, H)
+        logits = torch.nn.functional.linear(hid, d.head_weight())
+        for r in range(3):
+            for k in range(4):
+                a = int(b.anchors[r, k])
+                assert lo[r] <= a <= lengths[r] - 2
+                ref = d(seqs[r:r + 1, :a + 1], b.noised[r:r + 1, k])[0]
+                torch.testing.assert_close(logits[r, k], ref, atol=1e-4, rtol=1e-4)
+
+
+def _pattern_data(n_seq: int = 48, period: int = 7, vocab: int = 50) -> TokenData:
+    """Each sequence: a 'prompt' of 4 random ids, then a cyclic pattern with a random phase."""
+    g = torch.Generator().manual_seed(0)
+    seqs, plens = [], []
+    for _ in range(n_seq):
+        phase = int(torch.randint(0, period, (1,), generator=g))
+        body = [(phase + j) % period + 10 for j in range(40)]
+        seqs.append(torch.randint(0, vocab, (4,), generator=g).tolist() + body)
+        plens.append(4)
+    lens = torch.tensor([len(s) for s in seqs])
+    offsets = torch.zeros(n_seq + 1, dtype=torch.int64)
+    offsets[1:] = lens.cumsum(0)
+    return TokenData(torch.tensor(sum(seqs, [])), offsets, torch.tensor(plens))
+
+
+def test_loss_finite_and_falls_on_pattern() -> None:
+    from specdiff_ext.drafter.train import sample_batch
+
+    d = _tiny_drafter()
+    data = _pattern_data()
+    opt = torch.optim.AdamW(d.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(0)
+    pw = position_weights(4, 0.8)
+    assert torch.allclose(pw.mean(), torch.tensor(1.0)) and pw[0] > pw[-1]
+    losses, accs = [], []
+    for step in range(80):
+        batch = sample_batch(data, 8, 6, 4, 64, d.config.mask_id, gen, 1e-3, 0.25)
+        loss, st = mdlm_loss(d, batch, pw)
+        assert torch.isfinite(loss)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+        accs.append(st["acc"])
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    assert last < 0.5 * first, (first, last)
+    assert sum(accs[-10:]) / 10 > 0.6
+
+
+def test_lr_schedule() -> None:
+    assert lr_at(0, 1.0, 10, 100, 0.1) == pytest.approx(0.1)
+    assert lr_at(9, 1.0, 10, 100, 0.1) == pytest.approx(1.0)
+    assert lr_at(100, 1.0, 10, 100, 0.1) == pytest.approx(0.1)
+    assert 0.1 < lr_at(55, 1.0, 10, 100, 0.1) < 1.0
+
+
+# ------------------------------------------------------------------------------ tiny target
+
+@pytest.fixture(scope="module")
+def tiny_target(tmp_path_factory: pytest.TempPathFactory):
+    transformers = pytest.importorskip("transformers")
+    from test_target import _tiny_tokenizer
+
+    from specdiff_ext.target import load_target
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=64,
+                                      num_hidden_layers=LAYERS, num_attention_heads=4,
+                                      num_key_value_heads=2, max_position_embeddings=256,
+                                      tie_word_embeddings=False)
+    folder = tmp_path_factory.mktemp("tiny-llama-train")
+    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    _tiny_tokenizer().save_pretrained(folder)
+    return load_target(folder)
+
+
+def _prompts(n: int) -> list[str]:
+    g = torch.Generator().manual_seed(3)
+    return [" ".join(f"w{int(i)}" for i in torch.randint(0, 50, (int(l),), generator=g))
+            for l in torch.randint(2, 9, (n,), generator=g)]
+
+
+def test_generation_resumable(tiny_target, tmp_path: Path) -> None:
+    kw = dict(prompts=_prompts(40), num_prompts=24, max_new_tokens=6, temperatures=(0.0, 1.0),
+              shard_size=8, batch_size=4, heldout_fraction=0.2, topk=3, progress=False)
+    out = tmp_path / "data"
+    m1 = generate_dataset(tiny_target, out, max_shards=2, **kw)
+    assert len(m1["shards"]) == 2 and not m1["complete"]
+    first = {s["file"]: (out / s["file"]).stat().st_mtime_ns for s in m1["shards"]}
+    m2 = generate_dataset(tiny_target, out, **kw)
+    assert m2["complete"] and len(m2["shards"]) == 6
+    for f, t in first.items():  # finished shards were skipped, not rewritten
+        assert (out / f).stat().st_mtime_ns == t
+    assert m2["split"]["num_heldout"] > 0 and (out / "heldout.jsonl").is_file()
+    assert m2["settings"]["target"] == tiny_target.name
+    data, _ = load_shards(out)
+    assert len(data) == 2 * m2["split"]["num_train"]
+    gl = data.lengths - data.prompt_lens
+    assert ((gl >= 1) & (gl <= 6)).all()
+    assert data.topk_ids.shape == (int(gl.sum()), 3)
+    greedy, _ = load_shards(out, temperatures=[0.0])
+    # greedy continuations: the token is the target's argmax (top-1 of the stored logits)
+    gen_pos = torch.cat([torch.arange(int(greedy.offsets[i]) + int(greedy.prompt_lens[i]),
+                                      int(greedy.offsets[i + 1])) for i in range(len(greedy))])
+    assert torch.equal(greedy.tokens[gen_pos], greedy.topk_ids[:, 0])
+    # the trainer's batches align the soft labels with the block positions (windows included)
+    from specdiff_ext.drafter.train import sample_batch
+
+    gen = torch.Generator().manual_seed(0)
+    for max_len in (64, 8):
+        b = sample_batch(greedy, 6, 5, 3, max_len, VOCAB, gen, 1e-3, 0.0)
+        inside = b.labels != -100
+        assert inside.any()
+        assert torch.equal(b.soft_ids[..., 0][inside], b.labels[inside])
+    with pytest.raises(ValueError, match="other settings"):
+        generate_dataset(tiny_target, out, **{**kw, "max_new_tokens": 7})
+
+
+def test_train_checkpoint_and_resume(tiny_target, tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    generate_dataset(tiny_target, data_dir, prompts=_prompts(40), num_prompts=16,
+                     max_new_tokens=12, temperatures=(0.0,), shard_size=16, batch_size=8,
+                     heldout_fraction=0.2, topk=4, progress=False)
+    common = ["--data", str(data_dir), "--batch", "4", "--blocks", "4", "--gamma", "4",
+              "--warmup", "2", "--lr", "3e-3", "--eval-every", "3", "--eval-prompts", "2",
+              "--eval-rounds", "2", "--no-progress", "--soft-weight", "0.5", "--layers", "2",
+              "--init-from-target", "auto", "--reduced-vocab", "40"]
+    straight = train(build_parser().parse_args(common + ["--out", str(tmp_path / "a"),
+                                                          "--steps", "3"]),
+                     target=tiny_target, log=lambda *a: None)
+    assert straight["step"] == 3 and "eval_accepted_per_round" in straight["last"]
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in straight["history"])
+    b2 = tmp_path / "b2"
+    train(build_parser().parse_args(common + ["--out", str(b2), "--steps", "3"]),
+          target=tiny_target, log=lambda *a: None)
+    saved = torch.load(b2 / "trainer_state.pt", weights_only=False)
+    assert saved["step"] == 3
+    msgs = []
+    resumed = train(build_parser().parse_args(common + ["--out", str(b2), "--steps", "6",
+                                                        "--resume"]),
+                    target=tiny_target, log=msgs.append)
+    assert any("resumed" in m and "step 3" in m for m in msgs)
+    assert resumed["step"] == 6 and len(resumed["history"]) == 6
+    sd_res = resumed["drafter"].state_dict()
+    from specdiff_ext.drafter import load_drafter
+
+    loaded = load_drafter(b2, tiny_target.input_embeddings, tiny_target.lm_head_weight,
+                          target_name=tiny_target.name)
+    for k, v in loaded.state_dict().items():
+        torch.testing.assert_close(v, sd_res[k].cpu())
+
+
+def test_resume_reproduces_uninterrupted_run(tiny_target, tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    generate_dataset(tiny_target, data_dir, prompts=_prompts(30), num_prompts=12,
+                     max_new_tokens=10, temperatures=(1.0,), shard_size=12, batch_size=6,
+                     heldout_fraction=0.2, progress=False)
+    common = ["--data", str(data_dir), "--batch", "3", "--blocks", "3", "--gamma", "4",
+              "--warmup", "2", "--steps", "6", "--eval-every", "0", "--no-progress"]
+    a = train(build_parser().parse_args(common + ["--out", str(tmp_path / "a")]),
+              target=tiny_target, log=lambda *a: None)
+    # interrupted: stop after step 3 (a checkpoint every 3 steps), then resume
+    out_b = tmp_path / "b"
+    args_b = build_parser().parse_args(common + ["--out", str(out_b), "--save-every", "3"])
+    args_b.steps = 6
+    import specdiff_ext.drafter.train as tr
+
+    real_save = tr._save
+    calls = []
+
+    def save_then_stop(out, drafter, opt, step, *rest):
+        real_save(out, drafter, opt, step, *rest)
+        calls.append(step)
+        if step == 3:
+            raise KeyboardInterrupt
+
+    tr._save = save_then_stop
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train(args_b, target=tiny_target, log=lambda *a: None)
+    finally:
+        tr._save = real_save
+    state = torch.load(out_b / "trainer_state.pt", weights_only=False)
+    assert state["step"] == 3 and state["optimizer"]["state"]
+    b = train(build_parser().parse_args(common + ["--out", str(out_b), "--resume"]),
+              target=tiny_target, log=lambda *a: None)
+    assert b["step"] == 6
+    for k, v in a["drafter"].state_dict().items():
+        torch.testing.assert_close(b["drafter"].state_dict()[k], v, atol=1e-6, rtol=1e-5)
+    # the optimizer moments after resuming match the uninterrupted run's
+    sa, sb = a["optimizer"].state_dict()["state"], b["optimizer"].state_dict()["state"]
+    for i in sa:
+        torch.testing.assert_close(sb[i]["exp_avg"], sa[i]["exp_avg"], atol=1e-6, rtol=1e-5)
