@@ -1,0 +1,420 @@
+"""The generate loops (DESIGN section 5): speculative diffusion decoding and its two baselines.
+
+- `SpecDiffDecoder`: a masked-diffusion drafter proposes a block of `gamma` tokens in `steps`
+  denoising steps; the target scores ``[last token, x_1 .. x_G]`` in one forward pass over its
+  KV cache; `ops.verify` keeps the accepted prefix and adds the correction or bonus token.
+- `ARDecoder`: plain autoregressive decoding of the target with its KV cache.
+- `ARSpecDecoder`: speculative decoding with a small autoregressive drafter (any causal LM over
+  the same tokenizer, e.g. another `TargetModel`).
+
+All three take a prompt of shape (1, T) and return a `GenerateResult`. Temperature 0 is greedy
+decoding, and the speculative decoders then emit exactly the target's greedy output; at
+temperature > 0 they emit exactly the target's sampling law (the order-aware point masses of
+DESIGN section 3 keep this true for every commit mode). A speculative round synchronises with
+the host once: the ``.tolist()`` of the verify result, which the loop needs to know how many
+tokens it got.
+
+Randomness: ``seed`` fixes a base seed (None draws one from the OS); round r draws the drafter's
+and the verifier's random numbers at offset r of streams derived from it, so a run is a pure
+function of (prompt, seed, settings). The speculative and the plain decoders draw different
+random numbers: their samples differ, their laws do not.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Callable, List, NamedTuple, Optional, Protocol, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from . import ops
+from .drafter.config import ContextMode
+from .drafter.model import DiffusionDrafter
+from .drafter.sampler import sample_block
+from .types import CommitMode
+
+__all__ = ["GenerateResult", "ARDrafter", "ARDecoder", "ARSpecDecoder", "SpecDiffDecoder"]
+
+Stream = Callable[[List[int]], None]
+_SEED_MASK = (1 << 62) - 1
+
+
+class GenerateResult(NamedTuple):
+    """Output of ``generate``.
+
+    Attributes
+    ----------
+    ids : list of int
+        The new tokens (the prompt excluded), ending with EOS if one was emitted.
+    stats : dict
+        new_tokens, seconds, tokens_per_second, rounds, mean_accepted (draft tokens accepted per
+        round, the correction / bonus token excluded), tokens_per_round, draft_seconds,
+        verify_seconds, other_seconds, seed.
+    """
+
+    ids: List[int]
+    stats: dict
+
+
+class ARDrafter(Protocol):
+    """What `ARSpecDecoder` needs of an autoregressive drafter (a `TargetModel` qualifies).
+
+    ``forward(input_ids (1, n), cache)`` returns logits (1, n, V) -- or an object with a
+    ``.logits`` field -- and extends the cache in place; ``crop(cache, length)`` rolls it back.
+    """
+
+    def new_cache(self) -> Any: ...
+
+    def forward(self, input_ids: Tensor, cache: Any) -> Any: ...
+
+    def crop(self, cache: Any, length: int) -> Any: ...
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+def _base_seed(seed: Optional[int]) -> int:
+    if seed is None:
+        return int.from_bytes(os.urandom(8), "little") & _SEED_MASK
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+    return seed & _SEED_MASK
+
+
+def _check_prompt(input_ids: Tensor, device: torch.device) -> Tensor:
+    if not isinstance(input_ids, Tensor):
+        raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
+    if input_ids.dim() != 2 or input_ids.shape[0] != 1 or input_ids.shape[1] < 1:
+        raise ValueError(f"input_ids must have shape (1, T) with T >= 1, got {tuple(input_ids.shape)}")
+    if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+        raise TypeError(f"input_ids must hold integer ids, got {input_ids.dtype}")
+    return input_ids.to(device=device, dtype=torch.int64)
+
+
+def _check_args(max_new_tokens: int, temperature: float) -> float:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
+    t = float(temperature)
+    if not t >= 0.0 or t == float("inf"):
+        raise ValueError(f"temperature must be finite and >= 0, got {temperature!r}")
+    return t
+
+
+def _logits(out: Any) -> Tensor:
+    return out.logits if hasattr(out, "logits") else out
+
+
+class _Clock:
+    """Wall time split into named phases. On CUDA the phases are timed with events (read once at
+    the end), so timing adds no host synchronisation to a round."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.spans: dict = {"draft": [], "verify": []}
+        self.t0 = time.perf_counter()
+
+    def mark(self) -> Any:
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            return e
+        return time.perf_counter()
+
+    def add(self, phase: str, start: Any) -> None:
+        self.spans[phase].append((start, self.mark()))
+
+    def finish(self) -> dict:
+        if self.cuda:
+            torch.cuda.synchronize()
+            secs = {k: sum(a.elapsed_time(b) for a, b in v) / 1e3 for k, v in self.spans.items()}
+        else:
+            secs = {k: sum(b - a for a, b in v) for k, v in self.spans.items()}
+        total = time.perf_counter() - self.t0
+        return {"seconds": total, "draft_seconds": secs["draft"], "verify_seconds": secs["verify"],
+                "other_seconds": max(total - secs["draft"] - secs["verify"], 0.0)}
+
+
+def _stats(clock: _Clock, new_tokens: int, rounds: int, accepted: int, seed: int) -> dict:
+    s = clock.finish()
+    s.update(
+        new_tokens=new_tokens,
+        tokens_per_second=new_tokens / s["seconds"] if s["seconds"] > 0 else float("inf"),
+        rounds=rounds,
+        mean_accepted=accepted / rounds if rounds else 0.0,
+        tokens_per_round=new_tokens / rounds if rounds else 0.0,
+        seed=seed,
+    )
+    return s
+
+
+def _verify(target_logits: Tensor, draft_ids: Tensor, draft_logits: Optional[Tensor],
+            point_mass: Optional[Tensor], temperature: float, draft_temperature: float,
+            seed: int, offset: int, vocab_map: Optional[Tensor]) -> Any:
+    """`ops.verify`; on CUDA the raw op, skipping the value checks' device sync (the loop's
+    inputs are valid by construction: ids come from the drafter, temperatures are checked)."""
+    if target_logits.device.type != "cuda":
+        return ops.verify(target_logits, draft_ids, draft_logits, draft_point_mass=point_mass,
+                          temperature=temperature, draft_temperature=draft_temperature,
+                          seed=seed, offset=offset, vocab_map=vocab_map)
+    vinv = None if vocab_map is None else ops._vocab_inverse(vocab_map, target_logits.shape[-1])
+    return ops._call(ops._verify_op, target_logits.contiguous(), draft_ids, draft_logits,
+                     point_mass, vocab_map, vinv, None, float(temperature), None,
+                     float(draft_temperature), None, seed, offset, None, None)
+
+
+def _emit(out: List[int], new: Sequence[int], eos: Optional[int], limit: int,
+          stream: Optional[Stream]) -> bool:
+    """Append `new` to `out`, cut at the first EOS or at `limit` tokens; True when done."""
+    new = list(new)[: limit - len(out)]
+    done = False
+    if eos is not None and eos in new:
+        new = new[: new.index(eos) + 1]
+        done = True
+    out.extend(new)
+    if stream is not None and new:
+        stream(new)
+    return done or len(out) >= limit
+
+
+# ------------------------------------------------------------------------------ decoders
+
+
+def _setup(target: Any, input_ids: Tensor, max_new_tokens: int, temperature: float,
+           seed: Optional[int], eos_token_id: Optional[int]) -> tuple:
+    """Checked arguments of a generate call: (tau, prompt, base seed, eos id, clock)."""
+    tau = _check_args(max_new_tokens, temperature)
+    prompt = _check_prompt(input_ids, target.device)
+    eos = target.eos_token_id if eos_token_id is None else eos_token_id
+    return tau, prompt, _base_seed(seed), eos, _Clock(target.device)
+
+
+class ARDecoder:
+    """Plain autoregressive decoding of the target with its KV cache (the baseline).
+
+    Parameters
+    ----------
+    target : TargetModel
+    """
+
+    def __init__(self, target: Any) -> None:
+        self.target = target
+
+    @torch.inference_mode()
+    def generate(self, input_ids: Tensor, max_new_tokens: int, temperature: float = 0.0,
+                 seed: Optional[int] = None, eos_token_id: Optional[int] = None,
+                 stream: Optional[Stream] = None) -> GenerateResult:
+        """Generate up to `max_new_tokens` tokens after the prompt (stops after EOS).
+
+        Shape:
+            input_ids: (1, T). Returns GenerateResult(ids: list of new tokens, stats).
+        """
+        tgt = self.target
+        tau, prompt, base, eos, clock = _setup(tgt, input_ids, max_new_tokens, temperature,
+                                               seed, eos_token_id)
+        gen = torch.Generator(device=tgt.device).manual_seed(base)
+        out: List[int] = []
+        cache = tgt.new_cache()
+        x, rounds = prompt, 0
+        while len(out) < max_new_tokens:
+            t = clock.mark()
+            logits = tgt.forward(x, cache).logits[:, -1].float()  # (1, V)
+            if tau == 0.0:
+                nxt = logits.argmax(-1, keepdim=True)  # (1, 1)
+            else:
+                nxt = torch.multinomial(torch.softmax(logits / tau, -1), 1, generator=gen)
+            clock.add("verify", t)
+            rounds += 1
+            if _emit(out, [int(nxt.item())], eos, max_new_tokens, stream):
+                break
+            x = nxt
+        return GenerateResult(out, _stats(clock, len(out), rounds, 0, base))
+
+
+class _SpecBase:
+    """The round loop shared by the speculative decoders; subclasses draft."""
+
+    target: Any
+    gamma: int
+
+    def _begin(self, prompt: Tensor, seed: int, tau: float) -> None:
+        raise NotImplementedError
+
+    def _draft(self, gamma: int, rnd: int) -> tuple:
+        """Draft `gamma` >= 1 tokens: (ids (1, G), draft logits or None, point mass or None,
+        draft temperature, vocab_map)."""
+        raise NotImplementedError
+
+    def _advance(self, res_ids: Tensor, drafts: Optional[Tensor], n_acc: int, n_new: int) -> None:
+        """The round emitted res_ids[:, :n_new] (n_acc drafts accepted): move the drafter on."""
+        raise NotImplementedError
+
+    @torch.inference_mode()
+    def generate(self, input_ids: Tensor, max_new_tokens: int, temperature: float = 0.0,
+                 seed: Optional[int] = None, eos_token_id: Optional[int] = None,
+                 stream: Optional[Stream] = None) -> GenerateResult:
+        """Generate up to `max_new_tokens` tokens after the prompt (stops after EOS, also
+        inside a block), distributed exactly as the target's own decoding at `temperature`.
+
+        Shape:
+            input_ids: (1, T). Returns GenerateResult(ids: list of new tokens, stats).
+        """
+        tgt = self.target
+        tau, prompt, base, eos, clock = _setup(tgt, input_ids, max_new_tokens, temperature,
+                                               seed, eos_token_id)
+        vseed = (2 * base) & _SEED_MASK  # verifier stream; the drafter uses 2 * base + 1
+        out: List[int] = []
+        rounds = accepted = 0
+        if max_new_tokens == 0:
+            return GenerateResult(out, _stats(clock, 0, 0, 0, base))
+        t = clock.mark()
+        self._begin(prompt, (2 * base + 1) & _SEED_MASK, tau)
+        clock.add("draft", t)
+        t = clock.mark()
+        cache = self.target_cache = tgt.new_cache()  # kept for inspection after the run
+        if prompt.shape[1] > 1:  # the target's cache holds everything but the last token
+            tgt.forward(prompt[:, :-1], cache)
+        clock.add("verify", t)
+        length = prompt.shape[1] - 1  # cached positions
+        last = prompt[:, -1:]  # (1, 1)
+        while True:
+            g = min(self.gamma, max_new_tokens - len(out) - 1)  # the last token is free
+            t = clock.mark()
+            if g > 0:
+                drafts, dlogits, pmass, dtau, vmap = self._draft(g, rounds)
+            else:
+                drafts = torch.zeros((1, 0), dtype=torch.int64, device=last.device)
+                dlogits = pmass = vmap = None
+                dtau = tau
+            clock.add("draft", t)
+            t = clock.mark()
+            logits = tgt.forward(torch.cat([last, drafts], dim=1), cache).logits  # (1, g+1, V)
+            res = _verify(logits, drafts, dlogits, pmass, tau, dtau, vseed, rounds, vmap)
+            # the one host sync of the round
+            flat = torch.cat([res.ids[0], res.num_accepted, res.valid.long()]).tolist()
+            n_acc, ok = flat[g + 1], flat[g + 2]
+            if not ok:
+                raise RuntimeError("the target's logits held NaN / inf or no finite value")
+            emitted = flat[: n_acc + 1]
+            length += 1 + n_acc  # last token and the accepted drafts now cached
+            tgt.crop(cache, length)
+            clock.add("verify", t)
+            rounds += 1
+            accepted += n_acc
+            if _emit(out, emitted, eos, max_new_tokens, stream):
+                break
+            t = clock.mark()
+            self._advance(res.ids, drafts, n_acc, n_acc + 1)
+            clock.add("draft", t)
+            last = res.ids[:, n_acc: n_acc + 1]
+        return GenerateResult(out, _stats(clock, len(out), rounds, accepted, base))
+
+
+class SpecDiffDecoder(_SpecBase):
+    """Speculative diffusion decoding: a `DiffusionDrafter` drafts, the target verifies.
+
+    Parameters
+    ----------
+    target : TargetModel
+    drafter : DiffusionDrafter
+        On the target's device; TOKENS context mode.
+    gamma : int
+        Block size G (drafts per round).
+    steps : int
+        Denoising steps T per block (1: one parallel pass).
+    commit : CommitMode or str
+        random, confidence or left_to_right (exact at every temperature in each mode).
+    draft_temperature : float, optional
+        Drafter temperature; None: the target's temperature (0 for greedy decoding).
+    _unsafe_soft_q : bool
+        Tests only: verify every position against its soft q (no point masses), which is
+        wrong for out-of-order commits -- the negative control of the sampling-law test.
+    """
+
+    def __init__(self, target: Any, drafter: DiffusionDrafter, gamma: int = 8, steps: int = 1,
+                 commit: Union[CommitMode, str] = CommitMode.LEFT_TO_RIGHT,
+                 draft_temperature: Optional[float] = None, _unsafe_soft_q: bool = False) -> None:
+        for name, v in (("gamma", gamma), ("steps", steps)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if drafter.config.context_mode is not ContextMode.TOKENS:
+            raise NotImplementedError("SpecDiffDecoder drives drafters in the tokens context mode only")
+        self.target, self.drafter = target, drafter
+        self.gamma, self.steps = gamma, steps
+        self.commit = CommitMode.parse(commit)
+        self.draft_temperature = draft_temperature
+        self._unsafe_soft_q = _unsafe_soft_q
+
+    def _begin(self, prompt: Tensor, seed: int, tau: float) -> None:
+        self._seed = seed
+        self._dtau = tau if self.draft_temperature is None else float(self.draft_temperature)
+        # the drafter's context holds every token so far, the last one included
+        self._cache = self.drafter.new_cache(1).append_context(prompt)
+
+    def _draft(self, gamma: int, rnd: int) -> tuple:
+        b = sample_block(self.drafter, self._cache, gamma, self.steps, self.commit,
+                         temperature=self._dtau, seed=self._seed, offset=rnd)
+        pm = None if self._unsafe_soft_q else b.point_mass
+        dl = b.logits if (self._unsafe_soft_q or self._dtau > 0) else None
+        return b.ids, dl, pm, self._dtau, b.vocab_map
+
+    def _advance(self, res_ids: Tensor, drafts: Optional[Tensor], n_acc: int, n_new: int) -> None:
+        self._cache.append_context(res_ids[:, :n_new])
+
+
+class ARSpecDecoder(_SpecBase):
+    """Speculative decoding with a small autoregressive drafter (see `ARDrafter`).
+
+    Parameters
+    ----------
+    target : TargetModel
+    ar_drafter : ARDrafter
+        A causal LM over the target's tokenizer, e.g. ``load_target(small_model_folder)``.
+    gamma : int
+        Drafts per round.
+    draft_temperature : float, optional
+        None: the target's temperature. Drafts are drawn left to right, so the soft q is exact.
+    """
+
+    def __init__(self, target: Any, ar_drafter: Any, gamma: int = 4,
+                 draft_temperature: Optional[float] = None) -> None:
+        if isinstance(gamma, bool) or not isinstance(gamma, int) or gamma < 1:
+            raise ValueError(f"gamma must be a positive int, got {gamma!r}")
+        self.target, self.drafter, self.gamma = target, ar_drafter, gamma
+        self.draft_temperature = draft_temperature
+
+    def _begin(self, prompt: Tensor, seed: int, tau: float) -> None:
+        self._dtau = tau if self.draft_temperature is None else float(self.draft_temperature)
+        self._gen = torch.Generator(device=prompt.device).manual_seed(seed)
+        self._cache = self.drafter.new_cache()
+        self._pending = prompt  # tokens the drafter has not read yet (the last one included)
+        self._length = 0  # positions in the drafter's cache
+
+    def _draft(self, gamma: int, rnd: int) -> tuple:
+        x, ids, rows = self._pending, [], []
+        for i in range(gamma):
+            row = _logits(self.drafter.forward(x, self._cache))[:, -1]  # (1, V)
+            self._length += x.shape[1]
+            if self._dtau == 0.0:
+                x = row.argmax(-1, keepdim=True)
+            else:  # exponential race: argmax p / E, no host sync
+                e = torch.empty(row.shape, device=row.device, dtype=torch.float32)
+                e.exponential_(generator=self._gen)
+                x = (torch.softmax(row.float() / self._dtau, -1) / e).argmax(-1, keepdim=True)
+            ids.append(x)
+            rows.append(row)
+        self._g = gamma
+        dl = torch.stack(rows, dim=1) if self._dtau > 0 else None  # (1, G, V)
+        return torch.cat(ids, dim=1), dl, None, self._dtau, None
+
+    def _advance(self, res_ids: Tensor, drafts: Optional[Tensor], n_acc: int, n_new: int) -> None:
+        # the drafter read the last token and x_1 .. x_{G-1}; keep last + the accepted ones
+        keep = self._length - self._g + 1 + n_acc
+        if n_acc == self._g:  # x_G was never fed: read it with the bonus token
+            self._pending = res_ids[:, n_acc - 1: n_acc + 1]
+            keep -= 1
+        else:
+            self._pending = res_ids[:, n_acc: n_acc + 1]
+        self.drafter.crop(self._cache, keep)
+        self._length = keep
