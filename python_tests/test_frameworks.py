@@ -64,3 +64,12 @@ def test_jax_roundtrip():
     assert isinstance(rj.ids, jax.Array)
     np.testing.assert_array_equal(np.asarray(rj.ids), ops.verify(tl, ids, temperature=0.0).ids.cpu().numpy())
     del rt
+
+
+def test_cli_lists_commands_and_rejects_unknown(capsys):
+    from specdiff_ext import cli
+
+    assert cli.main([]) == 0
+    assert "train-drafter" in capsys.readouterr().out
+    assert cli.main(["no-such-command"]) == 2
+    assert "unknown command" in capsys.readouterr().err
