@@ -175,7 +175,6 @@ def evaluate_acceptance(drafter: DiffusionDrafter, target: Any, prompts: Sequenc
     drafts `gamma` tokens (argmax, `steps` denoising steps, left-to-right commits), the target
     scores [last, x_1..x_G], `ops.verify` (greedy) accepts a prefix plus one token.
     """
-    from .. import ops
     from .sampler import sample_block
 
     was_training = drafter.training
@@ -185,7 +184,8 @@ def evaluate_acceptance(drafter: DiffusionDrafter, target: Any, prompts: Sequenc
     for text in prompts:
         ids = target.chat_prompt(text)  # (1, T)
         cache = target.new_cache()
-        out = target.forward(ids[:, :-1], cache) if ids.shape[1] > 1 else None
+        if ids.shape[1] > 1:
+            target.forward(ids[:, :-1], cache)  # prefill all but the last prompt token
         last = ids[:, -1:]
         dcache = drafter.new_cache(1).append_context(ids.to(dev))
         total = ids.shape[1]
