@@ -73,3 +73,13 @@ def test_cli_lists_commands_and_rejects_unknown(capsys):
     assert "train-drafter" in capsys.readouterr().out
     assert cli.main(["no-such-command"]) == 2
     assert "unknown command" in capsys.readouterr().err
+
+
+def test_verify_unchecked_matches_verify_and_still_checks_cpu_input():
+    tl, dl, ids = _case()
+    a = ops.verify(tl, ids, dl, temperature=0.8, seed=9)
+    b = ops.verify_unchecked(tl, ids, dl, temperature=0.8, seed=9)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="draft_ids"):
+        ops.verify_unchecked(tl, ids + 1000, dl)

@@ -152,16 +152,12 @@ def _stats(clock: _Clock, new_tokens: int, rounds: int, accepted: int, seed: int
 def _verify(target_logits: Tensor, draft_ids: Tensor, draft_logits: Optional[Tensor],
             point_mass: Optional[Tensor], temperature: float, draft_temperature: float,
             seed: int, offset: int, vocab_map: Optional[Tensor]) -> Any:
-    """`ops.verify`; on CUDA the raw op, skipping the value checks' device sync (the loop's
-    inputs are valid by construction: ids come from the drafter, temperatures are checked)."""
-    if target_logits.device.type != "cuda":
-        return ops.verify(target_logits, draft_ids, draft_logits, draft_point_mass=point_mass,
-                          temperature=temperature, draft_temperature=draft_temperature,
-                          seed=seed, offset=offset, vocab_map=vocab_map)
-    vinv = None if vocab_map is None else ops._vocab_inverse(vocab_map, target_logits.shape[-1])
-    return ops._call(ops._verify_op, target_logits.contiguous(), draft_ids, draft_logits,
-                     point_mass, vocab_map, vinv, None, float(temperature), None,
-                     float(draft_temperature), None, seed, offset, None, None)
+    """Verification of one round: `ops.verify_unchecked` (the round's inputs are valid by
+    construction, so no device sync for value checks; the loop's one sync reads the result)."""
+    return ops.verify_unchecked(target_logits, draft_ids, draft_logits,
+                                draft_point_mass=point_mass, temperature=temperature,
+                                draft_temperature=draft_temperature, seed=seed, offset=offset,
+                                vocab_map=vocab_map)
 
 
 def _emit(out: List[int], new: Sequence[int], eos: Optional[int], limit: int,

@@ -32,6 +32,7 @@ except ImportError as exc:  # pragma: no cover - only without a build
 
 __all__ = [
     "verify",
+    "verify_unchecked",
     "rejection_sample",
     "gather_logprobs",
     "denoise_step",
@@ -148,7 +149,7 @@ class _DeviceChecks:
     read or write out of bounds whatever the values (an out-of-range id or a negative
     temperature makes its row invalid), so the check may follow them; on a bad value the
     results are dropped and ValueError is raised. Skipped inside CUDA-graph capture. Callers
-    that want no host sync at all call ``torch.ops.specdiff.*`` directly."""
+    that want no host sync at all use ``verify_unchecked`` or ``torch.ops.specdiff.*``."""
 
     def __init__(self) -> None:
         self.items: list = []
@@ -352,6 +353,7 @@ def _verify_common(
     vocab_map: Optional[ArrayLike],
     target_lse: Optional[ArrayLike],
     draft_lse: Optional[ArrayLike],
+    check_values: bool = True,
 ) -> VerifyResult:
     f = _Frontend()
     tl = f.tensor(target_logits, "target_logits")
@@ -384,7 +386,8 @@ def _verify_common(
     ids, num, valid = _call(
         _verify_op, tl, di, dl, pm, vm, vinv, ta, tv, dta, dtv, sd, sv, off, tlse, dlse
     )
-    checks.run()
+    if check_values:
+        checks.run()
     return VerifyResult(f.out(ids), f.out(num), f.out(valid))
 
 
@@ -448,6 +451,40 @@ def verify(
     return _verify_common(
         target_logits, draft_ids, draft_logits, draft_point_mass, temperature,
         draft_temperature, seed, offset, vocab_map, None, None,
+    )
+
+
+def verify_unchecked(
+    target_logits: ArrayLike,
+    draft_ids: ArrayLike,
+    draft_logits: Optional[ArrayLike] = None,
+    *,
+    draft_point_mass: Optional[ArrayLike] = None,
+    temperature: Union[float, ArrayLike] = 1.0,
+    draft_temperature: Union[float, ArrayLike] = 1.0,
+    seed: Union[int, ArrayLike] = 0,
+    offset: int = 0,
+    vocab_map: Optional[ArrayLike] = None,
+) -> VerifyResult:
+    """:func:`verify` without the value checks of GPU tensors, so without their host sync.
+
+    For loops whose inputs are valid by construction (a decode round: drafts come from the
+    drafter). Types, shapes and devices are still checked, and CPU inputs are still checked in
+    full (that costs no sync). On a GPU an out-of-range id or a negative temperature is not
+    raised: the kernels never read or write out of bounds and mark that row invalid.
+
+    Parameters and result are those of :func:`verify`.
+
+    Examples
+    --------
+    >>> import torch, specdiff_ext
+    >>> r = specdiff_ext.ops.verify_unchecked(torch.randn(1, 3, 10), torch.tensor([[1, 2]]), temperature=0.0)
+    >>> r.ids.shape
+    torch.Size([1, 3])
+    """
+    return _verify_common(
+        target_logits, draft_ids, draft_logits, draft_point_mass, temperature,
+        draft_temperature, seed, offset, vocab_map, None, None, check_values=False,
     )
 
 
