@@ -312,3 +312,35 @@ def test_embedded_drafters_load_and_refuse_another_target(tied) -> None:
         load_ar_drafter(DEFAULT_AR_DRAFTER, tied)
     card = (DEFAULT_DRAFTER / "README.md").read_text()
     assert "accepted" in card.lower()
+
+
+def test_train_target_features_drafter(tied, tmp_path: Path) -> None:
+    from specdiff_ext.drafter import load_drafter
+    from specdiff_ext.drafter.features import features_file
+    from specdiff_ext.drafter.train import build_parser, train
+
+    data = tmp_path / "data"
+    generate_dataset(tied, data, prompts=_words(40, 6), num_prompts=16, max_new_tokens=12,
+                     temperatures=(0.0,), shard_size=16, batch_size=8, heldout_fraction=0.2,
+                     progress=False)
+    common = ["--data", str(data), "--context", "target_features", "--feature-layers", "1,-1",
+              "--batch", "4", "--blocks", "3", "--gamma", "3", "--warmup", "2",
+              "--eval-every", "3", "--eval-prompts", "2", "--eval-rounds", "2", "--no-progress",
+              "--layers", "2", "--init-from-target", "auto", "--reduced-vocab", "40"]
+    out = tmp_path / "tf"
+    msgs: list = []
+    res = train(build_parser().parse_args(common + ["--out", str(out), "--steps", "3"]),
+                target=tied, log=msgs.append)
+    assert any("computing target features" in m for m in msgs)
+    assert features_file(data, [1, -1]).is_file()
+    assert res["step"] == 3 and "eval_accepted_per_round" in res["last"]
+    d = load_drafter(out, tied.input_embeddings, tied.lm_head_weight, target_name=tied.name)
+    assert d.config.context_mode.value == "target_features" and d.config.feature_layers == [1, -1]
+    assert d.config.feature_size == 2 * HIDDEN
+    prompt = tied.chat_prompt("w3 w9 w1")
+    want = ARDecoder(tied).generate(prompt, 20).ids
+    assert SpecDiffDecoder(tied, d, gamma=3, steps=2).generate(prompt, 20).ids == want
+    with pytest.raises(ValueError, match="does not apply to --ar"):
+        train(build_parser().parse_args(common + ["--out", str(tmp_path / "x"), "--steps", "1",
+                                                  "--ar"]),
+              target=tied, log=lambda *a: None)

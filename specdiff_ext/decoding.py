@@ -166,6 +166,14 @@ def _verify(target_logits: Tensor, draft_ids: Tensor, draft_logits: Optional[Ten
                                 vocab_map=vocab_map)
 
 
+def _cat_hidden(out: Any) -> Optional[Tensor]:
+    """The requested hidden states of a target forward, concatenated: (B, T, H_f) or None."""
+    hid = getattr(out, "hidden", None)
+    if not hid:
+        return None
+    return hid[0] if len(hid) == 1 else torch.cat(hid, dim=-1)
+
+
 def _emit(out: List[int], new: Sequence[int], eos: Optional[int], limit: int,
           stream: Optional[Stream]) -> bool:
     """Append `new` to `out`, cut at the first EOS or at `limit` tokens; True when done."""
@@ -240,16 +248,25 @@ class _SpecBase:
     target: Any
     gamma: int
 
-    def _begin(self, prompt: Tensor, seed: int, tau: float) -> None:
+    def _begin(self, prompt: Tensor, seed: int, tau: float,
+               hidden: Optional[Tensor] = None) -> None:
+        """Start on `prompt` (1, T); `hidden`: the target's feature-layer hidden states at
+        prompt positions 0 .. T-2, (1, T-1, H_f), when `_feature_layers` asks for them."""
         raise NotImplementedError
+
+    def _feature_layers(self) -> Optional[List[int]]:
+        """Target layers whose hidden states the drafter reads (None: none)."""
+        return None
 
     def _draft(self, gamma: int, rnd: int) -> tuple:
         """Draft `gamma` >= 1 tokens: (ids (1, G), draft logits or None, point mass or None,
         draft temperature, vocab_map)."""
         raise NotImplementedError
 
-    def _advance(self, res_ids: Tensor, drafts: Optional[Tensor], n_acc: int, n_new: int) -> None:
-        """The round emitted res_ids[:, :n_new] (n_acc drafts accepted): move the drafter on."""
+    def _advance(self, res_ids: Tensor, drafts: Optional[Tensor], n_acc: int, n_new: int,
+                 hidden: Optional[Tensor] = None) -> None:
+        """The round emitted res_ids[:, :n_new] (n_acc drafts accepted): move the drafter on.
+        `hidden`: the target's feature-layer hidden states at [last, x_1 .. x_{n_acc}]."""
         raise NotImplementedError
 
     @torch.inference_mode()
@@ -271,14 +288,16 @@ class _SpecBase:
         hist = [0] * (self.gamma + 1)
         if max_new_tokens == 0:
             return GenerateResult(out, _stats(clock, 0, 0, 0, base, hist))
-        t = clock.mark()
-        self._begin(prompt, (2 * base + 1) & _SEED_MASK, tau)
-        clock.add("draft", t)
+        feat = self._feature_layers()
         t = clock.mark()
         cache = self.target_cache = tgt.new_cache()  # kept for inspection after the run
+        hidden = None
         if prompt.shape[1] > 1:  # the target's cache holds everything but the last token
-            tgt.forward(prompt[:, :-1], cache)
+            hidden = _cat_hidden(tgt.forward(prompt[:, :-1], cache, hidden_layers=feat))
         clock.add("verify", t)
+        t = clock.mark()
+        self._begin(prompt, (2 * base + 1) & _SEED_MASK, tau, hidden)
+        clock.add("draft", t)
         length = prompt.shape[1] - 1  # cached positions
         last = prompt[:, -1:]  # (1, 1)
         while True:
@@ -292,7 +311,8 @@ class _SpecBase:
                 dtau = tau
             clock.add("draft", t)
             t = clock.mark()
-            logits = tgt.forward(torch.cat([last, drafts], dim=1), cache).logits  # (1, g+1, V)
+            tout = tgt.forward(torch.cat([last, drafts], dim=1), cache, hidden_layers=feat)
+            logits = tout.logits  # (1, g+1, V)
             res = _verify(logits, drafts, dlogits, pmass, tau, dtau, vseed, rounds, vmap)
             # the one host sync of the round
             flat = torch.cat([res.ids[0], res.num_accepted, res.valid.long()]).tolist()
@@ -309,7 +329,9 @@ class _SpecBase:
             if _emit(out, emitted, eos, max_new_tokens, stream):
                 break
             t = clock.mark()
-            self._advance(res.ids, drafts, n_acc, n_acc + 1)
+            hidden = _cat_hidden(tout)
+            self._advance(res.ids, drafts, n_acc, n_acc + 1,
+                          None if hidden is None else hidden[:, : n_acc + 1])
             clock.add("draft", t)
             last = res.ids[:, n_acc: n_acc + 1]
         return GenerateResult(out, _stats(clock, len(out), rounds, accepted, base, hist))
@@ -322,7 +344,10 @@ class SpecDiffDecoder(_SpecBase):
     ----------
     target : TargetModel
     drafter : DiffusionDrafter
-        On the target's device; TOKENS context mode.
+        On the target's device. TOKENS context mode, or TARGET_FEATURES with
+        ``features_with_tokens`` and ``feature_layers``: each round's verification forward then
+        also returns those layers' hidden states, which become the features of the tokens the
+        round appends (position t reads the states at t - 1; drafter/features.py).
     gamma : int
         Block size G (drafts per round).
     steps : int
@@ -342,19 +367,38 @@ class SpecDiffDecoder(_SpecBase):
         for name, v in (("gamma", gamma), ("steps", steps)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
-        if drafter.config.context_mode is not ContextMode.TOKENS:
-            raise NotImplementedError("SpecDiffDecoder drives drafters in the tokens context mode only")
+        cfg = drafter.config
+        if cfg.context_mode is ContextMode.TARGET_FEATURES:
+            if not cfg.feature_layers:
+                raise ValueError("a target_features drafter must name its feature_layers")
+            if not cfg.features_with_tokens:
+                raise ValueError("SpecDiffDecoder drives target_features drafters that also read "
+                                 "the context tokens (features_with_tokens=True)")
         self.target, self.drafter = target, drafter
         self.gamma, self.steps = gamma, steps
         self.commit = CommitMode.parse(commit)
         self.draft_temperature = draft_temperature
         self._unsafe_soft_q = _unsafe_soft_q
 
-    def _begin(self, prompt: Tensor, seed: int, tau: float) -> None:
+    def _feature_layers(self) -> Optional[List[int]]:
+        cfg = self.drafter.config
+        return list(cfg.feature_layers) if cfg.context_mode is ContextMode.TARGET_FEATURES else None
+
+    def _begin(self, prompt: Tensor, seed: int, tau: float,
+               hidden: Optional[Tensor] = None) -> None:
         self._seed = seed
         self._dtau = tau if self.draft_temperature is None else float(self.draft_temperature)
         # the drafter's context holds every token so far, the last one included
-        self._cache = self.drafter.new_cache(1).append_context(prompt)
+        self._cache = self.drafter.new_cache(1)
+        if self._feature_layers() is None:
+            self._cache.append_context(prompt)
+            return
+        # position t reads the target's hidden states at t - 1 (zeros at t = 0)
+        feats = prompt.new_zeros((1, prompt.shape[1], self.drafter.config.feature_size),
+                                 dtype=self._cache.dtype)
+        if hidden is not None:
+            feats[:, 1:] = hidden
+        self._cache.append_context(prompt, feats)
 
     def _draft(self, gamma: int, rnd: int) -> tuple:
         b = sample_block(self.drafter, self._cache, gamma, self.steps, self.commit,
@@ -363,8 +407,10 @@ class SpecDiffDecoder(_SpecBase):
         dl = b.logits if (self._unsafe_soft_q or self._dtau > 0) else None
         return b.ids, dl, pm, self._dtau, b.vocab_map
 
-    def _advance(self, res_ids: Tensor, drafts: Optional[Tensor], n_acc: int, n_new: int) -> None:
-        self._cache.append_context(res_ids[:, :n_new])
+    def _advance(self, res_ids: Tensor, drafts: Optional[Tensor], n_acc: int, n_new: int,
+                 hidden: Optional[Tensor] = None) -> None:
+        # features of [x_1 .. x_n, correction]: the target's states at [last, x_1 .. x_n]
+        self._cache.append_context(res_ids[:, :n_new], hidden)
 
 
 class ARSpecDecoder(_SpecBase):
@@ -389,7 +435,8 @@ class ARSpecDecoder(_SpecBase):
         self.target, self.drafter, self.gamma = target, ar_drafter, gamma
         self.draft_temperature = draft_temperature
 
-    def _begin(self, prompt: Tensor, seed: int, tau: float) -> None:
+    def _begin(self, prompt: Tensor, seed: int, tau: float,
+               hidden: Optional[Tensor] = None) -> None:
         self._dtau = tau if self.draft_temperature is None else float(self.draft_temperature)
         self._gen = torch.Generator(device=prompt.device).manual_seed(seed)
         self._cache = self.drafter.new_cache()
@@ -417,7 +464,8 @@ class ARSpecDecoder(_SpecBase):
         dl = torch.stack(rows, dim=1) if self._dtau > 0 else None  # (1, G, Vd)
         return torch.cat(ids, dim=1), dl, None, self._dtau, vmap
 
-    def _advance(self, res_ids: Tensor, drafts: Optional[Tensor], n_acc: int, n_new: int) -> None:
+    def _advance(self, res_ids: Tensor, drafts: Optional[Tensor], n_acc: int, n_new: int,
+                 hidden: Optional[Tensor] = None) -> None:
         # the drafter read the last token and x_1 .. x_{G-1}; keep last + the accepted ones
         keep = self._length - self._g + 1 + n_acc
         if n_acc == self._g:  # x_G was never fed: read it with the bonus token

@@ -78,6 +78,10 @@ class DrafterConfig:
     context_mode: ContextMode = ContextMode.TOKENS  # tokens or target hidden states at context
     target_feature_size: Optional[int] = None  # H_t (TARGET_FEATURES); None: hidden_size
     features_with_tokens: bool = False  # TARGET_FEATURES: also mix in the context token's embedding
+    # TARGET_FEATURES: the target layers (TargetModel.forward's hidden_layers numbering) whose
+    # hidden states, concatenated, are the features; position t reads those at t - 1
+    # (drafter/features.py). None: not specified (the caller supplies features).
+    feature_layers: Optional[list] = None
     learned_mask_embedding: bool = True  # [MASK] embedding trained; False: a fixed zero vector
     attention_bias: bool = False  # biases on the q/k/v projections (Qwen2-style targets)
     init_std: float = 0.02  # normal init of the drafter's own linear weights
@@ -109,6 +113,8 @@ class DrafterConfig:
                 f"reduced_vocab must be None or in [1, vocab_size] = [1, {self.vocab_size}], "
                 f"got {self.reduced_vocab}"
             )
+        if self.feature_layers is not None:
+            self.feature_layers = [int(i) for i in self.feature_layers]
         if self.target_feature_size is not None and self.target_feature_size < 1:
             raise ValueError(f"target_feature_size must be positive, got {self.target_feature_size}")
         if self.rope_theta <= 0 or self.rms_eps <= 0:

@@ -66,6 +66,7 @@ class MultiBlockBatch:
     t: Tensor
     soft_ids: Optional[Tensor] = None
     soft_logits: Optional[Tensor] = None
+    features: Optional[Tensor] = None  # (B, L, H_f) context features (target_features mode)
 
 
 def position_weights(G: int, decay: float, device=None) -> Tensor:
@@ -111,15 +112,53 @@ def make_blocks(seqs: Tensor, lengths: Tensor, lo: Tensor, G: int, K: int, mask_
     return MultiBlockBatch(seqs, anchors, noised, labels, masked & inside, t)
 
 
+def _multi_block_hidden_features(drafter: DiffusionDrafter, context: Tensor, features: Tensor,
+                                 anchors: Tensor, noised: Tensor) -> Tensor:
+    """target_features mode: the context is projected straight into every layer's keys and
+    values (as `DrafterCache.append_context` does); only the blocks run through the layers."""
+    cfg = drafter.config
+    B, L = context.shape
+    _, K, G = noised.shape
+    dev = context.device
+    dt = next(drafter.parameters()).dtype
+    ctx_pos = torch.arange(L, device=dev).expand(B, L)  # (B, L)
+    blk_pos = (anchors[..., None] + 1 + torch.arange(G, device=dev)).view(B, K * G)  # (B, KG)
+    cc, sc = _rope_cos_sin(ctx_pos, drafter.inv_freq, dt)  # (B, L, 1, hs)
+    cb, sb = _rope_cos_sin(blk_pos, drafter.inv_freq, dt)  # (B, KG, 1, hs)
+    ar = torch.arange(L, device=dev)
+    bc = (ar[None, None, :] <= anchors[..., None]).repeat_interleave(G, dim=1)  # (B, KG, L)
+    kid = torch.arange(K, device=dev).repeat_interleave(G)
+    bb = (kid[:, None] == kid[None, :]).expand(B, K * G, K * G)
+    mask = torch.cat([bc, bb], 2)[:, None]  # (B, 1, KG, L + KG)
+    f = drafter.feature_norm(features.to(dt))  # (B, L, H_f)
+    if cfg.features_with_tokens:
+        f = torch.cat([f, drafter.token_norm(drafter._embed(context, dt))], dim=-1)
+    x = drafter._embed(noised.view(B, K * G), dt)  # (B, KG, H)
+    for i, layer in enumerate(drafter.layers):
+        kc, vc = layer.self_attn.kv(layer.input_layernorm(drafter.feature_proj[i](f)), cc, sc)
+        h = layer.input_layernorm(x)  # (B, KG, H)
+        kb, vb = layer.self_attn.kv(h, cb, sb)  # (B, KG, nkv, hs)
+        k = torch.cat([kc, kb], 1).transpose(1, 2)  # (B, nkv, L + KG, hs)
+        v = torch.cat([vc, vb], 1).transpose(1, 2)
+        x = layer.finish(x, h, cb, sb, k, v, mask)
+    return drafter.norm(x).view(B, K, G, -1)
+
+
 def multi_block_hidden(drafter: DiffusionDrafter, context: Tensor, anchors: Tensor,
-                       noised: Tensor) -> Tensor:
+                       noised: Tensor, features: Optional[Tensor] = None) -> Tensor:
     """Final hidden states (after the drafter's norm) at the K G block positions.
 
-    Shape: context (B, L), anchors (B, K), noised (B, K, G) -> (B, K, G, H).
+    Shape: context (B, L), anchors (B, K), noised (B, K, G), features (B, L, H_f) in
+    target_features mode (position t's features: the target's hidden states at t - 1)
+    -> (B, K, G, H).
     """
     cfg = drafter.config
-    if cfg.context_mode is not ContextMode.TOKENS:
-        raise NotImplementedError("multi-block training supports context_mode 'tokens' only")
+    if cfg.context_mode is ContextMode.TARGET_FEATURES:
+        if features is None:
+            raise ValueError("target_features mode needs the context features")
+        return _multi_block_hidden_features(drafter, context, features, anchors, noised)
+    if features is not None:
+        raise ValueError("features given, but the drafter's context mode is tokens")
     B, L = context.shape
     _, K, G = noised.shape
     dev = context.device
@@ -175,7 +214,8 @@ def mdlm_loss(drafter: DiffusionDrafter, batch: MultiBlockBatch, pos_weight: Opt
     """
     B, K, G = batch.labels.shape
     sel = batch.masked  # (B, K, G)
-    hid = multi_block_hidden(drafter, batch.context, batch.anchors, batch.noised)  # (B,K,G,H)
+    hid = multi_block_hidden(drafter, batch.context, batch.anchors, batch.noised,
+                             batch.features)  # (B, K, G, H)
     head = drafter.head_weight()
     h = hid[sel]  # (M, H)
     logits = F.linear(h.to(head.dtype), head).float()  # (M, Vd)

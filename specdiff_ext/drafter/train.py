@@ -71,6 +71,15 @@ def build_parser() -> argparse.ArgumentParser:
                          "causal LM over the target's embedding, next-token loss on the same "
                          "windows (drafter.ar)")
     ap.add_argument("--commit", default="left_to_right", help="commit mode of the acceptance eval")
+    ap.add_argument("--context", choices=["tokens", "target_features"], default="tokens",
+                    help="drafter context mode; target_features reads the target's hidden "
+                         "states (--feature-layers) with the tokens, EAGLE-style shifted by one")
+    ap.add_argument("--feature-layers", default="-1",
+                    help="target_features: comma list of target layers (0 = embedding output, "
+                         "-1 = the final normed state the head reads)")
+    ap.add_argument("--features", default=None,
+                    help="target_features: precomputed features file (default: computed once "
+                         "into the data folder)")
     ap.add_argument("--layers", type=int, default=2, help="drafter blocks")
     ap.add_argument("--reduced-vocab", type=int, default=None,
                     help="predict only the K most frequent target tokens of the data")
@@ -153,9 +162,11 @@ def sample_windows(data: TokenData, B: int, G: int, max_len: int,
 
 
 def sample_batch(data: TokenData, B: int, K: int, G: int, max_len: int, mask_id: int,
-                 gen: torch.Generator, eps: float, full_mask_prob: float) -> MultiBlockBatch:
+                 gen: torch.Generator, eps: float, full_mask_prob: float,
+                 features: Optional[torch.Tensor] = None) -> MultiBlockBatch:
     """B random sequences (windows of <= max_len tokens holding part of the continuation), K
-    anchors each, with the target's top-k labels when the data has them."""
+    anchors each, with the target's top-k labels when the data has them, and the windows'
+    (shifted) target features when `features` (N_tokens, H_f) is given."""
     seqs, lengths, lo, idx, starts = sample_windows(data, B, G, max_len, gen)
     batch = make_blocks(seqs, lengths, lo, G, K, mask_id, gen=gen, eps=eps,
                         full_mask_prob=full_mask_prob)
@@ -172,11 +183,17 @@ def sample_batch(data: TokenData, B: int, K: int, G: int, max_len: int, mask_id:
             sid[b][ok] = data.topk_ids[gi]
             slg[b][ok] = data.topk_logits[gi]
         batch.soft_ids, batch.soft_logits = sid, slg
+    if features is not None:
+        from .features import shifted_window_features
+
+        batch.features = shifted_window_features(features, data, idx.tolist(), starts,
+                                                 seqs.shape[1])
     return batch
 
 
 def _to(batch: MultiBlockBatch, device: torch.device) -> MultiBlockBatch:
-    for f in ("context", "anchors", "noised", "labels", "masked", "t", "soft_ids", "soft_logits"):
+    for f in ("context", "anchors", "noised", "labels", "masked", "t", "soft_ids", "soft_logits",
+              "features"):
         v = getattr(batch, f)
         if v is not None:
             setattr(batch, f, v.to(device))
@@ -278,6 +295,23 @@ def train(args: argparse.Namespace, target: Any = None, log=print) -> dict:
             layers = [round((i + 1) * L / args.layers) - 1 for i in range(args.layers)]
         else:
             layers = [int(x) for x in args.init_from_target.split(",")]
+    feature_layers, feats = None, None
+    if args.context == "target_features":
+        from .features import compute_features, features_file, load_features
+
+        if args.ar:
+            raise ValueError("--context target_features does not apply to --ar")
+        feature_layers = [int(x) for x in str(args.feature_layers).split(",") if x.strip()]
+        fpath = Path(args.features) if args.features else features_file(args.data, feature_layers)
+        if fpath.is_file():
+            feats = load_features(fpath, feature_layers)
+        else:
+            log(f"computing target features of layers {feature_layers} into {fpath}")
+            feats = compute_features(target, data, feature_layers, fpath,
+                                     progress=not args.no_progress)
+        if feats.shape[0] != data.tokens.numel():
+            raise ValueError(f"features {fpath} cover {feats.shape[0]} tokens, the data "
+                             f"{data.tokens.numel()}")
     state = None
     resume = args.resume and (out / STATE_NAME).is_file()
     if args.ar:
@@ -297,8 +331,13 @@ def train(args: argparse.Namespace, target: Any = None, log=print) -> dict:
         drafter = load_drafter(out, embed, head, target_name=target.name, device=device)
         state = torch.load(out / STATE_NAME, map_location="cpu", weights_only=False)
     else:
+        extra_cfg: dict = {}
+        if args.context == "target_features":
+            extra_cfg = dict(context_mode="target_features", features_with_tokens=True,
+                             feature_layers=feature_layers,
+                             target_feature_size=len(feature_layers) * target.hidden_size)
         cfg = DrafterConfig.from_hf_config(target.model.config, target.name, n_layers=args.layers,
-                                           reduced_vocab=args.reduced_vocab)
+                                           reduced_vocab=args.reduced_vocab, **extra_cfg)
         vm = None
         if args.reduced_vocab:
             counts = torch.bincount(data.tokens, minlength=target.vocab_size)
@@ -307,12 +346,12 @@ def train(args: argparse.Namespace, target: Any = None, log=print) -> dict:
         drafter = DiffusionDrafter(cfg, embed, head, vocab_map=vm).to(device)
         if layers is not None:
             init_from_target(drafter, target.model, layers)
-    return _train_loop(args, target, drafter, data, heldout, out, adict, state, device, log)
+    return _train_loop(args, target, drafter, data, heldout, out, adict, state, device, log, feats)
 
 
 def _train_loop(args: argparse.Namespace, target: Any, drafter: Any, data: TokenData,
                 heldout: list, out: Path, adict: dict, state: Optional[dict],
-                device: torch.device, log: Any) -> dict:
+                device: torch.device, log: Any, feats: Optional[torch.Tensor] = None) -> dict:
     """The optimisation loop shared by the diffusion drafter and (``--ar``) the ar drafter."""
     ar = bool(args.ar)
     drafter.train()
@@ -364,7 +403,8 @@ def _train_loop(args: argparse.Namespace, target: Any, drafter: Any, data: Token
                 n_blk, n_ctx = st["tokens"], int(lengths.sum())
             else:
                 batch = _to(sample_batch(data, args.batch, args.blocks, args.gamma, args.max_len,
-                                         cfg.mask_id, gen, args.eps, args.full_mask_prob), device)
+                                         cfg.mask_id, gen, args.eps, args.full_mask_prob,
+                                         feats), device)
                 loss, st = mdlm_loss(drafter, batch, pw, args.soft_weight, label_map)
                 n_blk, n_ctx = batch.labels.numel(), batch.context.numel()
         opt.zero_grad(set_to_none=True)
