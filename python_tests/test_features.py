@@ -19,18 +19,19 @@ from test_decoding import tiny_target  # noqa: E402
 LAYERS = [1, -1]
 
 
-def _tf_drafter(target, seed: int = 3, std: float = 0.2) -> DiffusionDrafter:
+def _tf_drafter(target, seed: int = 3, std: float = 0.2, cond: bool = True) -> DiffusionDrafter:
     torch.manual_seed(seed)
     cfg = DrafterConfig.from_hf_config(
         target.model.config, target.name, n_layers=2, context_mode="target_features",
-        features_with_tokens=True, feature_layers=LAYERS,
+        features_with_tokens=True, feature_layers=LAYERS, block_conditioning=cond,
         target_feature_size=len(LAYERS) * target.hidden_size, init_std=std)
     return DiffusionDrafter(cfg, target.input_embeddings, target.lm_head_weight).eval()
 
 
-def test_multi_block_forward_matches_cached_drafter_with_features() -> None:
+@pytest.mark.parametrize("cond", [False, True], ids=["attention-only", "block-conditioning"])
+def test_multi_block_forward_matches_cached_drafter_with_features(cond: bool) -> None:
     tgt = tiny_target()
-    d = _tf_drafter(tgt)
+    d = _tf_drafter(tgt, cond=cond)
     g = torch.Generator().manual_seed(1)
     seqs = torch.randint(0, 50, (2, 20), generator=g)
     feats = torch.randn(2, 20, d.config.feature_size, generator=g)
@@ -71,9 +72,10 @@ def test_feature_file_and_shifted_windows(tmp_path) -> None:
     assert (w[2, 5:] == 0).all()  # past the row's end
 
 
-def test_decoder_feeds_shifted_target_states_and_is_exact() -> None:
+@pytest.mark.parametrize("cond", [False, True], ids=["attention-only", "block-conditioning"])
+def test_decoder_feeds_shifted_target_states_and_is_exact(cond: bool) -> None:
     tgt = tiny_target()
-    d = _tf_drafter(tgt)
+    d = _tf_drafter(tgt, cond=cond)
     prompt = torch.tensor([[5, 17, 3, 42, 8, 11]])
     want = ARDecoder(tgt).generate(prompt, 30).ids
     for mode, steps in (("left_to_right", 1), ("random", 3), ("confidence", 2)):
@@ -92,6 +94,13 @@ def test_decoder_feeds_shifted_target_states_and_is_exact() -> None:
     for i in range(len(d.layers)):
         torch.testing.assert_close(cache.keys[i][:, :, :n], ref.keys[i][:, :, :n],
                                    atol=1e-4, rtol=1e-4)
+    if cond:
+        torch.testing.assert_close(cache.cond[:, :n], ref.cond[:, :n], atol=1e-4, rtol=1e-4)
+        # the block reads the newest position's conditioning: cropping changes the logits
+        blk = torch.full((1, 3), d.config.mask_id)
+        a = d.block_logits(cache, blk)
+        cache.crop(n - 1)
+        assert not torch.allclose(a, d.block_logits(cache, blk))
     sampled = SpecDiffDecoder(tgt, d, gamma=3, steps=2, commit="random").generate(
         prompt, 20, temperature=1.0, seed=5)
     assert len(sampled.ids) == 20

@@ -82,6 +82,10 @@ class DrafterConfig:
     # hidden states, concatenated, are the features; position t reads those at t - 1
     # (drafter/features.py). None: not specified (the caller supplies features).
     feature_layers: Optional[list] = None
+    # TARGET_FEATURES: also add a projection of the last context position's (features, token)
+    # to the input of every block position, so the block reads the newest target state
+    # directly rather than only through attention
+    block_conditioning: bool = False
     learned_mask_embedding: bool = True  # [MASK] embedding trained; False: a fixed zero vector
     attention_bias: bool = False  # biases on the q/k/v projections (Qwen2-style targets)
     init_std: float = 0.02  # normal init of the drafter's own linear weights

@@ -134,6 +134,10 @@ def _multi_block_hidden_features(drafter: DiffusionDrafter, context: Tensor, fea
     if cfg.features_with_tokens:
         f = torch.cat([f, drafter.token_norm(drafter._embed(context, dt))], dim=-1)
     x = drafter._embed(noised.view(B, K * G), dt)  # (B, KG, H)
+    if cfg.block_conditioning:  # block k reads the conditioning of its anchor position
+        c = drafter.block_cond_proj(f)  # (B, L, H)
+        ca = torch.gather(c, 1, anchors[..., None].expand(B, K, c.shape[-1]))  # (B, K, H)
+        x = x + ca.repeat_interleave(G, dim=1)
     for i, layer in enumerate(drafter.layers):
         kc, vc = layer.self_attn.kv(layer.input_layernorm(drafter.feature_proj[i](f)), cc, sc)
         h = layer.input_layernorm(x)  # (B, KG, H)

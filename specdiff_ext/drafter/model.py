@@ -171,6 +171,12 @@ class DrafterCache:
                      for _ in range(cfg.n_layers)]
         self.values = [torch.empty(shape, device=self.device, dtype=self.dtype)
                        for _ in range(cfg.n_layers)]
+        # block conditioning (TARGET_FEATURES): per position, what the block reads when that
+        # position is the last of the context. Shape: (B, capacity, H).
+        self.cond: Optional[Tensor] = None
+        if cfg.context_mode is ContextMode.TARGET_FEATURES and cfg.block_conditioning:
+            self.cond = torch.empty(batch_size, 0, cfg.hidden_size, device=self.device,
+                                    dtype=self.dtype)
 
     @property
     def capacity(self) -> int:
@@ -185,6 +191,10 @@ class DrafterCache:
                 grown = t.new_zeros(t.shape[0], t.shape[1], new, t.shape[3])
                 grown[:, :, : t.shape[2]] = t
                 store[i] = grown
+        if self.cond is not None:
+            grown = self.cond.new_zeros(self.cond.shape[0], new, self.cond.shape[2])
+            grown[:, : self.cond.shape[1]] = self.cond
+            self.cond = grown
 
     def append_context(self, tokens: Optional[Tensor] = None, features: Optional[Tensor] = None,
                        *, num_new: Optional[Tensor] = None) -> "DrafterCache":
@@ -312,6 +322,8 @@ class DiffusionDrafter(nn.Module):
             # one projection per layer: the layer's key/value input at context positions
             self.feature_proj = nn.ModuleList(nn.Linear(width, H, bias=False)
                                               for _ in range(cfg.n_layers))
+            if cfg.block_conditioning:
+                self.block_cond_proj = nn.Linear(width, H, bias=False)
         hs = cfg.head_dim
         inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, hs, 2, dtype=torch.float32) / hs)
         self.register_buffer("inv_freq", inv_freq, persistent=False)  # (hs/2,)
@@ -457,6 +469,12 @@ class DiffusionDrafter(nn.Module):
             for i, layer in enumerate(self.layers):
                 kv_in = layer.input_layernorm(self.feature_proj[i](f))  # (B, n, H)
                 write(i, *layer.self_attn.kv(kv_in, cos, sin))
+            if cache.cond is not None:
+                c = self.block_cond_proj(f)  # (B, n, H)
+                if uniform:
+                    cache.cond[:, cache.bound:S] = c
+                else:
+                    cache.cond[torch.arange(B, device=dev)[:, None], pos] = c
         else:
             x = self._embed(tokens, dt)  # (B, n, H)
             # query j (position pos[b, j]) sees keys at positions <= pos[b, j]
@@ -522,6 +540,10 @@ class DiffusionDrafter(nn.Module):
             mask = torch.cat([ctx_mask.expand(B, 1, G, S),
                               torch.ones(B, 1, G, G, dtype=torch.bool, device=dev)], dim=-1)
         x = self._embed(block_tokens.to(dev), dt)  # (B, G, H)
+        if cache.cond is not None and S > 0:  # the last context position's conditioning
+            last = (cache.lengths - 1).clamp(min=0)  # (B,)
+            c = cache.cond[torch.arange(B, device=dev), last]  # (B, H)
+            x = x + torch.where((cache.lengths > 0)[:, None], c, torch.zeros_like(c))[:, None]
         for i, layer in enumerate(self.layers):
             h = layer.input_layernorm(x)  # (B, G, H)
             kb, vb = layer.self_attn.kv(h, cos, sin)  # (B, G, nkv, hs)

@@ -334,7 +334,7 @@ def train(args: argparse.Namespace, target: Any = None, log=print) -> dict:
         extra_cfg: dict = {}
         if args.context == "target_features":
             extra_cfg = dict(context_mode="target_features", features_with_tokens=True,
-                             feature_layers=feature_layers,
+                             feature_layers=feature_layers, block_conditioning=True,
                              target_feature_size=len(feature_layers) * target.hidden_size)
         cfg = DrafterConfig.from_hf_config(target.model.config, target.name, n_layers=args.layers,
                                            reduced_vocab=args.reduced_vocab, **extra_cfg)
