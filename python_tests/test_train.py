@@ -204,7 +204,7 @@ def test_train_checkpoint_and_resume(tiny_target, tmp_path: Path) -> None:
     common = ["--data", str(data_dir), "--batch", "4", "--blocks", "4", "--gamma", "4",
               "--warmup", "2", "--lr", "3e-3", "--eval-every", "3", "--eval-prompts", "2",
               "--eval-rounds", "2", "--no-progress", "--soft-weight", "0.5", "--layers", "2",
-              "--init-from-target", "auto", "--reduced-vocab", "40"]
+              "--init-from-target", "spread", "--reduced-vocab", "40"]
     straight = train(build_parser().parse_args(common + ["--out", str(tmp_path / "a"),
                                                           "--steps", "3"]),
                      target=tiny_target, log=lambda *a: None)

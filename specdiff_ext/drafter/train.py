@@ -84,7 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--reduced-vocab", type=int, default=None,
                     help="predict only the K most frequent target tokens of the data")
     ap.add_argument("--init-from-target", default=None,
-                    help="comma list of target layers to copy into the drafter blocks, or 'auto'")
+                    help="comma list of target layers to copy into the drafter blocks, 'first' "
+                         "(layers 0 .. --layers - 1: fastest to learn in short runs of the "
+                         "default pair) or 'spread' (evenly spread, last layer included)")
     ap.add_argument("--eval-every", type=int, default=200)
     ap.add_argument("--eval-prompts", type=int, default=8)
     ap.add_argument("--eval-rounds", type=int, default=8)
@@ -291,10 +293,16 @@ def train(args: argparse.Namespace, target: Any = None, log=print) -> dict:
     layers = None
     if args.init_from_target:
         L = target.num_layers
-        if args.init_from_target == "auto":  # evenly spread, last layer included
+        if args.init_from_target in ("first", "auto"):
+            layers = list(range(min(args.layers, L)))
+        elif args.init_from_target == "spread":  # evenly spread, last layer included
             layers = [round((i + 1) * L / args.layers) - 1 for i in range(args.layers)]
         else:
-            layers = [int(x) for x in args.init_from_target.split(",")]
+            try:
+                layers = [int(x) for x in args.init_from_target.split(",")]
+            except ValueError:
+                raise ValueError(f"--init-from-target must be 'first', 'spread' or a comma list "
+                                 f"of layer indices, got {args.init_from_target!r}") from None
     feature_layers, feats = None, None
     if args.context == "target_features":
         from .features import compute_features, features_file, load_features
