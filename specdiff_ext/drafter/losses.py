@@ -112,6 +112,24 @@ def make_blocks(seqs: Tensor, lengths: Tensor, lo: Tensor, G: int, K: int, mask_
     return MultiBlockBatch(seqs, anchors, noised, labels, masked & inside, t)
 
 
+def _block_layout(context: Tensor, anchors: Tensor, G: int) -> tuple:
+    """Positions and block visibility shared by both context modes.
+
+    Returns ctx_pos (B, L), blk_pos (B, KG), bc (B, KG, L): block k sees context <= a_k, and
+    bb (B, KG, KG): a block sees itself only.
+    """
+    B, L = context.shape
+    K = anchors.shape[1]
+    dev = context.device
+    ctx_pos = torch.arange(L, device=dev).expand(B, L)
+    blk_pos = (anchors[..., None] + 1 + torch.arange(G, device=dev)).view(B, K * G)
+    ar = torch.arange(L, device=dev)
+    bc = (ar[None, None, :] <= anchors[..., None]).repeat_interleave(G, dim=1)
+    kid = torch.arange(K, device=dev).repeat_interleave(G)
+    bb = (kid[:, None] == kid[None, :]).expand(B, K * G, K * G)
+    return ctx_pos, blk_pos, bc, bb
+
+
 def _multi_block_hidden_features(drafter: DiffusionDrafter, context: Tensor, features: Tensor,
                                  anchors: Tensor, noised: Tensor) -> Tensor:
     """target_features mode: the context is projected straight into every layer's keys and
@@ -119,16 +137,10 @@ def _multi_block_hidden_features(drafter: DiffusionDrafter, context: Tensor, fea
     cfg = drafter.config
     B, L = context.shape
     _, K, G = noised.shape
-    dev = context.device
     dt = next(drafter.parameters()).dtype
-    ctx_pos = torch.arange(L, device=dev).expand(B, L)  # (B, L)
-    blk_pos = (anchors[..., None] + 1 + torch.arange(G, device=dev)).view(B, K * G)  # (B, KG)
+    ctx_pos, blk_pos, bc, bb = _block_layout(context, anchors, G)
     cc, sc = _rope_cos_sin(ctx_pos, drafter.inv_freq, dt)  # (B, L, 1, hs)
     cb, sb = _rope_cos_sin(blk_pos, drafter.inv_freq, dt)  # (B, KG, 1, hs)
-    ar = torch.arange(L, device=dev)
-    bc = (ar[None, None, :] <= anchors[..., None]).repeat_interleave(G, dim=1)  # (B, KG, L)
-    kid = torch.arange(K, device=dev).repeat_interleave(G)
-    bb = (kid[:, None] == kid[None, :]).expand(B, K * G, K * G)
     mask = torch.cat([bc, bb], 2)[:, None]  # (B, 1, KG, L + KG)
     f = drafter.feature_norm(features.to(dt))  # (B, L, H_f)
     if cfg.features_with_tokens:
@@ -167,17 +179,13 @@ def multi_block_hidden(drafter: DiffusionDrafter, context: Tensor, anchors: Tens
     _, K, G = noised.shape
     dev = context.device
     dt = next(drafter.parameters()).dtype
-    ctx_pos = torch.arange(L, device=dev).expand(B, L)  # (B, L)
-    blk_pos = (anchors[..., None] + 1 + torch.arange(G, device=dev)).view(B, K * G)  # (B, KG)
+    ctx_pos, blk_pos, bc, bb = _block_layout(context, anchors, G)
     pos = torch.cat([ctx_pos, blk_pos], dim=1)  # (B, N), N = L + K G
     cos, sin = _rope_cos_sin(pos, drafter.inv_freq, dt)  # (B, N, 1, hs)
     # visibility (B, N, N): context causal; block k sees context <= a_k and its own block
     ar = torch.arange(L, device=dev)
     cc = (ar[None, :] <= ar[:, None]).expand(B, L, L)
     cb = torch.zeros(B, L, K * G, dtype=torch.bool, device=dev)
-    bc = (ar[None, None, :] <= anchors[..., None]).repeat_interleave(G, dim=1)  # (B, KG, L)
-    kid = torch.arange(K, device=dev).repeat_interleave(G)
-    bb = (kid[:, None] == kid[None, :]).expand(B, K * G, K * G)
     mask = torch.cat([torch.cat([cc, cb], 2), torch.cat([bc, bb], 2)], 1)[:, None]  # (B,1,N,N)
     x = torch.cat([drafter._embed(context, dt), drafter._embed(noised.view(B, K * G), dt)], 1)
     last = len(drafter.layers) - 1
