@@ -119,6 +119,28 @@ def test_ar_spec_with_the_ar_drafter_equals_plain_decoding(tied) -> None:
         got = ARSpecDecoder(tied, ar, gamma=g).generate(prompt, 40)
         assert got.ids == want
         assert sum(got.stats["accepted_histogram"]) == got.stats["rounds"]
+        h = got.stats["accepted_histogram"]
+        assert got.stats["accepted"] == sum(j * c for j, c in enumerate(h))
+
+
+def test_pool_stats_pools_totals() -> None:
+    from specdiff_ext.decoding import pool_stats
+
+    a = {"new_tokens": 10, "seconds": 2.0, "rounds": 4, "accepted": 6,
+         "accepted_histogram": [1, 1, 1, 1], "draft_seconds": 0.5, "verify_seconds": 1.5,
+         "other_seconds": 0.0}
+    b = {"new_tokens": 3, "seconds": 1.0, "rounds": 3, "accepted": 0,
+         "accepted_histogram": [3], "draft_seconds": 0.1, "verify_seconds": 0.9,
+         "other_seconds": 0.0}
+    p = pool_stats([a, b])
+    assert p["new_tokens"] == 13 and p["tokens_per_second"] == pytest.approx(13 / 3)
+    assert p["rounds"] == 7 and p["mean_accepted"] == pytest.approx(6 / 7)
+    assert p["accepted_histogram"] == [4, 1, 1, 1]
+    assert p["first_accept_rate"] == pytest.approx(3 / 7)
+    assert p["tokens_per_round"] == pytest.approx(13 / 7)
+    assert p["verify_seconds"] == pytest.approx(2.4)
+    plain = pool_stats([{"new_tokens": 4, "seconds": 2.0}])
+    assert plain == {"new_tokens": 4, "seconds": 2.0, "tokens_per_second": 2.0}
 
 
 class _ReducedVocabDrafter:

@@ -19,11 +19,10 @@ whose output equals ar's).
 
 from __future__ import annotations
 
-import json
 import platform
 import sys
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
@@ -147,30 +146,16 @@ def run_bench(target: Any, decoders: Dict[str, Any], prompts: Sequence[str], *,
         "device": _device_name(target.device), "dtype": str(target.dtype).replace("torch.", ""),
         "max_new_tokens": max_new_tokens, "temperature": temperature, "prompts": len(encoded),
         "torch": torch.__version__, "decoders": {}}
-    ar_tps = None
+    from .decoding import pool_stats
+
     for name, rs in runs.items():
-        toks = sum(r.stats["new_tokens"] for r in rs)
-        secs = sum(r.stats["seconds"] for r in rs)
-        d: Dict[str, Any] = {"tokens_per_second": toks / secs if secs > 0 else 0.0,
-                             "new_tokens": toks, "seconds": secs}
-        if "rounds" in rs[0].stats and name not in ("ar",):
-            rounds = sum(r.stats["rounds"] for r in rs)
-            acc = sum(r.stats["mean_accepted"] * r.stats["rounds"] for r in rs)
-            d.update(rounds=rounds, mean_accepted=acc / rounds if rounds else 0.0,
-                     tokens_per_round=toks / rounds if rounds else 0.0)
-            for k in ("draft_seconds", "verify_seconds", "other_seconds"):
-                d[k] = sum(r.stats[k] for r in rs)
-            width = max(len(r.stats["accepted_histogram"]) for r in rs)
-            hist = [0] * width
-            for r in rs:
-                for j, c in enumerate(r.stats["accepted_histogram"]):
-                    hist[j] += c
-            d["accepted_histogram"] = hist
-        if name == "ar":
-            ar_tps = d["tokens_per_second"]
-        report["decoders"][name] = d
+        d = pool_stats([r.stats for r in rs])
+        if name == "ar":  # plain decoding: its "rounds" are tokens, nothing is drafted
+            d = {k: d[k] for k in ("new_tokens", "seconds", "tokens_per_second")}
         if keep_outputs:
             d["outputs"] = [r.ids for r in rs]
+        report["decoders"][name] = d
+    ar_tps = report["decoders"]["ar"]["tokens_per_second"]
     for name, d in report["decoders"].items():
         d["speedup_vs_ar"] = d["tokens_per_second"] / ar_tps if ar_tps else float("nan")
         if temperature == 0.0:
@@ -234,14 +219,13 @@ def eval_drafter(target: Any, drafter: Any, prompt_sets: Dict[str, Sequence[str]
                  gammas: Sequence[int] = (4, 8, 16), steps: Sequence[int] = (1, 2, 4, 8),
                  commits: Sequence[str] = ("left_to_right", "confidence", "random"),
                  temperatures: Sequence[float] = (0.0, 1.0), max_new_tokens: int = 64,
-                 seed: int = 0, progress: bool = True,
-                 on_row: Optional[Callable[[dict], None]] = None) -> List[dict]:
+                 seed: int = 0, progress: bool = True) -> List[dict]:
     """Mean accepted draft tokens per round for every (prompt set, temperature, G, T, commit).
 
     Each configuration decodes every prompt of the set for `max_new_tokens` tokens with
     `decoding.SpecDiffDecoder` and pools the rounds. Returns one dict per configuration.
     """
-    from .decoding import SpecDiffDecoder
+    from .decoding import SpecDiffDecoder, pool_stats
 
     encoded = {k: [target.chat_prompt(p) for p in v] for k, v in prompt_sets.items()}
     grid = [(s, t, g, T, c) for s in encoded for t in temperatures for g in gammas
@@ -254,22 +238,13 @@ def eval_drafter(target: Any, drafter: Any, prompt_sets: Dict[str, Sequence[str]
     rows = []
     for s, t, g, T, c in grid:
         dec = SpecDiffDecoder(target, drafter, gamma=g, steps=T, commit=c)
-        rounds = acc = toks = 0
-        hist = [0] * (g + 1)
-        for i, ids in enumerate(encoded[s]):
-            st = dec.generate(ids, max_new_tokens=max_new_tokens, temperature=t, seed=seed + i).stats
-            rounds += st["rounds"]
-            acc += round(st["mean_accepted"] * st["rounds"])
-            toks += st["new_tokens"]
-            for j, n in enumerate(st["accepted_histogram"]):
-                hist[j] += n
+        runs = [dec.generate(ids, max_new_tokens=max_new_tokens, temperature=t, seed=seed + i).stats
+                for i, ids in enumerate(encoded[s])]
+        pooled = pool_stats(runs)
         row = {"prompts": s, "temperature": t, "gamma": g, "steps": T, "commit": c,
-               "mean_accepted": acc / rounds if rounds else 0.0,
-               "tokens_per_round": toks / rounds if rounds else 0.0, "rounds": rounds,
-               "accepted_histogram": hist}
+               **{k: pooled[k] for k in ("mean_accepted", "tokens_per_round", "rounds",
+                                         "accepted_histogram")}}
         rows.append(row)
-        if on_row is not None:
-            on_row(row)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(set=s, t=t, G=g, T=T, acc=f"{row['mean_accepted']:.2f}")
@@ -298,7 +273,3 @@ def format_eval_table(rows: List[dict]) -> str:
             out.append(f"| {g} | " + " | ".join(cells) + " |")
         out.append("")
     return "\n".join(out)
-
-
-def dumps(obj: Any) -> str:
-    return json.dumps(obj, indent=1)

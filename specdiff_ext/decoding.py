@@ -35,7 +35,8 @@ from .drafter.model import DiffusionDrafter
 from .drafter.sampler import sample_block
 from .types import CommitMode
 
-__all__ = ["GenerateResult", "ARDrafter", "ARDecoder", "ARSpecDecoder", "SpecDiffDecoder"]
+__all__ = ["GenerateResult", "ARDrafter", "ARDecoder", "ARSpecDecoder", "SpecDiffDecoder",
+           "pool_stats"]
 
 Stream = Callable[[List[int]], None]
 _SEED_MASK = (1 << 62) - 1
@@ -51,8 +52,8 @@ class GenerateResult(NamedTuple):
     stats : dict
         new_tokens, seconds, tokens_per_second, rounds, mean_accepted (draft tokens accepted per
         round, the correction / bonus token excluded), tokens_per_round, draft_seconds,
-        verify_seconds, other_seconds, seed, accepted_histogram (entry n: rounds that accepted
-        n drafts).
+        verify_seconds, other_seconds, seed, accepted (drafts accepted in all), accepted_histogram
+        (entry n: rounds that accepted n drafts).
     """
 
     ids: List[int]
@@ -65,8 +66,7 @@ class ARDrafter(Protocol):
     ``forward(input_ids (1, n), cache)`` returns logits (1, n, V) -- or an object with a
     ``.logits`` field; only the last row is read -- and extends the cache in place;
     ``crop(cache, length)`` rolls it back. An optional ``vocab_map`` attribute (Vd,) says that
-    the logits have Vd columns, column j scoring target id vocab_map[j]
-    (`drafter.ar.MaskARDrafter`).
+    the logits have Vd columns, column j scoring target id vocab_map[j].
     """
 
     def new_cache(self) -> Any: ...
@@ -148,11 +148,40 @@ def _stats(clock: _Clock, new_tokens: int, rounds: int, accepted: int, seed: int
         new_tokens=new_tokens,
         tokens_per_second=new_tokens / s["seconds"] if s["seconds"] > 0 else float("inf"),
         rounds=rounds,
+        accepted=accepted,
         mean_accepted=accepted / rounds if rounds else 0.0,
         tokens_per_round=new_tokens / rounds if rounds else 0.0,
         seed=seed,
     )
     return s
+
+
+def pool_stats(stats: Sequence[dict]) -> dict:
+    """The statistics of several `generate` runs pooled: totals of new_tokens, seconds,
+    rounds, accepted, the time split and the accepted histogram, and the ratios over the
+    totals (tokens_per_second, mean_accepted, tokens_per_round, first_accept_rate: rounds that
+    accepted at least one draft). Runs without rounds (transformers' generate) contribute
+    tokens and seconds only."""
+    toks = sum(st["new_tokens"] for st in stats)
+    secs = sum(st["seconds"] for st in stats)
+    out: dict = {"new_tokens": toks, "seconds": secs,
+                 "tokens_per_second": toks / secs if secs > 0 else 0.0}
+    spec = [st for st in stats if "rounds" in st]
+    if spec:
+        rounds = sum(st["rounds"] for st in spec)
+        acc = sum(st["accepted"] for st in spec)
+        hist = [0] * max(len(st["accepted_histogram"]) for st in spec)
+        for st in spec:
+            for j, c in enumerate(st["accepted_histogram"]):
+                hist[j] += c
+        out.update(rounds=rounds, accepted=acc,
+                   mean_accepted=acc / rounds if rounds else 0.0,
+                   tokens_per_round=sum(st["new_tokens"] for st in spec) / rounds if rounds else 0.0,
+                   first_accept_rate=(rounds - hist[0]) / rounds if rounds else 0.0,
+                   accepted_histogram=hist)
+        for k in ("draft_seconds", "verify_seconds", "other_seconds"):
+            out[k] = sum(st[k] for st in spec)
+    return out
 
 
 def _verify(target_logits: Tensor, draft_ids: Tensor, draft_logits: Optional[Tensor],
@@ -166,11 +195,13 @@ def _verify(target_logits: Tensor, draft_ids: Tensor, draft_logits: Optional[Ten
                                 vocab_map=vocab_map)
 
 
-def _cat_hidden(out: Any) -> Optional[Tensor]:
-    """The requested hidden states of a target forward, concatenated: (B, T, H_f) or None."""
+def _cat_hidden(out: Any, n: Optional[int] = None) -> Optional[Tensor]:
+    """The requested hidden states of a target forward at its first `n` positions (all when
+    None), concatenated over layers: (B, n, H_f), or None when none were requested."""
     hid = getattr(out, "hidden", None)
     if not hid:
         return None
+    hid = [h[:, :n] for h in hid] if n is not None else hid
     return hid[0] if len(hid) == 1 else torch.cat(hid, dim=-1)
 
 
@@ -329,9 +360,7 @@ class _SpecBase:
             if _emit(out, emitted, eos, max_new_tokens, stream):
                 break
             t = clock.mark()
-            hidden = _cat_hidden(tout)
-            self._advance(res.ids, drafts, n_acc, n_acc + 1,
-                          None if hidden is None else hidden[:, : n_acc + 1])
+            self._advance(res.ids, drafts, n_acc, n_acc + 1, _cat_hidden(tout, n_acc + 1))
             clock.add("draft", t)
             last = res.ids[:, n_acc: n_acc + 1]
         return GenerateResult(out, _stats(clock, len(out), rounds, accepted, base, hist))
@@ -420,8 +449,8 @@ class ARSpecDecoder(_SpecBase):
     ----------
     target : TargetModel
     ar_drafter : ARDrafter
-        A causal LM over the target's tokenizer, e.g. ``load_target(small_model_folder)``, or
-        a `drafter.ar.MaskARDrafter` (the shipped ar-spec baseline drafter).
+        A causal LM over the target's tokenizer, e.g. ``load_target(small_model_folder)`` or
+        the shipped baseline drafter (`drafter.ar.load_ar_drafter`).
     gamma : int
         Drafts per round.
     draft_temperature : float, optional

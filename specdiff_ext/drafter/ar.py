@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["build_ar_drafter", "ar_loss", "save_ar_drafter", "load_ar_drafter", "is_ar_checkpoint",
-           "FORMAT"]
+__all__ = ["build_ar_drafter", "ar_loss", "save_ar_drafter", "load_ar_drafter", "load_ar_weights",
+           "is_ar_checkpoint", "FORMAT"]
 
 FORMAT = "specdiff-ar-drafter-1"
 WEIGHTS = "model.safetensors"
@@ -44,7 +44,7 @@ def _shared_names(model: Any) -> set:
 
 
 def build_ar_drafter(target: Any, n_layers: int = 2, init_layers: Optional[Sequence[int]] = None,
-                     dtype: torch.dtype = torch.float32) -> Any:
+                     dtype: torch.dtype = torch.float32, seed: int = 0) -> Any:
     """A causal LM shaped like the target with `n_layers` decoder layers, sharing the target's
     frozen embedding (and tied head).
 
@@ -57,6 +57,9 @@ def build_ar_drafter(target: Any, n_layers: int = 2, init_layers: Optional[Seque
         Target layers whose weights seed the drafter's layers (one per layer).
     dtype : torch.dtype
         dtype of the drafter's own weights.
+    seed : int
+        Seed of the random initialisation (drawn from a forked RNG: the caller's global torch
+        RNG state is left as it was).
     """
     from transformers import AutoModelForCausalLM
 
@@ -70,8 +73,9 @@ def build_ar_drafter(target: Any, n_layers: int = 2, init_layers: Optional[Seque
     cfg.num_hidden_layers = n_layers
     if hasattr(cfg, "layer_types") and cfg.layer_types is not None:
         cfg.layer_types = list(cfg.layer_types)[:n_layers]
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     with torch.no_grad():
         if init_layers is not None:
             init_layers = list(init_layers)
@@ -146,6 +150,24 @@ def is_ar_checkpoint(folder: Union[str, os.PathLike]) -> bool:
         return False
 
 
+def load_ar_weights(model: Any, folder: Union[str, os.PathLike]) -> Any:
+    """Load the drafter's own weights from `folder` into `model` (cast to its dtype); every
+    weight but the target's shared embedding/head must be present and nothing else.
+
+    Raises ValueError naming the missing and unexpected weights otherwise.
+    """
+    from safetensors.torch import load_file
+
+    state = load_file(str(Path(folder) / WEIGHTS))
+    shared = _shared_names(model)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [m for m in missing if m not in shared]
+    if missing or unexpected:
+        raise ValueError(f"ar drafter {os.fspath(folder)!r} does not match its config: missing "
+                         f"{sorted(missing)}, unexpected {sorted(unexpected)}")
+    return model
+
+
 def load_ar_drafter(folder: Union[str, os.PathLike], target: Any) -> Any:
     """Load an ar drafter onto `target` as a `TargetModel` (what `ARSpecDecoder` drives; its
     ``.model`` is the ``PreTrainedModel`` for Hugging Face assisted generation).
@@ -153,7 +175,6 @@ def load_ar_drafter(folder: Union[str, os.PathLike], target: Any) -> Any:
     Raises ValueError when the checkpoint was distilled from another target (the message names
     the field). The drafter takes the target's dtype and device.
     """
-    from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from ..target import TargetModel
@@ -171,15 +192,8 @@ def load_ar_drafter(folder: Union[str, os.PathLike], target: Any) -> Any:
             raise ValueError(f"ar drafter {os.fspath(folder)!r} was distilled from a target with "
                              f"{k} {v!r}, but the target given has {k} {given.get(k)!r}")
     cfg = AutoConfig.for_model(raw.pop("model_type"), **raw)
-    dt = target.dtype
-    model = AutoModelForCausalLM.from_config(cfg, dtype=dt)
-    state = load_file(str(folder / WEIGHTS))
-    shared = _shared_names(model)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [m for m in missing if m not in shared]
-    if missing or unexpected:
-        raise ValueError(f"ar drafter {os.fspath(folder)!r} does not match its config: missing "
-                         f"{sorted(missing)}, unexpected {sorted(unexpected)}")
+    model = AutoModelForCausalLM.from_config(cfg, dtype=target.dtype)
+    load_ar_weights(model, folder)
     model.to(device=target.device)
     _attach_target(model, target)
     return TargetModel(model, target.tokenizer, folder.resolve().name)

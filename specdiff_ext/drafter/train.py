@@ -210,7 +210,8 @@ def evaluate_acceptance(drafter: DiffusionDrafter, target: Any, prompts: Sequenc
 
     Runs the real decoders: `decoding.SpecDiffDecoder` (`gamma`, `steps`, `commit`), or with
     ``ar=True`` `decoding.ARSpecDecoder` with `drafter` a causal LM (`ar.build_ar_drafter`),
-    for at most `rounds` rounds per prompt (a prompt ends early at EOS).
+    for ``rounds * (gamma + 1)`` new tokens per prompt (at least `rounds` rounds; a prompt
+    ends early at EOS).
 
     Returns
     -------
@@ -218,7 +219,7 @@ def evaluate_acceptance(drafter: DiffusionDrafter, target: Any, prompts: Sequenc
         accepted_per_round, first_accept_rate (rounds that accepted at least one draft),
         tokens_per_round, rounds.
     """
-    from ..decoding import ARSpecDecoder, SpecDiffDecoder
+    from ..decoding import ARSpecDecoder, SpecDiffDecoder, pool_stats
     from ..target import TargetModel
 
     was_training = drafter.training
@@ -228,24 +229,20 @@ def evaluate_acceptance(drafter: DiffusionDrafter, target: Any, prompts: Sequenc
     else:
         drafter.eval()
         dec = SpecDiffDecoder(target, drafter, gamma=gamma, steps=steps, commit=commit)
-    acc = n_rounds = first = new = 0
     try:
-        for i, text in enumerate(prompts):
-            ids = target.chat_prompt(text)  # (1, T)
-            res = dec.generate(ids, max_new_tokens=rounds * (gamma + 1),
-                               temperature=temperature, seed=seed + i)
-            st = res.stats
-            acc += round(st["mean_accepted"] * st["rounds"])
-            first += st["rounds"] - st["accepted_histogram"][0]
-            n_rounds += st["rounds"]
-            new += st["new_tokens"]
+        stats = [dec.generate(target.chat_prompt(text), max_new_tokens=rounds * (gamma + 1),
+                              temperature=temperature, seed=seed + i).stats
+                 for i, text in enumerate(prompts)]
     finally:
         drafter.train(was_training)
         if ar:
             for p, g in zip(drafter.parameters(), grads):
                 p.requires_grad_(g)
-    return {"accepted_per_round": acc / max(1, n_rounds), "first_accept_rate": first / max(1, n_rounds),
-            "tokens_per_round": new / max(1, n_rounds), "rounds": n_rounds}
+    pooled = pool_stats(stats)
+    return {"accepted_per_round": pooled.get("mean_accepted", 0.0),
+            "first_accept_rate": pooled.get("first_accept_rate", 0.0),
+            "tokens_per_round": pooled.get("tokens_per_round", 0.0),
+            "rounds": pooled.get("rounds", 0)}
 
 
 def _save(out: Path, drafter: Any, opt: torch.optim.Optimizer, step: int,
@@ -320,24 +317,20 @@ def train(args: argparse.Namespace, target: Any = None, log=print) -> dict:
         if feats.shape[0] != data.tokens.numel():
             raise ValueError(f"features {fpath} cover {feats.shape[0]} tokens, the data "
                              f"{data.tokens.numel()}")
-    state = None
     resume = args.resume and (out / STATE_NAME).is_file()
     if args.ar:
-        from .ar import build_ar_drafter
+        from .ar import build_ar_drafter, load_ar_weights
 
         if args.reduced_vocab:
             raise ValueError("--reduced-vocab does not apply to --ar (the ar drafter keeps the "
                              "target's tied head, as Hugging Face assisted generation needs)")
-        drafter = build_ar_drafter(target, args.layers, None if resume else layers).to(device)
+        drafter = build_ar_drafter(target, args.layers, None if resume else layers,
+                                   seed=args.seed)
         if resume:
-            from safetensors.torch import load_file
-
-            drafter.load_state_dict(load_file(str(out / "model.safetensors")), strict=False)
-        state = torch.load(out / STATE_NAME, map_location="cpu", weights_only=False) if resume else None
-        return _train_loop(args, target, drafter, data, heldout, out, adict, state, device, log)
-    if resume:
+            load_ar_weights(drafter, out)
+        drafter = drafter.to(device)
+    elif resume:
         drafter = load_drafter(out, embed, head, target_name=target.name, device=device)
-        state = torch.load(out / STATE_NAME, map_location="cpu", weights_only=False)
     else:
         extra_cfg: dict = {}
         if args.context == "target_features":
@@ -354,6 +347,7 @@ def train(args: argparse.Namespace, target: Any = None, log=print) -> dict:
         drafter = DiffusionDrafter(cfg, embed, head, vocab_map=vm).to(device)
         if layers is not None:
             init_from_target(drafter, target.model, layers)
+    state = torch.load(out / STATE_NAME, map_location="cpu", weights_only=False) if resume else None
     return _train_loop(args, target, drafter, data, heldout, out, adict, state, device, log, feats)
 
 
