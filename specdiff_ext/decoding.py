@@ -31,6 +31,7 @@ from torch import Tensor
 
 from . import ops
 from .drafter.config import ContextMode
+from .drafter.dflash import DFlashDrafter
 from .drafter.model import DiffusionDrafter
 from .drafter.sampler import sample_block
 from .types import CommitMode
@@ -397,7 +398,8 @@ class SpecDiffDecoder(_SpecBase):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         cfg = drafter.config
-        if cfg.context_mode is ContextMode.TARGET_FEATURES:
+        self._dflash = isinstance(drafter, DFlashDrafter)
+        if not self._dflash and cfg.context_mode is ContextMode.TARGET_FEATURES:
             if not cfg.feature_layers:
                 raise ValueError("a target_features drafter must name its feature_layers")
             if not cfg.features_with_tokens:
@@ -411,7 +413,9 @@ class SpecDiffDecoder(_SpecBase):
 
     def _feature_layers(self) -> Optional[List[int]]:
         cfg = self.drafter.config
-        return list(cfg.feature_layers) if cfg.context_mode is ContextMode.TARGET_FEATURES else None
+        if self._dflash or cfg.context_mode is ContextMode.TARGET_FEATURES:
+            return list(cfg.feature_layers)
+        return None
 
     def _begin(self, prompt: Tensor, seed: int, tau: float,
                hidden: Optional[Tensor] = None) -> None:
@@ -419,6 +423,12 @@ class SpecDiffDecoder(_SpecBase):
         self._dtau = tau if self.draft_temperature is None else float(self.draft_temperature)
         # the drafter's context holds every token so far, the last one included
         self._cache = self.drafter.new_cache(1)
+        if self._dflash:  # context position t holds the target's states at t
+            if hidden is None:
+                hidden = prompt.new_zeros((1, 0, self.drafter.config.feature_size),
+                                          dtype=self._cache.dtype)
+            self._cache.append_context(hidden, last=prompt[:, -1:])
+            return
         if self._feature_layers() is None:
             self._cache.append_context(prompt)
             return
@@ -438,6 +448,9 @@ class SpecDiffDecoder(_SpecBase):
 
     def _advance(self, res_ids: Tensor, drafts: Optional[Tensor], n_acc: int, n_new: int,
                  hidden: Optional[Tensor] = None) -> None:
+        if self._dflash:  # states at [last, x_1 .. x_n]; the correction starts the next block
+            self._cache.append_context(hidden, last=res_ids[:, n_acc:n_new])
+            return
         # features of [x_1 .. x_n, correction]: the target's states at [last, x_1 .. x_n]
         self._cache.append_context(res_ids[:, :n_new], hidden)
 

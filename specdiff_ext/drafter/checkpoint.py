@@ -15,9 +15,11 @@ import torch
 from torch import Tensor, nn
 
 from .config import DrafterConfig
+from .dflash import DFlashConfig, DFlashDrafter
 from .model import DiffusionDrafter
 
-__all__ = ["save_drafter", "load_drafter", "CONFIG_NAME", "WEIGHTS_NAME"]
+__all__ = ["save_drafter", "load_drafter", "save_dflash", "read_dflash_config", "is_dflash_folder",
+           "CONFIG_NAME", "WEIGHTS_NAME"]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -75,6 +77,145 @@ def save_drafter(model: DiffusionDrafter, folder: Union[str, os.PathLike],
         fh.write("\n")
 
 
+# ------------------------------------------------------------------------------ DFlash layout
+
+def _dflash_hf_config(cfg: DFlashConfig, dtype: torch.dtype, extra: Optional[dict]) -> dict:
+    """The published DFlash config.json (Qwen3 layer fields, block_size, num_target_layers,
+    dflash_config), plus a ``specdiff`` entry naming the target (other readers ignore it)."""
+    n = cfg.n_layers
+    return {
+        "architectures": ["DFlashDraftModel"],
+        "model_type": "qwen3",
+        "attention_bias": cfg.attention_bias,
+        "attention_dropout": 0.0,
+        "block_size": cfg.block_size,
+        "dflash_config": {"mask_token_id": cfg.mask_token_id,
+                          "target_layer_ids": list(cfg.target_layer_ids)},
+        "dtype": str(dtype).replace("torch.", ""),
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "hidden_size": cfg.hidden_size,
+        "initializer_range": cfg.init_std,
+        "intermediate_size": cfg.intermediate_size,
+        "layer_types": ["full_attention"] * n,
+        "max_position_embeddings": 8192,
+        "max_window_layers": n,
+        "num_attention_heads": cfg.n_heads,
+        "num_hidden_layers": n,
+        "num_key_value_heads": cfg.n_kv_heads,
+        "num_target_layers": cfg.num_target_layers,
+        "rms_norm_eps": cfg.rms_eps,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "rope_scaling": None,
+        "rope_theta": cfg.rope_theta,
+        "sliding_window": None,
+        "tie_word_embeddings": False,
+        "use_cache": True,
+        "use_sliding_window": False,
+        "vocab_size": cfg.vocab_size,
+        "specdiff": {"target_name": cfg.target_name,
+                     "target_hidden_size": cfg.target_hidden_size,
+                     "extra": extra or {}},
+    }
+
+
+def is_dflash_folder(folder: Union[str, os.PathLike]) -> bool:
+    """True when folder/config.json names the DFlashDraftModel architecture."""
+    path = os.path.join(folder, CONFIG_NAME)
+    try:
+        with open(path) as fh:
+            meta = json.load(fh)
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and "DFlashDraftModel" in (meta.get("architectures") or [])
+
+
+def read_dflash_config(folder: Union[str, os.PathLike]) -> tuple[DFlashConfig, dict]:
+    """The DFlashConfig of a DFlash folder (published or written here) and its config dict."""
+    path = os.path.join(folder, CONFIG_NAME)
+    with open(path) as fh:
+        hf = json.load(fh)
+    try:
+        dcfg = hf.get("dflash_config") or {}
+        rope = hf.get("rope_theta")
+        if rope is None:
+            rope = (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+        n_heads = int(hf["num_attention_heads"])
+        if hf.get("layer_types") and any(t != "full_attention" for t in hf["layer_types"]):
+            raise ValueError(f"{path}: sliding-window drafter layers are not supported")
+        if dcfg.get("mask_token_id") is None:
+            raise ValueError(f"{path}: dflash_config.mask_token_id is missing")
+        own = hf.get("specdiff") or {}
+        cfg = DFlashConfig(
+            vocab_size=int(hf["vocab_size"]), hidden_size=int(hf["hidden_size"]),
+            n_layers=int(hf["num_hidden_layers"]), n_heads=n_heads,
+            n_kv_heads=int(hf.get("num_key_value_heads") or n_heads),
+            head_dim=int(hf.get("head_dim") or int(hf["hidden_size"]) // n_heads),
+            intermediate_size=int(hf["intermediate_size"]), rope_theta=float(rope),
+            rms_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            num_target_layers=int(hf["num_target_layers"]),
+            target_layer_ids=list(dcfg.get("target_layer_ids") or []),
+            target_hidden_size=own.get("target_hidden_size"),
+            mask_token_id=int(dcfg["mask_token_id"]), block_size=int(hf.get("block_size", 16)),
+            attention_bias=bool(hf.get("attention_bias", False)),
+            target_name=str(own.get("target_name", "")),
+        )
+    except KeyError as exc:
+        raise ValueError(f"{path}: DFlash config field {exc.args[0]!r} is missing") from None
+    return cfg, hf
+
+
+def save_dflash(model: DFlashDrafter, folder: Union[str, os.PathLike],
+                extra: Optional[dict] = None, dtype: Optional[torch.dtype] = None) -> None:
+    """Write a DFlash folder: ``config.json`` in the published layout and ``model.safetensors``
+    with the published weight names (``layers.i.self_attn.q_proj.weight``, ``fc.weight``, ...),
+    in `dtype` (default: the model's).
+
+    Examples
+    --------
+    >>> import tempfile, torch
+    >>> from specdiff_ext.drafter.dflash import DFlashConfig, DFlashDrafter
+    >>> cfg = DFlashConfig(vocab_size=50, hidden_size=32, n_heads=4, n_kv_heads=2, head_dim=8,
+    ...                    intermediate_size=64, num_target_layers=6, mask_token_id=3,
+    ...                    target_name="tiny")
+    >>> emb, head = torch.randn(50, 32), torch.randn(50, 32)
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     save_dflash(DFlashDrafter(cfg, emb, head), d)
+    ...     type(load_drafter(d, emb, head, target_name="tiny")).__name__
+    'DFlashDrafter'
+    """
+    st = _safetensors()
+    os.makedirs(folder, exist_ok=True)
+    dt = dtype if dtype is not None else model.fc.weight.dtype
+    state = {k: v.detach().to("cpu", dt).contiguous() for k, v in model.state_dict().items()}
+    st.save_file(state, os.path.join(folder, WEIGHTS_NAME), metadata={"format": "pt"})
+    with open(os.path.join(folder, CONFIG_NAME), "w") as fh:
+        json.dump(_dflash_hf_config(model.config, dt, extra), fh, indent=2, sort_keys=True)
+        fh.write("\n")
+
+
+def _load_dflash(folder: Union[str, os.PathLike], emb: Tensor, target_head: Tensor,
+                 target_name: str, device: Any, dtype: Optional[torch.dtype]) -> DFlashDrafter:
+    cfg, _ = read_dflash_config(folder)
+    if cfg.target_name and cfg.target_name != target_name:
+        raise ValueError(f"drafter checkpoint {os.fspath(folder)!r} was distilled from a target "
+                         f"with target name {cfg.target_name!r}, but the target given has "
+                         f"target name {target_name!r}")
+    for name, t in (("target_embed", emb), ("target_head", target_head)):
+        if tuple(t.shape) != (cfg.vocab_size, cfg.hidden_size):
+            raise ValueError(f"{name} must have shape (V, H) = ({cfg.vocab_size}, "
+                             f"{cfg.hidden_size}) for this drafter, got {tuple(t.shape)}")
+    state = _safetensors().load_file(os.path.join(folder, WEIGHTS_NAME))
+    model = DFlashDrafter(cfg, emb, target_head)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"DFlash checkpoint {os.fspath(folder)!r} does not match its config: "
+                         f"missing {sorted(missing)}, unexpected {sorted(unexpected)}")
+    model.to(device=device if device is not None else target_head.device,
+             dtype=dtype if dtype is not None else torch.float32)
+    return model.eval()
+
+
 def read_drafter_config(folder: Union[str, os.PathLike]) -> tuple[DrafterConfig, dict]:
     """The DrafterConfig of a checkpoint and its full config.json dict."""
     path = os.path.join(folder, CONFIG_NAME)
@@ -96,8 +237,9 @@ def load_drafter(
     hidden_size: Optional[int] = None,
     device: Optional[Union[str, torch.device]] = None,
     dtype: Optional[torch.dtype] = None,
-) -> DiffusionDrafter:
-    """Load a drafter saved by `save_drafter` onto the given target.
+) -> Union[DiffusionDrafter, DFlashDrafter]:
+    """Load a drafter saved by `save_drafter`, or a DFlash folder (published layout, e.g. from
+    `save_dflash`), onto the given target.
 
     Parameters
     ----------
@@ -124,8 +266,10 @@ def load_drafter(
         If the target differs from the checkpoint's (the message names the field: target
         name, vocab_size or hidden_size), or the checkpoint is malformed.
     """
-    cfg, meta = read_drafter_config(folder)
     emb = target_embed.weight if isinstance(target_embed, nn.Embedding) else target_embed
+    if is_dflash_folder(folder):
+        return _load_dflash(folder, emb, target_head, target_name, device, dtype)
+    cfg, meta = read_drafter_config(folder)
     given = {
         "target name": target_name,
         "vocab_size": int(vocab_size) if vocab_size is not None else int(target_head.shape[0]),

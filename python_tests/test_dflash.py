@@ -1,0 +1,293 @@
+"""The DFlash drafter: the published layout (config and weight names) checked against an
+independent forward written here from the published equations, the training forward against
+the cached decode path, greedy exactness of the decoder with it, the acceptance-relevant
+position convention of its cache, and the trainer (loss falls, resume)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from specdiff_ext.decoding import ARDecoder, SpecDiffDecoder
+from specdiff_ext.drafter import load_drafter
+from specdiff_ext.drafter.checkpoint import read_dflash_config, save_dflash
+from specdiff_ext.drafter.dflash import DFlashConfig, DFlashDrafter, build_target_layer_ids
+
+pytest.importorskip("transformers")
+
+from test_decoding import tiny_target  # noqa: E402
+
+
+def _drafter(target, layers: int = 2, std: float = 0.3, seed: int = 2, bs: int = 5) -> DFlashDrafter:
+    torch.manual_seed(seed)
+    cfg = DFlashConfig.from_hf_config(target.model.config, target.name, n_layers=layers,
+                                      target_layer_ids=[0, 1][:layers], mask_token_id=7,
+                                      block_size=bs, init_std=std)
+    d = DFlashDrafter(cfg, target.input_embeddings, target.lm_head_weight)
+    with torch.no_grad():  # non-trivial norm gains, so a misplaced norm shows
+        for name, p in d.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.5 * torch.rand_like(p))
+    return d.eval()
+
+
+# ------------------------------------------------------------------------------ published forward
+
+def _rms(x, w, eps):
+    xf = x.float()
+    return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def _rotate_half(x):
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def _published_forward(sd: dict, hf: dict, target_hidden, noise_embedding, position_ids):
+    """DFlashDraftModel.forward as published (Qwen3 layers; context K/V from fc + hidden_norm
+    of the concatenated target states; q on the block only, k/v on [context, block]; k-norm
+    before RoPE; no mask), from a state dict and a config.json dict alone."""
+    eps, hs = hf["rms_norm_eps"], hf["head_dim"]
+    nh, nkv = hf["num_attention_heads"], hf["num_key_value_heads"]
+    theta = hf["rope_theta"]
+    ctx = _rms(target_hidden @ sd["fc.weight"].T, sd["hidden_norm.weight"], eps)
+    inv = 1.0 / theta ** (torch.arange(0, hs, 2, dtype=torch.float32) / hs)
+    ang = position_ids[0].float()[:, None] * inv[None]
+    emb = torch.cat([ang, ang], -1)
+    cos, sin = emb.cos()[None, None], emb.sin()[None, None]  # (1, 1, S+n, hs)
+    x = noise_embedding
+    B, n, _ = x.shape
+    S = ctx.shape[1]
+    for i in range(hf["num_hidden_layers"]):
+        p = lambda k: sd[f"layers.{i}.{k}"]  # noqa: E731
+        res = x
+        h = _rms(x, p("input_layernorm.weight"), eps)
+        q = _rms((h @ p("self_attn.q_proj.weight").T).view(B, n, nh, hs),
+                 p("self_attn.q_norm.weight"), eps).transpose(1, 2)
+        k = torch.cat([ctx @ p("self_attn.k_proj.weight").T, h @ p("self_attn.k_proj.weight").T], 1)
+        v = torch.cat([ctx @ p("self_attn.v_proj.weight").T, h @ p("self_attn.v_proj.weight").T], 1)
+        k = _rms(k.view(B, S + n, nkv, hs), p("self_attn.k_norm.weight"), eps).transpose(1, 2)
+        v = v.view(B, S + n, nkv, hs).transpose(1, 2)
+        q = q * cos[..., -n:, :] + _rotate_half(q) * sin[..., -n:, :]
+        k = k * cos + _rotate_half(k) * sin
+        k, v = k.repeat_interleave(nh // nkv, 1), v.repeat_interleave(nh // nkv, 1)
+        att = torch.softmax((q @ k.transpose(-1, -2)) / math.sqrt(hs), -1)
+        o = (att @ v).transpose(1, 2).reshape(B, n, nh * hs) @ p("self_attn.o_proj.weight").T
+        x = res + o
+        h = _rms(x, p("post_attention_layernorm.weight"), eps)
+        x = x + (F.silu(h @ p("mlp.gate_proj.weight").T) * (h @ p("mlp.up_proj.weight").T)) \
+            @ p("mlp.down_proj.weight").T
+    return _rms(x, sd["norm.weight"], eps)
+
+
+def test_export_layout_matches_the_published_equations(tmp_path: Path) -> None:
+    import safetensors.torch as st
+
+    tgt = tiny_target()
+    d = _drafter(tgt)
+    save_dflash(d, tmp_path, extra={"note": "test"})
+    hf = json.loads((tmp_path / "config.json").read_text())
+    assert hf["architectures"] == ["DFlashDraftModel"] and hf["model_type"] == "qwen3"
+    assert hf["dflash_config"] == {"mask_token_id": 7, "target_layer_ids": [0, 1]}
+    assert hf["block_size"] == 5 and hf["num_target_layers"] == 2 and hf["num_hidden_layers"] == 2
+    sd = st.load_file(str(tmp_path / "model.safetensors"))
+    want = {"fc.weight", "hidden_norm.weight", "norm.weight"} | {
+        f"layers.{i}.{k}.weight" for i in range(2) for k in (
+            "input_layernorm", "post_attention_layernorm", "self_attn.q_proj", "self_attn.k_proj",
+            "self_attn.v_proj", "self_attn.o_proj", "self_attn.q_norm", "self_attn.k_norm",
+            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+    assert set(sd) == want
+    loaded = load_drafter(tmp_path, tgt.input_embeddings, tgt.lm_head_weight, target_name=tgt.name)
+    assert isinstance(loaded, DFlashDrafter)
+    # the published forward: context of S states, block [last, MASK x 4] at positions S..S+4
+    g = torch.Generator().manual_seed(0)
+    S, G = 9, 4
+    th = torch.randn(1, S, loaded.config.feature_size, generator=g)
+    last = torch.tensor([[11]])
+    block = torch.cat([last, torch.full((1, G), 7)], 1)
+    noise = F.embedding(block, tgt.input_embeddings.weight.detach())
+    with torch.no_grad():
+        ref_h = _published_forward(sd, hf, th, noise, torch.arange(S + G + 1)[None])
+        ref = ref_h[:, 1:] @ tgt.lm_head_weight.detach().T
+        cache = loaded.new_cache(1).append_context(th[:, :4]).append_context(th[:, 4:], last=last)
+        got = loaded.block_logits(cache, torch.full((1, G), 7))
+    torch.testing.assert_close(got, ref, atol=2e-5, rtol=2e-5)
+    # negative control: the same forward without the context's hidden_norm disagrees
+    bad = dict(sd)
+    bad["hidden_norm.weight"] = torch.ones_like(sd["hidden_norm.weight"])
+    with torch.no_grad():
+        off = _published_forward(bad, hf, th, noise, torch.arange(S + G + 1)[None])
+    assert not torch.allclose(off[:, 1:] @ tgt.lm_head_weight.detach().T, got, atol=1e-3)
+
+
+def test_training_forward_matches_cached_blocks() -> None:
+    from specdiff_ext.training.dflash import sample_batch
+    from specdiff_ext.drafter.data import TokenData
+
+    tgt = tiny_target()
+    d = _drafter(tgt)
+    g = torch.Generator().manual_seed(4)
+    toks = torch.randint(0, 61, (40,), generator=g)
+    data = TokenData(toks, torch.tensor([0, 22, 40]), torch.tensor([5, 9]))
+    b = sample_batch(data, 2, 6, 5, 64, 7, 0.5, g)  # some blocks partly revealed
+    B, L = b["seqs"].shape
+    feats = torch.randn(B, L, d.config.feature_size, generator=g)
+    with torch.no_grad():
+        h = d.forward_blocks(feats, b["anchors"], b["block"])
+        logits = h[:, :, 1:] @ tgt.lm_head_weight.detach().T
+        checked = 0
+        for r in range(B):
+            for k in range(b["anchors"].shape[1]):
+                a = int(b["anchors"][r, k])
+                if a < 0:
+                    continue
+                cache = d.new_cache(1).append_context(feats[r:r + 1, :a],
+                                                      last=b["seqs"][r:r + 1, a:a + 1])
+                ref = d.block_logits(cache, b["block"][r:r + 1, k, 1:])[0]
+                torch.testing.assert_close(logits[r, k], ref, atol=1e-4, rtol=1e-4)
+                checked += 1
+    assert checked >= 8
+    # labels are the next tokens after the anchor; revealed positions carry none
+    lab, blk = b["labels"], b["block"]
+    for r in range(B):
+        for k in range(b["anchors"].shape[1]):
+            a = int(b["anchors"][r, k])
+            if a < 0:
+                assert (lab[r, k] == -1).all()
+                continue
+            assert a >= int(data.prompt_lens[r]) - 1
+            for j in range(4):
+                if lab[r, k, j] >= 0:
+                    assert lab[r, k, j] == b["seqs"][r, a + 1 + j] and blk[r, k, j + 1] == 7
+
+
+def test_decoder_is_exact_and_caches_the_target_states_at_each_position() -> None:
+    tgt = tiny_target()
+    d = _drafter(tgt, std=0.5)
+    prompt = torch.tensor([[5, 17, 3, 42, 8, 11]])
+    want = ARDecoder(tgt).generate(prompt, 30).ids
+    for mode, steps in (("left_to_right", 1), ("random", 3), ("confidence", 2)):
+        dec = SpecDiffDecoder(tgt, d, gamma=4, steps=steps, commit=mode)
+        got = dec.generate(prompt, 30)
+        assert got.ids == want, mode
+    # the context holds the target's states at every position before the block's last token
+    # (the final round, which ends the run, advances nothing)
+    full = torch.cat([prompt, torch.tensor([got.ids])], 1)
+    cache = dec._cache
+    n = cache.length
+    assert full.shape[1] - 1 - 5 <= n < full.shape[1] - 1 and int(cache.last) == int(full[0, n])
+    hid = torch.cat(tgt.forward(full[:, :n], hidden_layers=d.config.feature_layers).hidden, -1)
+    ref = d.new_cache(1).append_context(hid, last=full[:, n:n + 1])
+    for i in range(d.config.n_layers):
+        torch.testing.assert_close(cache.keys[i][:, :, :n], ref.keys[i][:, :, :n],
+                                   atol=1e-4, rtol=1e-4)
+    sampled = SpecDiffDecoder(tgt, d, gamma=3, steps=2, commit="random").generate(
+        prompt, 20, temperature=1.0, seed=5)
+    assert len(sampled.ids) == 20
+
+
+def test_config_and_loading_errors(tmp_path: Path) -> None:
+    assert build_target_layer_ids(36, 5) == [1, 9, 17, 25, 33]  # Qwen3-8B's published ids
+    assert build_target_layer_ids(30, 1) == [15]
+    with pytest.raises(ValueError, match="mask_token_id"):
+        DFlashConfig(vocab_size=10, mask_token_id=10)
+    with pytest.raises(ValueError, match="target_layer_ids"):
+        DFlashConfig(num_target_layers=4, target_layer_ids=[4])
+    with pytest.raises(ValueError, match="block_size"):
+        DFlashConfig(block_size=1)
+    tgt = tiny_target()
+    d = _drafter(tgt)
+    save_dflash(d, tmp_path)
+    with pytest.raises(ValueError, match="target name"):
+        load_drafter(tmp_path, tgt.input_embeddings, tgt.lm_head_weight, target_name="other")
+    other = tiny_target(vocab=40)
+    with pytest.raises(ValueError, match="target_embed must have shape"):
+        load_drafter(tmp_path, other.input_embeddings, other.lm_head_weight, target_name=tgt.name)
+    hf = json.loads((tmp_path / "config.json").read_text())
+    del hf["dflash_config"]["mask_token_id"]
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    with pytest.raises(ValueError, match="mask_token_id"):
+        read_dflash_config(tmp_path)
+    cache = d.new_cache(1)
+    with pytest.raises(ValueError, match="features must have shape"):
+        cache.append_context(torch.zeros(1, 3, 5))
+    with pytest.raises(ValueError, match="no last token"):
+        d.block_logits(cache.append_context(torch.zeros(1, 2, d.config.feature_size)),
+                       torch.full((1, 3), 7))
+
+
+# ------------------------------------------------------------------------------ trainer
+
+@pytest.fixture(scope="module")
+def chat_target(tmp_path_factory: pytest.TempPathFactory):
+    """A tiny random Llama with a real (word-level) tokenizer and chat template."""
+    import transformers
+    from test_target import _tiny_tokenizer
+
+    from specdiff_ext.target import load_target
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=60, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=4, num_attention_heads=4,
+                                      num_key_value_heads=2, max_position_embeddings=256,
+                                      tie_word_embeddings=False)
+    folder = tmp_path_factory.mktemp("tiny-llama-dflash")
+    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    _tiny_tokenizer().save_pretrained(folder)
+    return load_target(folder, dtype=torch.float32)
+
+
+def test_train_dflash_learns_and_resumes(chat_target, tmp_path: Path) -> None:
+    from specdiff_ext.drafter.data import generate_dataset
+    from specdiff_ext.training.dflash import build_parser, train
+
+    g = torch.Generator().manual_seed(3)
+    prompts = [" ".join(f"w{int(i)}" for i in torch.randint(0, 50, (int(n),), generator=g))
+               for n in torch.randint(2, 9, (40,), generator=g)]
+    data_dir = tmp_path / "data"
+    generate_dataset(chat_target, data_dir, prompts=prompts, num_prompts=24, max_new_tokens=16,
+                     temperatures=(0.0,), shard_size=24, batch_size=8, heldout_fraction=0.2,
+                     progress=False)
+    common = ["--data", str(data_dir), "--batch", "4", "--anchors", "8", "--block-size", "4",
+              "--layers", "2", "--warmup", "2", "--lr", "3e-3", "--eval-prompts", "2",
+              "--eval-rounds", "2", "--save-every", "5", "--max-len", "64"]
+    quiet = lambda *a: None  # noqa: E731
+    a = train(build_parser().parse_args(common + ["--out", str(tmp_path / "a"), "--steps", "80",
+                                                  "--eval-every", "80"]),
+              target=chat_target, log=quiet)
+    hist = a["history"]
+    first, last = [sum(h["loss"] for h in part) / 2 for part in (hist[:2], hist[-2:])]
+    # greedy continuations are learnable: the loss falls (slowly: the random target's head
+    # gives small logits) and first-position accuracy climbs far above the most common token's
+    assert last < 0.97 * first
+    assert hist[-1]["acc_ema"] > 0.25 and hist[-1]["acc_ema"] > 2 * hist[0]["acc_ema"]
+    assert "accepted_per_round" in hist[-1] and (tmp_path / "a" / "best" / "config.json").is_file()
+    b = tmp_path / "b"
+    train(build_parser().parse_args(common + ["--out", str(b), "--steps", "5", "--eval-every",
+                                              "0"]), target=chat_target, log=quiet)
+    msgs: list = []
+    r = train(build_parser().parse_args(common + ["--out", str(b), "--steps", "10", "--resume",
+                                                  "--eval-every", "0"]),
+              target=chat_target, log=msgs.append)
+    assert any("resumed" in m and "step 5" in m for m in msgs) and r["step"] == 10
+    loaded = load_drafter(b, chat_target.input_embeddings, chat_target.lm_head_weight,
+                          target_name=chat_target.name)
+    for k, v in loaded.state_dict().items():
+        torch.testing.assert_close(v, r["drafter"].state_dict()[k])
+    # a crafted trainer state is refused without running code (weights_only load)
+    import pickle
+
+    class Boom:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    (b / "trainer_state.pt").write_bytes(pickle.dumps(Boom(), protocol=2))
+    with pytest.raises(Exception, match="[Ww]eights only|Unsupported"):
+        train(build_parser().parse_args(common + ["--out", str(b), "--steps", "12", "--resume",
+                                                  "--eval-every", "0"]),
+              target=chat_target, log=quiet)

@@ -1,0 +1,363 @@
+"""Training of the DFlash drafter by distillation (``specdiff train-dflash``).
+
+The recipe matches drafting (DESIGN section 4):
+- data: the target's greedy continuations of training prompts (`drafter.data` shards); the
+  labels are the target's own tokens;
+- features: the target's feature-layer states, computed per batch by the target in the dtype it
+  decodes in (no features file on disk);
+- blocks: up to ``--anchors`` anchors per sequence, drawn among the positions whose next token
+  the target generated, all in one forward pass (a block sees the context before its anchor and
+  itself); every block fully masked (the only state T = 1 drafting sees), except a fraction
+  ``--partial-prob`` with a random subset of positions revealed (the states T > 1 produces;
+  revealed positions carry no loss);
+- loss: cross-entropy weighted exp(-(k - 1) / g) at block position k;
+- AdamW, warm-up + cosine; checkpoints in the DFlash layout, resumable (``--resume``); the
+  acceptance eval runs the real decoder on held-out prompts; the best eval is kept in ``best/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..drafter.checkpoint import load_drafter, save_dflash
+from ..drafter.data import TokenData, load_shards, read_heldout
+from ..drafter.dflash import DFlashConfig, DFlashDrafter
+
+__all__ = ["build_parser", "train", "main", "position_weights", "sample_batch", "block_loss"]
+
+STATE_NAME = "trainer_state.pt"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="specdiff train-dflash", description=__doc__.split("\n")[0])
+    ap.add_argument("--data", action="append", required=True,
+                    help="dataset folder (make-data format); repeat for several")
+    ap.add_argument("--out", required=True, help="checkpoint folder (DFlash layout)")
+    ap.add_argument("--target", default=None, help="target folder (default: SmolLM2-135M)")
+    ap.add_argument("--dtype", default="auto", help="target dtype: float32, bfloat16 or auto")
+    ap.add_argument("--layers", type=int, default=3, help="drafter layers")
+    ap.add_argument("--target-layer-ids", default=None,
+                    help="comma list of 0-based target layers (default: DFlash's spread)")
+    ap.add_argument("--block-size", type=int, default=8, help="last token + drafts")
+    ap.add_argument("--steps", type=int, default=4000)
+    ap.add_argument("--batch", type=int, default=4, help="sequences per step")
+    ap.add_argument("--anchors", type=int, default=48, help="anchors per sequence")
+    ap.add_argument("--max-len", type=int, default=384, help="tokens per sequence window")
+    ap.add_argument("--lr", type=float, default=6e-4)
+    ap.add_argument("--warmup", type=int, default=100)
+    ap.add_argument("--min-lr-ratio", type=float, default=0.1)
+    ap.add_argument("--weight-decay", type=float, default=0.01)
+    ap.add_argument("--clip", type=float, default=1.0)
+    ap.add_argument("--decay-g", type=float, default=4.0,
+                    help="position weights exp(-(k-1)/g); 0 = flat")
+    ap.add_argument("--partial-prob", type=float, default=0.1,
+                    help="fraction of blocks with some positions revealed (for T > 1)")
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast for the drafter")
+    ap.add_argument("--eval-every", type=int, default=500)
+    ap.add_argument("--eval-prompts", type=int, default=16)
+    ap.add_argument("--eval-gamma", type=int, default=None, help="default: block_size - 1")
+    ap.add_argument("--eval-rounds", type=int, default=8)
+    ap.add_argument("--save-every", type=int, default=100)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--log", default=None, help="also append log lines to this file")
+    return ap
+
+
+# ------------------------------------------------------------------------------ pieces
+
+def position_weights(n: int, g: float, device: Any = None) -> torch.Tensor:
+    """exp(-(k - 1) / g) for k = 1..n (flat when g <= 0). Shape: (n,)."""
+    k = torch.arange(n, dtype=torch.float32, device=device)
+    return torch.ones(n, device=device) if g <= 0 else torch.exp(-k / g)
+
+
+def sample_batch(data: TokenData, B: int, A: int, bs: int, max_len: int, mask_id: int,
+                 partial_prob: float, gen: torch.Generator) -> dict:
+    """B random sequences with up to A anchors each.
+
+    An anchor a is a window position with a generated next token (a >= prompt_len - 1); its
+    block is [x_a, MASK x (bs - 1)] and its labels x_{a+1..a+bs-1} (-1 past the end).
+
+    Returns dict of seqs (B, L), attn (B, L), anchors (B, A) (-1 pads), block (B, A, bs),
+    labels (B, A, bs - 1).
+    """
+    idx = torch.randint(0, len(data), (B,), generator=gen).tolist()
+    rows, plens = [], []
+    for i in idx:
+        o0, o1 = int(data.offsets[i]), int(data.offsets[i + 1])
+        p = int(data.prompt_lens[i])
+        start = max(0, min(p - 1 - max_len // 2, o1 - o0 - max_len))  # keep the continuation
+        rows.append(data.tokens[o0 + start: o0 + min(o1 - o0, start + max_len)])
+        plens.append(p - start)
+    L = max(r.numel() for r in rows)
+    seqs = torch.zeros(B, L, dtype=torch.int64)
+    attn = torch.zeros(B, L, dtype=torch.int64)
+    anchors = torch.full((B, A), -1, dtype=torch.int64)
+    for b, r in enumerate(rows):
+        n = r.numel()
+        seqs[b, :n], attn[b, :n] = r, 1
+        lo, hi = max(plens[b] - 1, 0), n - 2  # anchors lo..hi have a next token
+        if hi >= lo:
+            cand = torch.arange(lo, hi + 1)
+            pick = cand[torch.randperm(cand.numel(), generator=gen)[:A]].sort().values
+            anchors[b, :pick.numel()] = pick
+    a = anchors.clamp(min=0)
+    lens = attn.sum(1)  # (B,)
+    off = torch.arange(bs)
+    pos = a[:, :, None] + off  # (B, A, bs)
+    inside = (pos < lens[:, None, None]) & (anchors[:, :, None] >= 0)
+    tok = torch.gather(seqs, 1, pos.clamp(max=L - 1).view(B, -1)).view(B, A, bs)
+    labels = torch.where(inside, tok, torch.full_like(tok, -1))[:, :, 1:]  # (B, A, bs-1)
+    block = torch.full((B, A, bs), mask_id, dtype=torch.int64)
+    block[:, :, 0] = tok[:, :, 0]
+    if partial_prob > 0:  # reveal a random subset of a few blocks' positions (no loss there)
+        part = torch.rand(B, A, 1, generator=gen) < partial_prob
+        frac = torch.rand(B, A, 1, generator=gen)
+        reveal = part & (torch.rand(B, A, bs, generator=gen) < frac) & inside
+        reveal[:, :, 0] = False
+        block = torch.where(reveal, tok, block)
+        labels = labels.masked_fill(reveal[:, :, 1:], -1)
+    return {"seqs": seqs, "attn": attn, "anchors": anchors, "block": block, "labels": labels}
+
+
+@torch.no_grad()
+def target_features(target: Any, seqs: torch.Tensor, attn: torch.Tensor,
+                    layers: Sequence[int]) -> torch.Tensor:
+    """The target's states of `layers` (TargetModel numbering) at every position, concatenated.
+
+    Shape: seqs, attn (B, L) -> (B, L, len(layers) * H_t), in the target's dtype.
+    """
+    out = target.model.model(input_ids=seqs.to(target.device), attention_mask=attn.to(target.device),
+                             output_hidden_states=True)
+    return torch.cat([out.hidden_states[k] for k in layers], dim=-1)
+
+
+class _HeadCrossEntropy(torch.autograd.Function):
+    """sum_i w_i * CE(h_i @ head.T, y_i), in row chunks: the (N, V) logits are never stored
+    (the backward recomputes them), and no log_softmax backward runs over the vocabulary.
+
+    Shape: h (N, H), head (V, H) frozen, labels (N,), w (N,) -> loss (), argmax (N,).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, h: torch.Tensor, head: torch.Tensor, labels: torch.Tensor,
+                w: torch.Tensor, chunk: int) -> tuple:
+        hc = h.to(head.dtype)
+        lse = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+        tgt, top = torch.empty_like(lse), torch.empty_like(labels)
+        for i in range(0, h.shape[0], chunk):
+            lg = F.linear(hc[i:i + chunk], head).float()  # (c, V)
+            lse[i:i + chunk] = torch.logsumexp(lg, -1)
+            tgt[i:i + chunk] = lg.gather(1, labels[i:i + chunk, None])[:, 0]
+            top[i:i + chunk] = lg.argmax(-1)
+        ctx.save_for_backward(hc, head, labels, w, lse)
+        ctx.chunk, ctx.h_dtype = chunk, h.dtype
+        return ((lse - tgt) * w).sum(), top
+
+    @staticmethod
+    def backward(ctx: Any, g_loss: torch.Tensor, _g_top: Any) -> tuple:
+        hc, head, labels, w, lse = ctx.saved_tensors
+        gh = torch.empty(hc.shape, dtype=ctx.h_dtype, device=hc.device)
+        rows = torch.arange(hc.shape[0], device=hc.device)
+        for i in range(0, hc.shape[0], ctx.chunk):
+            j = slice(i, i + ctx.chunk)
+            p = torch.exp(F.linear(hc[j], head).float() - lse[j, None])  # softmax (c, V)
+            p[rows[j] - i, labels[j]] -= 1.0
+            p *= (w[j] * g_loss)[:, None]
+            gh[j] = (p.to(head.dtype) @ head).to(ctx.h_dtype)
+        return gh, None, None, None, None
+
+
+def block_loss(drafter: DFlashDrafter, feats: torch.Tensor, batch: dict,
+               pos_w: torch.Tensor, chunk: int = 256) -> tuple:
+    """Weighted cross-entropy of the drafts against the labels; (loss, first-position acc)."""
+    h = drafter.forward_blocks(feats, batch["anchors"], batch["block"])[:, :, 1:]  # (B,A,bs-1,H)
+    labels = batch["labels"]  # (B, A, bs-1)
+    keep = labels >= 0
+    w = pos_w.expand_as(labels)[keep]
+    w = w / w.sum().clamp(min=1e-6)
+    loss, top = _HeadCrossEntropy.apply(h[keep], drafter.head_weight(), labels[keep], w, chunk)
+    first = keep.clone()
+    first[:, :, 1:] = False
+    hit = (top == labels[keep])[first[keep]]
+    return loss, (hit.float().mean().item() if hit.numel() else 0.0)
+
+
+def lr_at(step: int, base: float, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warm-up to base, then cosine decay to base * min_ratio at `total`."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    frac = min(1.0, (step - warmup) / max(1, total - warmup))
+    return base * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def _save(out: Path, drafter: DFlashDrafter, opt: Any, step: int, gen: torch.Generator,
+          args: dict, history: list) -> None:
+    tmp = out / ".ckpt.tmp"
+    save_dflash(drafter, tmp, extra={"step": step, "args": args})
+    torch.save({"step": step, "optimizer": opt.state_dict(), "gen": gen.get_state(),
+                "torch_rng": torch.get_rng_state(), "history": history}, tmp / STATE_NAME)
+    for name in os.listdir(tmp):
+        os.replace(tmp / name, out / name)
+    tmp.rmdir()
+
+
+def _load_state(path: Path) -> dict:
+    """The trainer state, loaded without unpickling code (weights_only), and checked."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or not {"step", "optimizer", "gen"} <= set(state):
+        raise ValueError(f"{path} is not a train-dflash state (needs step, optimizer, gen)")
+    return state
+
+
+# ------------------------------------------------------------------------------ training
+
+def train(args: argparse.Namespace, target: Any = None, log: Any = print) -> dict:
+    """Run (or resume) training as `args` say. Returns {'step', 'loss', 'history', 'drafter'}."""
+    from ..pretrained import parse_dtype
+    from ..prompts import humaneval_prompts
+    from ..target import load_target
+    from ..drafter.train import evaluate_acceptance
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    logf = open(args.log, "a") if args.log else None
+
+    def say(msg: str) -> None:
+        log(msg)
+        if logf is not None:
+            logf.write(msg + "\n")
+            logf.flush()
+
+    if target is None:
+        target = load_target(args.target, dtype=parse_dtype(args.dtype))
+    datas, heldout = [], []
+    for folder in args.data:
+        d, manifest = load_shards(folder, [0.0])
+        if manifest["settings"]["target"] != target.name:
+            raise ValueError(f"data {folder} was generated by {manifest['settings']['target']!r}, "
+                             f"not {target.name!r}")
+        datas.append(d)
+        heldout += [p for p in read_heldout(folder) if p not in heldout]
+    data = datas[0] if len(datas) == 1 else _concat(datas)
+    ne = args.eval_prompts
+    prompts = [x for pair in zip(heldout[: ne - ne // 2], humaneval_prompts(ne // 2)) for x in pair]
+    embed, head = target.input_embeddings.weight, target.lm_head_weight
+    resume = args.resume and (out / STATE_NAME).is_file()
+    if resume:
+        drafter = load_drafter(out, embed, head, target_name=target.name)
+    else:
+        ids = ([int(x) for x in args.target_layer_ids.split(",")] if args.target_layer_ids
+               else [])
+        cfg = DFlashConfig.from_hf_config(target.model.config, target.name, n_layers=args.layers,
+                                          target_layer_ids=ids, block_size=args.block_size)
+        torch.manual_seed(args.seed)
+        drafter = DFlashDrafter(cfg, embed, head)
+        norm = getattr(getattr(target.model, "model", None), "norm", None)
+        if norm is not None:  # start the output scale where the target's head expects it
+            with torch.no_grad():
+                drafter.norm.weight.copy_(norm.weight.float())
+    drafter.float().train()
+    cfg = drafter.config
+    params = list(drafter.parameters())
+    decay = [p for p in params if p.dim() >= 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+                            lr=args.lr, betas=(0.9, 0.95))
+    gen = torch.Generator().manual_seed(args.seed)
+    step, history = 0, []
+    if resume:
+        state = _load_state(out / STATE_NAME)
+        opt.load_state_dict(state["optimizer"])
+        gen.set_state(state["gen"])
+        if "torch_rng" in state:
+            torch.set_rng_state(state["torch_rng"])
+        step, history = int(state["step"]), list(state.get("history", []))
+        say(f"resumed from {out} at step {step}")
+    best = max((h["accepted_per_round"] for h in history if "accepted_per_round" in h),
+               default=-1.0)
+    pos_w = position_weights(cfg.block_size - 1, args.decay_g)
+    egamma = args.eval_gamma or cfg.block_size - 1
+    adict = {k: v for k, v in vars(args).items()}
+    say(f"dflash drafter: {cfg.n_layers} layers, features of target layers "
+        f"{cfg.target_layer_ids}, block {cfg.block_size}, "
+        f"{sum(p.numel() for p in params) / 1e6:.1f}M parameters; data {len(data)} sequences, "
+        f"{data.tokens.numel()} tokens; eval on {len(prompts)} held-out prompts")
+    t0, seen, acc_ema, loss_ema = time.perf_counter(), 0, None, None
+    wall0 = float(history[-1].get("wall", 0.0)) if history else 0.0
+
+    def evaluate() -> dict:  # the fp32 drafter reads the target's features in any dtype
+        return evaluate_acceptance(drafter, target, prompts, egamma, args.eval_rounds)
+
+    while step < args.steps:
+        batch = sample_batch(data, args.batch, args.anchors, cfg.block_size, args.max_len,
+                             cfg.mask_token_id, args.partial_prob, gen)
+        feats = target_features(target, batch["seqs"], batch["attn"], cfg.feature_layers)
+        lr = lr_at(step, args.lr, args.warmup, args.steps, args.min_lr_ratio)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            loss, acc = block_loss(drafter, feats.float(), batch, pos_w)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, args.clip)
+        opt.step()
+        step += 1
+        seen += int((batch["labels"] >= 0).sum())
+        lv = float(loss.detach())
+        loss_ema = lv if loss_ema is None else 0.98 * loss_ema + 0.02 * lv
+        acc_ema = acc if acc_ema is None else 0.98 * acc_ema + 0.02 * acc
+        wall = wall0 + time.perf_counter() - t0
+        if step % 20 == 0 or step == 1:
+            say(f"step {step} loss {lv:.3f} (ema {loss_ema:.3f}) first-pos acc ema "
+                f"{acc_ema:.3f} lr {lr:.2e} labels {seen} wall {wall:.0f}s")
+        rec: dict = {}
+        if args.eval_every and (step % args.eval_every == 0 or step == args.steps):
+            ev = evaluate()
+            rec = {"step": step, "wall": wall, "loss": lv, "loss_ema": loss_ema,
+                   "acc_ema": acc_ema, **ev}
+            history.append(rec)
+            say("eval " + json.dumps(rec))
+        if rec or step % args.save_every == 0 or step == args.steps:
+            if not rec:
+                history.append({"step": step, "wall": wall, "loss": lv, "loss_ema": loss_ema,
+                                "acc_ema": acc_ema})
+            _save(out, drafter, opt, step, gen, adict, history)
+            if rec and rec["accepted_per_round"] > best:
+                best = rec["accepted_per_round"]
+                save_dflash(drafter, out / "best", extra={"step": step, "eval": rec},
+                            dtype=torch.bfloat16)
+                say(f"new best {best:.3f} at step {step} -> {out / 'best'}")
+    if logf is not None:
+        logf.close()
+    return {"step": step, "loss": loss_ema, "history": history, "drafter": drafter}
+
+
+def _concat(datas: list) -> TokenData:
+    toks = torch.cat([d.tokens for d in datas])
+    lens = torch.cat([d.lengths for d in datas])
+    offsets = torch.zeros(lens.numel() + 1, dtype=torch.int64)
+    offsets[1:] = lens.cumsum(0)
+    return TokenData(toks, offsets, torch.cat([d.prompt_lens for d in datas]))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    train(build_parser().parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
