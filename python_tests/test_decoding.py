@@ -235,3 +235,25 @@ def test_sampled_decoding_has_the_target_law(law_world: tuple) -> None:
 def test_soft_q_with_out_of_order_commits_is_rejected(law_world: tuple) -> None:
     target, prompt = law_world
     assert _law_p_value(target, prompt, RUNS, unsafe=True) < ALPHA
+
+
+def test_pld_drafts_from_the_text_and_is_exact() -> None:
+    from specdiff_ext.decoding import PLDDecoder, lookup_ngram
+
+    assert lookup_ngram([1, 2, 3, 9, 1, 2], 3) == [3, 9, 1]
+    assert lookup_ngram([1, 2, 3, 9, 1, 2], 1, max_ngram=1) == [3]  # most recent "2" -> 3
+    assert lookup_ngram([4, 4, 4], 5) == [4]  # the match's continuation, cut at the end
+    assert lookup_ngram([5, 6, 7], 2) == [] and lookup_ngram([], 2) == []
+    tgt = tiny_target()
+    prompt = torch.tensor([[5, 17, 3, 42, 8, 11, 5, 17, 3, 42, 8, 11, 5, 17]])
+    want = ARDecoder(tgt).generate(prompt, 40).ids
+    res = PLDDecoder(tgt, gamma=4).generate(prompt, 40)
+    assert res.ids == want
+    assert res.stats["rounds"] < 40  # a repetitive greedy text gets drafts accepted
+    assert sum(res.stats["accepted_histogram"][1:]) > 0
+    sampled = PLDDecoder(tgt, gamma=3).generate(prompt, 25, temperature=1.0, seed=2)
+    assert len(sampled.ids) == 25
+    with pytest.raises(ValueError, match="min_ngram"):
+        PLDDecoder(tgt, max_ngram=1, min_ngram=2)
+    with pytest.raises(ValueError, match="gamma"):
+        PLDDecoder(tgt, gamma=0)

@@ -9,7 +9,10 @@ decoder. Decoders:
 - ``specdiff``: `decoding.SpecDiffDecoder` with the diffusion drafter;
 - ``ar-spec``: `decoding.ARSpecDecoder` with the autoregressive drafter of the same pipeline;
 - ``hf``: transformers' own ``generate()`` of the target (the check that ``ar`` is honest);
-- ``hf-assisted``: transformers' assisted generation with the same autoregressive drafter.
+- ``hf-assisted``: transformers' assisted generation with the same autoregressive drafter;
+- ``pld``: `decoding.PLDDecoder`, prompt-lookup drafts (n-grams of the text so far) verified by
+  the same op;
+- ``hf-pld``: transformers' prompt-lookup decoding (``prompt_lookup_num_tokens``).
 
 Per decoder it reports tokens_per_second (all new tokens over all seconds), mean_accepted
 (draft tokens accepted per round), tokens_per_round, speedup_vs_ar, the time split (draft,
@@ -29,7 +32,7 @@ import torch
 __all__ = ["DECODERS", "run_bench", "format_table", "plot_bench", "eval_drafter",
            "format_eval_table"]
 
-DECODERS = ("ar", "specdiff", "ar-spec", "hf", "hf-assisted")
+DECODERS = ("ar", "specdiff", "ar-spec", "pld", "hf", "hf-assisted", "hf-pld")
 
 
 def _device_name(device: torch.device) -> str:
@@ -50,9 +53,11 @@ def _device_name(device: torch.device) -> str:
 class _HF:
     """transformers' generate(), plain or assisted, behind the decoders' interface."""
 
-    def __init__(self, target: Any, assistant: Any = None, num_assistant_tokens: Optional[int] = None):
+    def __init__(self, target: Any, assistant: Any = None, num_assistant_tokens: Optional[int] = None,
+                 prompt_lookup: Optional[int] = None):
         self.target, self.assistant = target, assistant
         self.num_assistant_tokens = num_assistant_tokens
+        self.prompt_lookup = prompt_lookup  # transformers' prompt_lookup_num_tokens
 
     @torch.inference_mode()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
@@ -73,6 +78,8 @@ class _HF:
         if self.assistant is not None and self.num_assistant_tokens is not None:
             kw.update(num_assistant_tokens=self.num_assistant_tokens,
                       num_assistant_tokens_schedule="constant")
+        if self.prompt_lookup is not None:
+            kw.update(prompt_lookup_num_tokens=self.prompt_lookup)
         cfg = GenerationConfig(**kw)
         if seed is not None:
             torch.manual_seed(seed)
@@ -92,9 +99,10 @@ class _HF:
 
 def build_decoders(names: Sequence[str], target: Any, drafter: Any, ar_drafter: Any, *,
                    gamma: int = 8, steps: int = 1, commit: str = "left_to_right",
-                   ar_gamma: int = 4, hf_assistant_tokens: Optional[int] = None) -> Dict[str, Any]:
+                   ar_gamma: int = 4, hf_assistant_tokens: Optional[int] = None,
+                   pld_gamma: int = 4) -> Dict[str, Any]:
     """Decoder objects by name (see the module doc)."""
-    from .decoding import ARDecoder, ARSpecDecoder, SpecDiffDecoder
+    from .decoding import ARDecoder, ARSpecDecoder, PLDDecoder, SpecDiffDecoder
 
     out: Dict[str, Any] = {}
     for n in names:
@@ -108,6 +116,10 @@ def build_decoders(names: Sequence[str], target: Any, drafter: Any, ar_drafter: 
             out[n] = _HF(target)
         elif n == "hf-assisted":
             out[n] = _HF(target, ar_drafter, hf_assistant_tokens)
+        elif n == "pld":
+            out[n] = PLDDecoder(target, gamma=pld_gamma)
+        elif n == "hf-pld":
+            out[n] = _HF(target, prompt_lookup=pld_gamma)
         else:
             raise ValueError(f"unknown decoder {n!r}; choose from {', '.join(DECODERS)}")
     return out

@@ -15,6 +15,8 @@ import sys
 import time
 from typing import Any, Callable, Dict, Optional, Sequence
 
+from .pretrained import DEFAULT_GAMMA
+
 
 def _make_data(argv: Sequence[str]) -> int:
     from .drafter import data
@@ -26,6 +28,45 @@ def _train_drafter(argv: Sequence[str]) -> int:
     from .drafter import train
 
     return train.main(argv)
+
+
+def _train_dflash(argv: Sequence[str]) -> int:
+    from .training import dflash
+
+    return dflash.main(argv)
+
+
+def _export_dflash(argv: Sequence[str]) -> int:
+    ap = argparse.ArgumentParser(
+        prog="specdiff export-dflash",
+        description="Write a DFlash drafter as a DFlash folder (config.json + model.safetensors "
+                    "in the published layout) for vLLM, SGLang or DFlash's own code.")
+    ap.add_argument("out_dir")
+    ap.add_argument("--drafter", default=None, help="drafter folder (default: the embedded one)")
+    ap.add_argument("--target", default=None, help="its target's folder (default: SmolLM2-135M)")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16",
+                    help="dtype of the written weights")
+    a = ap.parse_args(argv)
+    import torch
+
+    from .drafter.checkpoint import save_dflash
+    from .drafter.dflash import DFlashDrafter
+    from .pretrained import load_diffusion_drafter
+    from .target import load_target
+
+    if a.target is not None and a.drafter is None:
+        raise SystemExit("specdiff export-dflash: --target needs --drafter")
+    tgt = load_target(a.target, dtype=torch.float32)
+    d = load_diffusion_drafter(tgt, a.drafter)
+    if not isinstance(d, DFlashDrafter):
+        raise SystemExit(f"specdiff export-dflash: the drafter {a.drafter or '(embedded)'} is not "
+                         "a DFlash-architecture drafter (train one with `specdiff train-dflash`)")
+    save_dflash(d, a.out_dir, extra={"exported_from": a.drafter or "embedded"},
+                dtype=getattr(torch, a.dtype))
+    print(f"wrote {a.out_dir}/config.json and model.safetensors (DFlashDraftModel, "
+          f"{d.config.n_layers} layers, target layers {d.config.target_layer_ids}, "
+          f"block_size {d.config.block_size}, mask_token_id {d.config.mask_token_id})")
+    return 0
 
 
 def _model_args(ap: argparse.ArgumentParser) -> None:
@@ -43,7 +84,7 @@ def _model_args(ap: argparse.ArgumentParser) -> None:
 
 def _spec_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--gamma", type=int, default=None,
-                    help="draft block size (default: specdiff 8, ar-spec 4)")
+                    help=f"draft block size (default: specdiff {DEFAULT_GAMMA}, ar-spec 4)")
     ap.add_argument("--steps", type=int, default=1, help="denoising steps per block (specdiff)")
     ap.add_argument("--commit", default="left_to_right",
                     choices=["left_to_right", "confidence", "random"], help="specdiff commit mode")
@@ -77,7 +118,7 @@ def _generate(argv: Sequence[str]) -> int:
     ap = argparse.ArgumentParser(prog="specdiff generate",
                                  description="Generate an answer, streamed as it is decoded.")
     ap.add_argument("prompt", help="the user message (or raw text with --no-chat-template)")
-    ap.add_argument("--decoder", choices=["specdiff", "ar", "ar-spec"], default="specdiff")
+    ap.add_argument("--decoder", choices=["specdiff", "ar", "ar-spec", "pld"], default="specdiff")
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     ap.add_argument("--seed", type=int, default=None)
@@ -94,9 +135,10 @@ def _generate(argv: Sequence[str]) -> int:
 
     pair = _load(a, a.decoder == "specdiff", a.decoder == "ar-spec")
     tgt = pair.target
-    gamma = a.gamma if a.gamma is not None else (8 if a.decoder == "specdiff" else 4)
+    gamma = a.gamma if a.gamma is not None else (DEFAULT_GAMMA if a.decoder == "specdiff" else 4)
     dec = build_decoders([a.decoder], tgt, pair.drafter, pair.ar_drafter, gamma=gamma,
-                         steps=a.steps, commit=a.commit, ar_gamma=gamma)[a.decoder]
+                         steps=a.steps, commit=a.commit, ar_gamma=gamma,
+                         pld_gamma=gamma)[a.decoder]
     if a.no_chat_template:
         ids = torch.tensor([tgt.tokenizer.encode(a.prompt)], dtype=torch.int64, device=tgt.device)
     else:
@@ -138,9 +180,10 @@ def _bench(argv: Sequence[str]) -> int:
     ap = argparse.ArgumentParser(
         prog="specdiff bench",
         description="Run decoders side by side, interleaved prompt by prompt, in one process.")
-    ap.add_argument("--decoders", default="ar,specdiff,ar-spec",
-                    help="comma list of ar, specdiff, ar-spec, hf (transformers generate), "
-                         "hf-assisted (transformers assisted generation with the ar drafter)")
+    ap.add_argument("--decoders", default="ar,specdiff,ar-spec,pld",
+                    help="comma list of ar, specdiff, ar-spec, pld (prompt lookup), hf "
+                         "(transformers generate), hf-assisted (transformers assisted generation "
+                         "with the ar drafter), hf-pld (transformers prompt lookup)")
     ap.add_argument("--prompts", default=None,
                     help="JSON-lines file with a \"prompt\" field per line (default: a HumanEval "
                          "slice and held-out ShareGPT prompts)")
@@ -150,6 +193,8 @@ def _bench(argv: Sequence[str]) -> int:
     ap.add_argument("--seed", type=int, default=0)
     _spec_args(ap)
     ap.add_argument("--ar-gamma", type=int, default=4, help="ar-spec drafts per round")
+    ap.add_argument("--pld-gamma", type=int, default=4,
+                    help="pld / hf-pld: at most this many drafts per round")
     ap.add_argument("--hf-assistant-tokens", type=int, default=None,
                     help="hf-assisted: fixed drafts per round (default: transformers' schedule)")
     _model_args(ap)
@@ -168,16 +213,16 @@ def _bench(argv: Sequence[str]) -> int:
     prompts = read_prompts(a.prompts) if a.prompts else default_prompts(a.num_prompts)
     pair = _load(a, "specdiff" in names, bool({"ar-spec", "hf-assisted"} & set(names)))
     decs = build_decoders(names, pair.target, pair.drafter, pair.ar_drafter,
-                          gamma=a.gamma if a.gamma is not None else 8, steps=a.steps,
+                          gamma=a.gamma if a.gamma is not None else DEFAULT_GAMMA, steps=a.steps,
                           commit=a.commit, ar_gamma=a.ar_gamma,
-                          hf_assistant_tokens=a.hf_assistant_tokens)
+                          hf_assistant_tokens=a.hf_assistant_tokens, pld_gamma=a.pld_gamma)
     t0 = time.perf_counter()
     rep = run_bench(pair.target, decs, prompts, max_new_tokens=a.max_new_tokens,
                     temperature=a.temperature, seed=a.seed, chat_template=not a.no_chat_template,
                     progress=not a.no_progress)
-    rep["settings"] = {"gamma": a.gamma if a.gamma is not None else 8, "steps": a.steps,
+    rep["settings"] = {"gamma": a.gamma if a.gamma is not None else DEFAULT_GAMMA, "steps": a.steps,
                        "commit": a.commit, "ar_gamma": a.ar_gamma,
-                       "hf_assistant_tokens": a.hf_assistant_tokens,
+                       "hf_assistant_tokens": a.hf_assistant_tokens, "pld_gamma": a.pld_gamma,
                        "prompts": a.prompts or f"default({a.num_prompts})",
                        "wall_seconds": time.perf_counter() - t0}
     if a.out:
@@ -245,6 +290,8 @@ _COMMANDS: Dict[str, Callable[[Sequence[str]], int]] = {
     "eval-drafter": _eval_drafter,
     "make-data": _make_data,
     "train-drafter": _train_drafter,
+    "train-dflash": _train_dflash,
+    "export-dflash": _export_dflash,
 }
 
 _USAGE = """usage: specdiff COMMAND [ARGS...]
@@ -255,6 +302,8 @@ commands:
   eval-drafter    acceptance of a diffusion drafter over G, T, commit modes and temperatures
   make-data       generate target continuations of ShareGPT prompts (token shards + manifest)
   train-drafter   distil a masked-diffusion drafter (or, --ar, the ar-spec drafter) from them
+  train-dflash    distil a DFlash-architecture drafter (the default drafter's recipe)
+  export-dflash   write a DFlash drafter in the published DFlash layout (vLLM, SGLang)
 
 `specdiff COMMAND --help` shows a command's arguments.
 """

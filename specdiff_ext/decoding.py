@@ -37,7 +37,7 @@ from .drafter.sampler import sample_block
 from .types import CommitMode
 
 __all__ = ["GenerateResult", "ARDrafter", "ARDecoder", "ARSpecDecoder", "SpecDiffDecoder",
-           "pool_stats"]
+           "PLDDecoder", "pool_stats"]
 
 Stream = Callable[[List[int]], None]
 _SEED_MASK = (1 << 62) - 1
@@ -335,8 +335,9 @@ class _SpecBase:
         while True:
             g = min(self.gamma, max_new_tokens - len(out) - 1)  # the last token is free
             t = clock.mark()
-            if g > 0:
+            if g > 0:  # a drafter may return fewer than g drafts (pld: a short match)
                 drafts, dlogits, pmass, dtau, vmap = self._draft(g, rounds)
+                g = drafts.shape[1]
             else:
                 drafts = torch.zeros((1, 0), dtype=torch.int64, device=last.device)
                 dlogits = pmass = vmap = None
@@ -517,3 +518,64 @@ class ARSpecDecoder(_SpecBase):
             self._pending = res_ids[:, n_acc: n_acc + 1]
         self.drafter.crop(self._cache, keep)
         self._length = keep
+
+
+class PLDDecoder(_SpecBase):
+    """Prompt-lookup decoding: drafts copied from the text so far, verified by `ops.verify`.
+
+    The last n tokens (n = max_ngram down to min_ngram) are looked up in the prompt and the
+    output; the tokens after their most recent earlier occurrence are the drafts (up to
+    `gamma`; none when nothing matches, and the round is a plain target step). The drafts are a
+    function of the text so far, so they are point masses and the output is exactly the
+    target's law at every temperature.
+
+    Parameters
+    ----------
+    target : TargetModel
+    gamma : int
+        At most this many drafts per round.
+    max_ngram, min_ngram : int
+        Longest and shortest suffix looked up.
+    """
+
+    def __init__(self, target: Any, gamma: int = 4, max_ngram: int = 3, min_ngram: int = 1) -> None:
+        for name, v in (("gamma", gamma), ("max_ngram", max_ngram), ("min_ngram", min_ngram)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if min_ngram > max_ngram:
+            raise ValueError(f"min_ngram must be <= max_ngram, got {min_ngram} > {max_ngram}")
+        self.target, self.gamma = target, gamma
+        self.max_ngram, self.min_ngram = max_ngram, min_ngram
+
+    def _begin(self, prompt: Tensor, seed: int, tau: float,
+               hidden: Optional[Tensor] = None) -> None:
+        self._text: List[int] = prompt[0].tolist()
+        self._dev = prompt.device
+
+    def _draft(self, gamma: int, rnd: int) -> tuple:
+        found = lookup_ngram(self._text, gamma, self.max_ngram, self.min_ngram)
+        ids = torch.tensor([found], dtype=torch.int64, device=self._dev).view(1, len(found))
+        return ids, None, torch.ones_like(ids, dtype=torch.bool), 0.0, None
+
+    def _advance(self, res_ids: Tensor, drafts: Optional[Tensor], n_acc: int, n_new: int,
+                 hidden: Optional[Tensor] = None) -> None:
+        self._text.extend(res_ids[0, :n_new].tolist())
+
+
+def lookup_ngram(text: Sequence[int], gamma: int, max_ngram: int = 3,
+                 min_ngram: int = 1) -> List[int]:
+    """Up to `gamma` tokens that followed the most recent earlier occurrence of the longest
+    suffix of `text` (max_ngram down to min_ngram tokens); [] when none occurs.
+
+    >>> lookup_ngram([1, 2, 3, 9, 1, 2], 3)
+    [3, 9, 1]
+    >>> lookup_ngram([5, 6, 7], 2)
+    []
+    """
+    n_text = len(text)
+    for n in range(min(max_ngram, n_text - 1), min_ngram - 1, -1):
+        suffix = list(text[n_text - n:])
+        for start in range(n_text - n - 1, -1, -1):
+            if list(text[start:start + n]) == suffix:
+                return list(text[start + n: start + n + gamma])
+    return []
