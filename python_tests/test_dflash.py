@@ -127,7 +127,7 @@ def test_export_layout_matches_the_published_equations(tmp_path: Path) -> None:
 
 def test_training_forward_matches_cached_blocks() -> None:
     from specdiff_ext.training.dflash import sample_batch
-    from specdiff_ext.drafter.data import TokenData
+    from specdiff_ext.training.data import TokenData
 
     tgt = tiny_target()
     d = _drafter(tgt)
@@ -243,7 +243,7 @@ def chat_target(tmp_path_factory: pytest.TempPathFactory):
 
 
 def test_train_dflash_learns_and_resumes(chat_target, tmp_path: Path) -> None:
-    from specdiff_ext.drafter.data import generate_dataset
+    from specdiff_ext.training.data import generate_dataset
     from specdiff_ext.training.dflash import build_parser, train
 
     g = torch.Generator().manual_seed(3)

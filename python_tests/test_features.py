@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from specdiff_ext.decoding import ARDecoder, SpecDiffDecoder
-from specdiff_ext.drafter import DiffusionDrafter, DrafterConfig, make_blocks, multi_block_hidden
-from specdiff_ext.drafter.data import TokenData
-from specdiff_ext.drafter.features import compute_features, load_features, shifted_window_features
+from specdiff_ext.drafter import DiffusionDrafter, DrafterConfig
+from specdiff_ext.training.losses import make_blocks, multi_block_hidden
+from specdiff_ext.training.data import TokenData
+from specdiff_ext.training.features import compute_features, load_features, shifted_window_features
 
 pytest.importorskip("transformers")
 

@@ -1,4 +1,4 @@
-"""Drafter distillation (specdiff_ext.drafter.data / losses / train) on tiny models: the ShareGPT
+"""Drafter distillation (specdiff_ext.training.data / losses / train) on tiny models: the ShareGPT
 reader on a truncated file, the multi-block training forward against the cached inference path,
 the loss falling on a learnable synthetic corpus, checkpoint + resume, and resumable generation
 with a tiny random Llama target."""
@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from specdiff_ext.drafter import DiffusionDrafter, DrafterConfig
-from specdiff_ext.drafter import data as data_mod
-from specdiff_ext.drafter.data import TokenData, generate_dataset, load_shards, read_sharegpt
-from specdiff_ext.drafter.losses import make_blocks, mdlm_loss, multi_block_hidden, position_weights
-from specdiff_ext.drafter.train import build_parser, lr_at, train
+from specdiff_ext.training import data as data_mod
+from specdiff_ext.training.data import TokenData, generate_dataset, load_shards, read_sharegpt
+from specdiff_ext.training.losses import make_blocks, mdlm_loss, multi_block_hidden, position_weights
+from specdiff_ext.training.train import build_parser, lr_at, train
 
 VOCAB, HIDDEN, LAYERS = 61, 32, 3
 
@@ -104,7 +104,7 @@ def _pattern_data(n_seq: int = 48, period: int = 7, vocab: int = 50) -> TokenDat
 
 
 def test_loss_finite_and_falls_on_pattern() -> None:
-    from specdiff_ext.drafter.train import sample_batch
+    from specdiff_ext.training.train import sample_batch
 
     d = _tiny_drafter()
     data = _pattern_data()
@@ -184,7 +184,7 @@ def test_generation_resumable(tiny_target, tmp_path: Path) -> None:
                                       int(greedy.offsets[i + 1])) for i in range(len(greedy))])
     assert torch.equal(greedy.tokens[gen_pos], greedy.topk_ids[:, 0])
     # the trainer's batches align the soft labels with the block positions (windows included)
-    from specdiff_ext.drafter.train import sample_batch
+    from specdiff_ext.training.train import sample_batch
 
     gen = torch.Generator().manual_seed(0)
     for max_len in (64, 8):
@@ -243,7 +243,7 @@ def test_resume_reproduces_uninterrupted_run(tiny_target, tmp_path: Path) -> Non
     out_b = tmp_path / "b"
     args_b = build_parser().parse_args(common + ["--out", str(out_b), "--save-every", "3"])
     args_b.steps = 6
-    import specdiff_ext.drafter.train as tr
+    import specdiff_ext.training.train as tr
 
     real_save = tr._save
     calls = []

@@ -237,7 +237,7 @@ def eval_drafter(target: Any, drafter: Any, prompt_sets: Dict[str, Sequence[str]
     Each configuration decodes every prompt of the set for `max_new_tokens` tokens with
     `decoding.SpecDiffDecoder` and pools the rounds. Returns one dict per configuration.
     """
-    from .decoding import SpecDiffDecoder, pool_stats
+    from .decoding import SpecDiffDecoder, evaluate_acceptance
 
     encoded = {k: [target.chat_prompt(p) for p in v] for k, v in prompt_sets.items()}
     grid = [(s, t, g, T, c) for s in encoded for t in temperatures for g in gammas
@@ -250,12 +250,10 @@ def eval_drafter(target: Any, drafter: Any, prompt_sets: Dict[str, Sequence[str]
     rows = []
     for s, t, g, T, c in grid:
         dec = SpecDiffDecoder(target, drafter, gamma=g, steps=T, commit=c)
-        runs = [dec.generate(ids, max_new_tokens=max_new_tokens, temperature=t, seed=seed + i).stats
-                for i, ids in enumerate(encoded[s])]
-        pooled = pool_stats(runs)
+        pooled = evaluate_acceptance(dec, encoded[s], max_new_tokens, temperature=t, seed=seed)
         row = {"prompts": s, "temperature": t, "gamma": g, "steps": T, "commit": c,
-               **{k: pooled[k] for k in ("mean_accepted", "tokens_per_round", "rounds",
-                                         "accepted_histogram")}}
+               **{k: pooled[k] for k in ("mean_accepted", "first_accept_rate", "tokens_per_round",
+                                         "rounds", "accepted_histogram")}}
         rows.append(row)
         if bar is not None:
             bar.update(1)

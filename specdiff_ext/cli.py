@@ -19,13 +19,13 @@ from .pretrained import DEFAULT_GAMMA
 
 
 def _make_data(argv: Sequence[str]) -> int:
-    from .drafter import data
+    from .training import data
 
     return data.main(argv)
 
 
 def _train_drafter(argv: Sequence[str]) -> int:
-    from .drafter import train
+    from .training import train
 
     return train.main(argv)
 

@@ -37,7 +37,7 @@ from .drafter.sampler import sample_block
 from .types import CommitMode
 
 __all__ = ["GenerateResult", "ARDrafter", "ARDecoder", "ARSpecDecoder", "SpecDiffDecoder",
-           "PLDDecoder", "pool_stats"]
+           "PLDDecoder", "pool_stats", "evaluate_acceptance"]
 
 Stream = Callable[[List[int]], None]
 _SEED_MASK = (1 << 62) - 1
@@ -183,6 +183,16 @@ def pool_stats(stats: Sequence[dict]) -> dict:
         for k in ("draft_seconds", "verify_seconds", "other_seconds"):
             out[k] = sum(st[k] for st in spec)
     return out
+
+
+def evaluate_acceptance(decoder: Any, prompts: Sequence[Tensor], max_new_tokens: int,
+                        temperature: float = 0.0, seed: int = 0) -> dict:
+    """`decoder.generate` on every encoded prompt (1, T) with seed ``seed + i``, the statistics
+    pooled by `pool_stats` (mean_accepted, first_accept_rate, accepted_histogram, ...): the one
+    acceptance measurement of the trainers' evals and ``specdiff eval-drafter``."""
+    return pool_stats([decoder.generate(ids, max_new_tokens=max_new_tokens,
+                                        temperature=temperature, seed=seed + i).stats
+                       for i, ids in enumerate(prompts)])
 
 
 def _verify(target_logits: Tensor, draft_ids: Tensor, draft_logits: Optional[Tensor],
@@ -369,16 +379,19 @@ class _SpecBase:
 
 
 class SpecDiffDecoder(_SpecBase):
-    """Speculative diffusion decoding: a `DiffusionDrafter` drafts, the target verifies.
+    """Speculative diffusion decoding: a block-diffusion drafter drafts, the target verifies.
 
     Parameters
     ----------
     target : TargetModel
-    drafter : DiffusionDrafter
-        On the target's device. TOKENS context mode, or TARGET_FEATURES with
+    drafter : DFlashDrafter or DiffusionDrafter
+        On the target's device. A `DFlashDrafter` reads the target's feature-layer states at
+        every context position (each round's verification forward returns those of the
+        accepted tokens) and drafts at most block_size - 1 tokens. A `DiffusionDrafter`: TOKENS
+        context mode, or TARGET_FEATURES with
         ``features_with_tokens`` and ``feature_layers``: each round's verification forward then
         also returns those layers' hidden states, which become the features of the tokens the
-        round appends (position t reads the states at t - 1; drafter/features.py).
+        round appends (position t reads the states at t - 1; training/features.py).
     gamma : int
         Block size G (drafts per round).
     steps : int
@@ -392,7 +405,8 @@ class SpecDiffDecoder(_SpecBase):
         wrong for out-of-order commits -- the negative control of the sampling-law test.
     """
 
-    def __init__(self, target: Any, drafter: DiffusionDrafter, gamma: int = 8, steps: int = 1,
+    def __init__(self, target: Any, drafter: Union[DFlashDrafter, DiffusionDrafter], gamma: int = 8,
+                 steps: int = 1,
                  commit: Union[CommitMode, str] = CommitMode.LEFT_TO_RIGHT,
                  draft_temperature: Optional[float] = None, _unsafe_soft_q: bool = False) -> None:
         for name, v in (("gamma", gamma), ("steps", steps)):
@@ -400,6 +414,9 @@ class SpecDiffDecoder(_SpecBase):
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         cfg = drafter.config
         self._dflash = isinstance(drafter, DFlashDrafter)
+        if self._dflash and gamma > cfg.block_size - 1:
+            raise ValueError(f"gamma must be <= block_size - 1 = {cfg.block_size - 1} for this "
+                             f"DFlash drafter (trained on blocks of {cfg.block_size}), got {gamma}")
         if not self._dflash and cfg.context_mode is ContextMode.TARGET_FEATURES:
             if not cfg.feature_layers:
                 raise ValueError("a target_features drafter must name its feature_layers")

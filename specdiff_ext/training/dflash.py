@@ -1,7 +1,7 @@
 """Training of the DFlash drafter by distillation (``specdiff train-dflash``).
 
 The recipe matches drafting (DESIGN section 4):
-- data: the target's greedy continuations of training prompts (`drafter.data` shards); the
+- data: the target's greedy continuations of training prompts (`training.data` shards); the
   labels are the target's own tokens;
 - features: the target's feature-layer states, computed per batch by the target in the dtype it
   decodes in (no features file on disk);
@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from ..drafter.checkpoint import load_drafter, save_dflash
-from ..drafter.data import TokenData, load_shards, read_heldout
+from .data import TokenData, load_shards, read_heldout
 from ..drafter.dflash import DFlashConfig, DFlashDrafter
 
 __all__ = ["build_parser", "train", "main", "position_weights", "sample_batch", "block_loss"]
@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--partial-prob", type=float, default=0.1,
                     help="fraction of blocks with some positions revealed (for T > 1)")
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast for the drafter")
+    ap.add_argument("--norm-init", choices=["ones", "target"], default="ones",
+                    help="final norm gain at init: ones, or the target's final norm")
     ap.add_argument("--eval-every", type=int, default=500)
     ap.add_argument("--eval-prompts", type=int, default=16)
     ap.add_argument("--eval-gamma", type=int, default=None, help="default: block_size - 1")
@@ -228,7 +230,7 @@ def train(args: argparse.Namespace, target: Any = None, log: Any = print) -> dic
     from ..pretrained import parse_dtype
     from ..prompts import humaneval_prompts
     from ..target import load_target
-    from ..drafter.train import evaluate_acceptance
+    from .train import evaluate_acceptance
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -253,8 +255,12 @@ def train(args: argparse.Namespace, target: Any = None, log: Any = print) -> dic
         datas.append(d)
         heldout += [p for p in read_heldout(folder) if p not in heldout]
     data = datas[0] if len(datas) == 1 else _concat(datas)
+    # the eval takes held-out prompts from the ends of both lists; `specdiff bench` and
+    # `eval-drafter` start at the fronts, so checkpoint selection never sees their prompts
     ne = args.eval_prompts
-    prompts = [x for pair in zip(heldout[: ne - ne // 2], humaneval_prompts(ne // 2)) for x in pair]
+    he = humaneval_prompts()[len(humaneval_prompts()) - ne // 2:] if ne // 2 else []
+    sg = heldout[len(heldout) - (ne - ne // 2):]
+    prompts = [x for i in range(max(len(he), len(sg))) for x in (sg[i:i + 1] + he[i:i + 1])]
     embed, head = target.input_embeddings.weight, target.lm_head_weight
     resume = args.resume and (out / STATE_NAME).is_file()
     if resume:
@@ -267,7 +273,7 @@ def train(args: argparse.Namespace, target: Any = None, log: Any = print) -> dic
         torch.manual_seed(args.seed)
         drafter = DFlashDrafter(cfg, embed, head)
         norm = getattr(getattr(target.model, "model", None), "norm", None)
-        if norm is not None:  # start the output scale where the target's head expects it
+        if args.norm_init == "target" and norm is not None:  # the head's expected scale
             with torch.no_grad():
                 drafter.norm.weight.copy_(norm.weight.float())
     drafter.float().train()

@@ -13,7 +13,7 @@
   manifest lists finished shards, which a second run skips.
 - `load_shards`: everything back as one `TokenData`.
 
-Command line: ``python -m specdiff_ext.drafter.data --out DIR [--num-prompts N ...]``.
+Command line: ``python -m specdiff_ext.training.data --out DIR [--num-prompts N ...]``.
 """
 
 from __future__ import annotations
@@ -383,7 +383,7 @@ def read_heldout(folder: Union[str, os.PathLike]) -> list[str]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m specdiff_ext.drafter.data",
+    ap = argparse.ArgumentParser(prog="python -m specdiff_ext.training.data",
                                  description="Generate target continuations of ShareGPT prompts.")
     ap.add_argument("--out", required=True, help="dataset folder (resumed if it exists)")
     ap.add_argument("--target", default=None, help="model folder (default: SmolLM2-135M-Instruct)")

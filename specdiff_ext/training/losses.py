@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .config import ContextMode
-from .model import DiffusionDrafter, _rope_cos_sin
+from ..drafter.config import ContextMode
+from ..drafter.model import DiffusionDrafter, _rope_cos_sin
 
 __all__ = ["IGNORE", "MultiBlockBatch", "make_blocks", "multi_block_hidden", "mdlm_loss",
            "position_weights"]

@@ -1,8 +1,8 @@
 """Distilling the masked-diffusion drafter from the target (DESIGN section 4).
 
-``python -m specdiff_ext.drafter.train --data DIR --out DIR`` (``specdiff train-drafter``).
+``python -m specdiff_ext.training.train --data DIR --out DIR`` (``specdiff train-drafter``).
 
-- Data: the shards of `specdiff_ext.drafter.data` (generate them first, or pass
+- Data: the shards of `specdiff_ext.training.data` (generate them first, or pass
   ``--generate N`` to do it here). Rows are windows of at most ``--max-len`` tokens that keep
   the continuation; K random anchors per row (``--blocks``), all supervised in one forward
   (`losses.multi_block_hidden`).
@@ -30,11 +30,11 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from .checkpoint import load_drafter, save_drafter
-from .config import DrafterConfig
+from ..drafter.checkpoint import load_drafter, save_drafter
+from ..drafter.config import DrafterConfig
 from .data import TokenData, generate_dataset, load_shards, read_heldout
 from .losses import MultiBlockBatch, make_blocks, mdlm_loss, position_weights
-from .model import DiffusionDrafter
+from ..drafter.model import DiffusionDrafter
 
 __all__ = ["build_parser", "train", "evaluate_acceptance", "init_from_target", "main"]
 
@@ -44,7 +44,7 @@ STATE_NAME = "trainer_state.pt"
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="specdiff train-drafter",
                                  description="Distil the masked-diffusion drafter from the target.")
-    ap.add_argument("--data", required=True, help="dataset folder (specdiff_ext.drafter.data)")
+    ap.add_argument("--data", required=True, help="dataset folder (specdiff_ext.training.data)")
     ap.add_argument("--out", required=True, help="checkpoint folder")
     ap.add_argument("--target", default=None, help="model folder (default: SmolLM2-135M-Instruct)")
     ap.add_argument("--generate", type=int, default=0,
@@ -219,7 +219,7 @@ def evaluate_acceptance(drafter: DiffusionDrafter, target: Any, prompts: Sequenc
         accepted_per_round, first_accept_rate (rounds that accepted at least one draft),
         tokens_per_round, rounds.
     """
-    from ..decoding import ARSpecDecoder, SpecDiffDecoder, pool_stats
+    from ..decoding import ARSpecDecoder, SpecDiffDecoder, evaluate_acceptance as run
     from ..target import TargetModel
 
     was_training = drafter.training
@@ -230,26 +230,25 @@ def evaluate_acceptance(drafter: DiffusionDrafter, target: Any, prompts: Sequenc
         drafter.eval()
         dec = SpecDiffDecoder(target, drafter, gamma=gamma, steps=steps, commit=commit)
     try:
-        stats = [dec.generate(target.chat_prompt(text), max_new_tokens=rounds * (gamma + 1),
-                              temperature=temperature, seed=seed + i).stats
-                 for i, text in enumerate(prompts)]
+        pooled = run(dec, [target.chat_prompt(text) for text in prompts],
+                     rounds * (gamma + 1), temperature=temperature, seed=seed)
     finally:
         drafter.train(was_training)
         if ar:
             for p, g in zip(drafter.parameters(), grads):
                 p.requires_grad_(g)
-    pooled = pool_stats(stats)
     return {"accepted_per_round": pooled.get("mean_accepted", 0.0),
             "first_accept_rate": pooled.get("first_accept_rate", 0.0),
             "tokens_per_round": pooled.get("tokens_per_round", 0.0),
-            "rounds": pooled.get("rounds", 0)}
+            "rounds": pooled.get("rounds", 0),
+            "accepted_histogram": pooled.get("accepted_histogram", [])}
 
 
 def _save(out: Path, drafter: Any, opt: torch.optim.Optimizer, step: int,
           gen: torch.Generator, args: dict, history: list, target: Any = None) -> None:
     tmp = out / ".ckpt.tmp"
     if args.get("ar"):
-        from .ar import save_ar_drafter
+        from ..drafter.ar import save_ar_drafter
 
         save_ar_drafter(drafter, tmp, target, extra={"step": step, "args": args})
     else:
@@ -319,7 +318,7 @@ def train(args: argparse.Namespace, target: Any = None, log=print) -> dict:
                              f"{data.tokens.numel()}")
     resume = args.resume and (out / STATE_NAME).is_file()
     if args.ar:
-        from .ar import build_ar_drafter, load_ar_weights
+        from ..drafter.ar import build_ar_drafter, load_ar_weights
 
         if args.reduced_vocab:
             raise ValueError("--reduced-vocab does not apply to --ar (the ar drafter keeps the "
@@ -347,7 +346,7 @@ def train(args: argparse.Namespace, target: Any = None, log=print) -> dict:
         drafter = DiffusionDrafter(cfg, embed, head, vocab_map=vm).to(device)
         if layers is not None:
             init_from_target(drafter, target.model, layers)
-    state = torch.load(out / STATE_NAME, map_location="cpu", weights_only=False) if resume else None
+    state = torch.load(out / STATE_NAME, map_location="cpu", weights_only=True) if resume else None
     return _train_loop(args, target, drafter, data, heldout, out, adict, state, device, log, feats)
 
 
@@ -359,7 +358,7 @@ def _train_loop(args: argparse.Namespace, target: Any, drafter: Any, data: Token
     drafter.train()
     cfg = drafter.config
     if ar:
-        from .ar import ar_loss
+        from ..drafter.ar import ar_loss
     label_map = None
     if not ar and drafter.vocab_map is not None:
         label_map = torch.full((cfg.vocab_size,), -1, dtype=torch.int64, device=device)
