@@ -3,20 +3,24 @@
 # decoders interleaved prompt by prompt in one process, at temperature 0 and 1, on 8 HumanEval
 # and 8 held-out ShareGPT prompts (the defaults of `specdiff bench`).
 #
-#   bash benchmarks/run_e2e_cpu.sh [GAMMA] [AR_GAMMA]
+#   bash benchmarks/run_e2e_cpu.sh [GAMMA] [AR_GAMMA] [PLD_GAMMA]
 #
-# GAMMA / AR_GAMMA (drafts per round of specdiff / ar-spec) were chosen by
-# benchmarks/sweep_gamma.sh on other held-out prompts. Writes benchmarks/results/e2e_cpu_bf16_t*.{json,md,png}.
+# GAMMA (default: the package's DEFAULT_GAMMA) / AR_GAMMA / PLD_GAMMA were chosen by
+# benchmarks/sweep_gamma.sh on other held-out prompts.
+# Writes benchmarks/results/e2e_cpu_bf16_t*.{json,md,png}.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-G=${1:-4}
-AG=${2:-3}
+G=${1:-$(python3 -c "from specdiff_ext.pretrained import DEFAULT_GAMMA; print(DEFAULT_GAMMA)")}
+AG=${2:-2}
+PG=${3:-4}
 out=benchmarks/results
 mkdir -p "$out"
 for T in 0 1; do
-  python3 -m specdiff_ext bench --decoders ar,specdiff,ar-spec,hf,hf-assisted --temperature "$T" \
-      --max-new-tokens 128 --num-prompts 16 --dtype bfloat16 --threads 2 \
-      --gamma "$G" --ar-gamma "$AG" --hf-assistant-tokens "$AG" \
+  decs=ar,specdiff,ar-spec,pld
+  [ "$T" = 0 ] && decs=$decs,hf-pld
+  python3 -m specdiff_ext bench --decoders "$decs" --temperature "$T" \
+      --max-new-tokens 128 --num-prompts 16 --dtype bfloat16 --threads "${THREADS:-2}" \
+      --gamma "$G" --ar-gamma "$AG" --pld-gamma "$PG" --no-progress \
       --out "$out/e2e_cpu_bf16_t$T.json" --plot "$out/e2e_cpu_bf16_t$T.png" \
       | tee "$out/e2e_cpu_bf16_t$T.md"
 done

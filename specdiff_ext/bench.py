@@ -282,4 +282,25 @@ def format_eval_table(rows: List[dict]) -> str:
                 cells.append(f"{r['mean_accepted']:.2f}" if r else "-")
             out.append(f"| {g} | " + " | ".join(cells) + " |")
         out.append("")
+    out.append("| prompts | temperature | G | T | commit | accepted/round | first draft accepted "
+               "| rounds | accepted-length histogram |")
+    out.append("|---|---|---|---|---|---|---|---|---|")
+    groups: Dict[tuple, List[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["temperature"], r["gamma"], r["steps"], r["commit"]), []).append(r)
+    listed = list(rows)
+    for (t, g, T, c), sub in groups.items():
+        if len(sub) > 1:  # all prompt sets pooled
+            n = sum(r["rounds"] for r in sub)
+            hist = [sum(r["accepted_histogram"][j] for r in sub if j < len(r["accepted_histogram"]))
+                    for j in range(max(len(r["accepted_histogram"]) for r in sub))]
+            listed.append({"prompts": "all", "temperature": t, "gamma": g, "steps": T, "commit": c,
+                           "rounds": n, "accepted_histogram": hist,
+                           "mean_accepted": sum(j * h for j, h in enumerate(hist)) / max(n, 1),
+                           "first_accept_rate": (n - hist[0]) / max(n, 1)})
+    for r in listed:
+        out.append(f"| {r['prompts']} | {r['temperature']} | {r['gamma']} | {r['steps']} | "
+                   f"{r['commit']} | {r['mean_accepted']:.2f} | "
+                   f"{r.get('first_accept_rate', float('nan')):.2f} | {r['rounds']} | "
+                   f"{r['accepted_histogram']} |")
     return "\n".join(out)

@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", required=True, help="checkpoint folder (DFlash layout)")
     ap.add_argument("--target", default=None, help="target folder (default: SmolLM2-135M)")
     ap.add_argument("--dtype", default="auto", help="target dtype: float32, bfloat16 or auto")
+    ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     ap.add_argument("--layers", type=int, default=3, help="drafter layers")
     ap.add_argument("--target-layer-ids", default=None,
                     help="comma list of 0-based target layers (default: DFlash's spread)")
@@ -245,7 +246,9 @@ def train(args: argparse.Namespace, target: Any = None, log: Any = print) -> dic
             logf.flush()
 
     if target is None:
-        target = load_target(args.target, dtype=parse_dtype(args.dtype))
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        target = load_target(args.target, dtype=parse_dtype(args.dtype, device), device=device)
+    dev = target.device
     datas, heldout = [], []
     for folder in args.data:
         d, manifest = load_shards(folder, [0.0])
@@ -276,7 +279,7 @@ def train(args: argparse.Namespace, target: Any = None, log: Any = print) -> dic
         if args.norm_init == "target" and norm is not None:  # the head's expected scale
             with torch.no_grad():
                 drafter.norm.weight.copy_(norm.weight.float())
-    drafter.float().train()
+    drafter.to(dev).float().train()
     cfg = drafter.config
     params = list(drafter.parameters())
     decay = [p for p in params if p.dim() >= 2]
@@ -295,7 +298,7 @@ def train(args: argparse.Namespace, target: Any = None, log: Any = print) -> dic
         say(f"resumed from {out} at step {step}")
     best = max((h["accepted_per_round"] for h in history if "accepted_per_round" in h),
                default=-1.0)
-    pos_w = position_weights(cfg.block_size - 1, args.decay_g)
+    pos_w = position_weights(cfg.block_size - 1, args.decay_g, dev)
     egamma = args.eval_gamma or cfg.block_size - 1
     adict = {k: v for k, v in vars(args).items()}
     say(f"dflash drafter: {cfg.n_layers} layers, features of target layers "
@@ -315,7 +318,8 @@ def train(args: argparse.Namespace, target: Any = None, log: Any = print) -> dic
         lr = lr_at(step, args.lr, args.warmup, args.steps, args.min_lr_ratio)
         for g in opt.param_groups:
             g["lr"] = lr
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+        batch = {k: v.to(dev) for k, v in batch.items()}
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.bf16):
             loss, acc = block_loss(drafter, feats.float(), batch, pos_w)
         opt.zero_grad(set_to_none=True)
         loss.backward()
