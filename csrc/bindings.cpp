@@ -143,12 +143,15 @@ class Array {
       if (k == kind_) return;
     type_error(name_ + " must be " + what + ", got " + kind_name(kind_));
   }
+  // Strides of an empty array are arbitrary (numpy reports 0): nothing is read, nothing to check.
   void check_last_contiguous() const {
+    if (numel() == 0) return;
     if (t_->ndim > 0 && shape_.back() > 1 && strides_.back() != 1)
       value_error(name_ + " must be contiguous in its last dimension (stride 1), got stride " +
                   std::to_string(strides_.back()));
   }
   void check_contiguous() const {
+    if (numel() == 0) return;
     int64_t s = 1;
     for (int i = t_->ndim - 1; i >= 0; --i) {
       if (shape_[static_cast<size_t>(i)] > 1 && strides_[static_cast<size_t>(i)] != s)

@@ -225,3 +225,23 @@ def test_cuda_out_of_range_ids_are_named(ops) -> None:
     g["ids"] = torch.full((B, G), -3, dtype=torch.long, device="cuda")
     with pytest.raises(ValueError, match="ids"):
         _call(ops, "gather_logprobs", g)
+
+
+def test_source_tree_without_compiled_core_says_what_to_do(tmp_path) -> None:
+    """Importing a source tree that has no _C beside it (Python run from the repository root
+    after a non-editable install) fails with a message that says what to do, not with a
+    'partially initialized module' error."""
+    import shutil
+    import subprocess
+    import sys
+
+    import specdiff_ext
+
+    pkg = tmp_path / "specdiff_ext"
+    pkg.mkdir()
+    shutil.copy(specdiff_ext.__file__, pkg / "__init__.py")
+    # -S: no site-packages, so neither the installed package nor an editable finder answers
+    r = subprocess.run([sys.executable, "-S", "-c", "import specdiff_ext"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0
+    assert "compiled core (_C)" in r.stderr and "pip install -e ." in r.stderr

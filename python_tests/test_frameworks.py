@@ -83,3 +83,26 @@ def test_verify_unchecked_matches_verify_and_still_checks_cpu_input():
         torch.testing.assert_close(x, y, rtol=0, atol=0)
     with pytest.raises(ValueError, match="draft_ids"):
         ops.verify_unchecked(tl, ids + 1000, dl)
+
+
+def test_numpy_zero_size_inputs_return_empty_results() -> None:
+    """numpy gives empty arrays arbitrary strides (0): they are accepted, not called
+    non-contiguous, and every op returns empty results of the right shapes."""
+    np_ = pytest.importorskip("numpy")
+    from specdiff_ext import ops
+
+    f32, i64 = np_.float32, np_.int64
+    r = ops.verify(np_.zeros((0, 5, 10), f32), np_.zeros((0, 4), i64),
+                   np_.zeros((0, 4, 10), f32), temperature=1.0)
+    assert r.ids.shape == (0, 5) and r.num_accepted.shape == (0,) and r.valid.shape == (0,)
+    g = ops.gather_logprobs(np_.zeros((2, 0, 10), f32), np_.zeros((2, 0), i64))
+    assert g.lse.shape == (2, 0) and g.logprobs.shape == (2, 0)
+    g = ops.gather_logprobs(np_.zeros((0, 3, 10), f32), np_.zeros((0, 3), i64))
+    assert g.lse.shape == (0, 3)
+    d = ops.denoise_step(np_.zeros((2, 0, 10), f32), np_.zeros((2, 0), i64),
+                         np_.zeros((2, 0), np_.int32), step=0, num_steps=1, mode="random",
+                         temperature=1.0)
+    assert d.tokens.shape == (2, 0) and d.valid.shape == (2,) and bool(d.valid.all())
+    rs = ops.rejection_sample(np_.zeros((0, 5, 10), f32), np_.zeros((0, 4), i64),
+                              temperature=0.0, target_lse=np_.zeros((0, 5), f32))
+    assert rs.ids.shape == (0, 5)

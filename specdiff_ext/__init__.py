@@ -5,7 +5,18 @@ chain rejection sampling, exposed as torch custom ops in :mod:`specdiff_ext.ops`
 pure-torch twin in :mod:`specdiff_ext.reference`.
 """
 
-from . import _C
+try:
+    from . import _C
+except ImportError as _exc:  # the source tree, without a compiled core beside it
+    import os as _os
+
+    _here = _os.path.dirname(_os.path.abspath(__file__))
+    raise ImportError(
+        f"specdiff_ext's compiled core (_C) is not in {_here}: this is the source tree, which "
+        "shadows the installed package when Python runs from the repository root. Run from "
+        "another folder, or build in place with `pip install -e .` (an editable install puts _C "
+        "here)."
+    ) from _exc
 from .types import CommitMode, DenoiseResult, GatherResult, VerifyResult
 
 __version__ = _C.build_info()["version"]
