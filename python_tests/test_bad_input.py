@@ -245,3 +245,23 @@ def test_source_tree_without_compiled_core_says_what_to_do(tmp_path) -> None:
                        capture_output=True, text=True, timeout=60)
     assert r.returncode != 0
     assert "compiled core (_C)" in r.stderr and "pip install -e ." in r.stderr
+
+
+def test_raw_verify_op_bounds_a_hostile_vocab_inverse() -> None:
+    """The raw custom op takes the (V,) inverse of vocab_map from its caller: entries outside
+    [0, Vd) count as 'not in the map' (q = 0) instead of indexing outside the draft row."""
+    import specdiff_ext.ops  # noqa: F401  (registers torch.ops.specdiff)
+
+    g = torch.Generator().manual_seed(0)
+    B, G, V, Vd = 2, 3, 50, 10
+    tl = torch.randn(B, G + 1, V, generator=g)
+    dl = torch.randn(B, G, Vd, generator=g)
+    vmap = torch.arange(Vd, dtype=torch.int64) * 5
+    ids = vmap[torch.randint(0, Vd, (B, G), generator=g)]
+    for bad in (10**8, -(10**8), Vd):
+        inv = torch.full((V,), bad, dtype=torch.int32)
+        out, num, valid = torch.ops.specdiff.verify(
+            tl, ids, dl, None, vmap, inv, None, 1.0, None, 1.0, None, 7, 0, None, None)
+        # every draft looks absent from the map (q = 0): accepted with certainty
+        assert num.tolist() == [G, G] and valid.all()
+        assert (out[:, :G] == ids).all()

@@ -85,7 +85,7 @@ void verify_row(const VerifyParams& p, int64_t b, std::vector<float>& qbuf, bool
       if (!sq.valid()) return invalid();
       lse_q = sq.lse();
       const int64_t j = p.vocab_inv != nullptr ? p.vocab_inv[x] : x;
-      qx = j >= 0 ? fast_exp(sd_mul(to_float(drow[j]), inv_dtau) - lse_q) : 0.0f;
+      qx = (j >= 0 && j < p.Vd) ? fast_exp(sd_mul(to_float(drow[j]), inv_dtau) - lse_q) : 0.0f;
     }
     const float px = fast_exp(sd_mul(to_float(trow[x]), inv_tau) - lse_p);
     const float u = uniform_from_bits(st.word(static_cast<uint32_t>(i), 0, kTagAccept));

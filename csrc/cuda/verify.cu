@@ -122,7 +122,7 @@ chain_kernel(VerifyParams p, int64_t St, int64_t Sd, const Partial* __restrict__
             }
             if (!bad) {
               const int64_t j = p.vocab_inv != nullptr ? p.vocab_inv[x] : x;
-              qx = j >= 0 ? fast_exp(sd_mul(to_float(p.draft.row<TD>(b, i)[j]), inv_dtau) - lse_q) : 0.0f;
+              qx = (j >= 0 && j < p.Vd) ? fast_exp(sd_mul(to_float(p.draft.row<TD>(b, i)[j]), inv_dtau) - lse_q) : 0.0f;
             }
           }
           if (bad) {
@@ -205,7 +205,7 @@ sample_kernel(VerifyParams p, int64_t S2, const Job* __restrict__ jobs,
       fb = pf > fb ? pf : fb;
       if (job.mode == kSoftResidual) {
         const int64_t j = p.vocab_inv != nullptr ? p.vocab_inv[v] : v;
-        const float qv = j >= 0 ? fast_exp(sd_mul(to_float(drow[j]), inv_dtau) - job.lse_q) : 0.0f;
+        const float qv = (j >= 0 && j < p.Vd) ? fast_exp(sd_mul(to_float(drow[j]), inv_dtau) - job.lse_q) : 0.0f;
         const float r = fast_exp(a - job.lse_p) - qv;
         if (r >= kFltMin) {
           const uint64_t pk = pack_argmax(fast_log(r) + g, static_cast<uint32_t>(v));

@@ -183,7 +183,7 @@ class _HeadCrossEntropy(torch.autograd.Function):
 
 
 def block_loss(drafter: DFlashDrafter, feats: torch.Tensor, batch: dict,
-               pos_w: torch.Tensor, chunk: int = 256) -> tuple:
+               pos_w: torch.Tensor, chunk: int = 128) -> tuple:
     """Weighted cross-entropy of the drafts against the labels; (loss, first-position acc)."""
     h = drafter.forward_blocks(feats, batch["anchors"], batch["block"])[:, :, 1:]  # (B,A,bs-1,H)
     labels = batch["labels"]  # (B, A, bs-1)
