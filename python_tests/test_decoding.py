@@ -14,7 +14,9 @@ import pytest
 import torch
 from torch import Tensor
 
-from specdiff_ext.decoding import ARDecoder, ARSpecDecoder, SpecDiffDecoder
+from specdiff_ext.decoding import (ARDecoder, ARSpecDecoder, DiffusionDrafting, Draft,
+                                   SpecDiffDecoder, SpeculativeDecoder)
+from specdiff_ext.drafter import sample_block
 from specdiff_ext.drafter import DiffusionDrafter, DrafterConfig
 from specdiff_ext.target import TargetModel
 
@@ -145,15 +147,23 @@ def test_kv_cache_after_partial_acceptance(tiny: TargetModel, prompt: Tensor) ->
     wrong = list(seq)
     wrong[n0 + 7] = (wrong[n0 + 7] + 1) % tiny.vocab_size  # the 8th token's draft is wrong
     chunks: list = []
-    dec = SpecDiffDecoder(tiny, OracleDrafter(tiny, wrong), gamma=6)
+    caches: list = []  # the target's cache of the run, caught where it is made
+
+    class Spy(TargetModel):
+        def new_cache(self):
+            caches.append(super().new_cache())
+            return caches[-1]
+
+    spy = Spy(tiny.model, tiny.tokenizer, tiny.name)
+    dec = SpecDiffDecoder(spy, OracleDrafter(tiny, wrong), gamma=6)
     res = dec.generate(prompt, 9, stream=chunks.append)
     # round 1: 6 accepted + bonus (tokens 1-7); round 2 drafts tokens 8, 9: 0 accepted + the
     # correction (token 8); round 3 (one left): a plain target step
     assert [len(c) for c in chunks] == [7, 1, 1] and res.ids == want[:9]
     full = torch.tensor([seq[: n0 + 9]])
     fresh = tiny.forward(full).logits[:, -1]
-    cached = tiny.forward(full[:, -1:], dec.target_cache).logits[:, -1]
-    assert dec.target_cache.get_seq_length() == full.shape[1]
+    cached = tiny.forward(full[:, -1:], caches[0]).logits[:, -1]
+    assert len(caches) == 1 and caches[0].get_seq_length() == full.shape[1]
     torch.testing.assert_close(cached, fresh, rtol=1e-5, atol=1e-5)
 
 
@@ -204,13 +214,23 @@ class CopyDrafter(DiffusionDrafter):
         return logits
 
 
+class SoftQEverywhere(DiffusionDrafting):
+    """The negative control: every draft verified against its soft q, point masses dropped
+    (wrong for out-of-order commits)."""
+
+    def draft(self, gamma: int, rnd: int) -> Draft:
+        b = sample_block(self.drafter, self.cache, gamma, self.steps, self.commit,
+                         temperature=self._dtau, seed=self._seed, offset=rnd)
+        return Draft(b.ids, b.logits, None, self._dtau, b.vocab_map)
+
+
 def _law_p_value(target: TargetModel, prompt: Tensor, runs: int, unsafe: bool) -> float:
     """Chi-square p-value of the first two sampled tokens against the target's exact law."""
     V = target.vocab_size
     cfg = DrafterConfig.from_hf_config(target.model.config, target.name, n_layers=1)
     drafter = CopyDrafter(cfg, target.input_embeddings, target.lm_head_weight)
-    dec = SpecDiffDecoder(target, drafter, gamma=2, steps=2, commit="confidence",
-                          _unsafe_soft_q=unsafe)
+    drafting = (SoftQEverywhere if unsafe else DiffusionDrafting)(drafter, 2, "confidence")
+    dec = SpeculativeDecoder(target, drafting, gamma=2)
     counts = torch.zeros(V * V, dtype=torch.int64)
     for s in range(runs):
         # 3 new tokens: the first round drafts 2 (gamma = min(2, 3 - 1)), in either order

@@ -178,7 +178,7 @@ def test_decoder_is_exact_and_caches_the_target_states_at_each_position() -> Non
     # the context holds the target's states at every position before the block's last token
     # (the final round, which ends the run, advances nothing)
     full = torch.cat([prompt, torch.tensor([got.ids])], 1)
-    cache = dec._cache
+    cache = dec.drafter.cache
     n = cache.length
     assert full.shape[1] - 1 - 5 <= n < full.shape[1] - 1 and int(cache.last) == int(full[0, n])
     hid = torch.cat(tgt.forward(full[:, :n], hidden_layers=d.config.feature_layers).hidden, -1)

@@ -90,7 +90,7 @@ def test_decoder_feeds_shifted_target_states_and_is_exact(cond: bool) -> None:
     feats = torch.zeros_like(hid)
     feats[:, 1:] = hid[:, :-1]
     ref = d.new_cache(1).append_context(full, feats)
-    cache = dec._cache
+    cache = dec.drafter.cache
     assert int(cache.lengths[0]) == n
     for i in range(len(d.layers)):
         torch.testing.assert_close(cache.keys[i][:, :, :n], ref.keys[i][:, :, :n],

@@ -1,13 +1,17 @@
-"""The generate loops (DESIGN section 5): speculative diffusion decoding and its two baselines.
+"""The generate loops (DESIGN section 5): one speculative round loop over a `Drafter` protocol,
+and plain autoregressive decoding.
 
-- `SpecDiffDecoder`: a masked-diffusion drafter proposes a block of `gamma` tokens in `steps`
-  denoising steps; the target scores ``[last token, x_1 .. x_G]`` in one forward pass over its
-  KV cache; `ops.verify` keeps the accepted prefix and adds the correction or bonus token.
-- `ARDecoder`: plain autoregressive decoding of the target with its KV cache.
-- `ARSpecDecoder`: speculative decoding with a small autoregressive drafter (any causal LM over
-  the same tokenizer, e.g. another `TargetModel`).
+- `SpeculativeDecoder(target, drafter, gamma)`: the round loop. A round asks the drafter for at
+  most `gamma` tokens, runs the target once over ``[last token, x_1 .. x_G]`` with its KV cache,
+  keeps the accepted prefix plus the correction or bonus token (`ops.verify`), crops the
+  target's cache, and tells the drafter what was emitted.
+- Drafters (`Drafter`: ``start``, ``draft(g, round) -> Draft``, ``accept``): `DiffusionDrafting`
+  (a block-diffusion drafter, DFlash or tokens-context, T denoising steps), `ARDrafting` (a small
+  causal LM) and `PromptLookup` (n-grams of the text so far).
+- `SpecDiffDecoder`, `ARSpecDecoder`, `PLDDecoder`: the loop over each of them;
+  `ARDecoder`: plain autoregressive decoding of the target (the baseline).
 
-All three take a prompt of shape (1, T) and return a `GenerateResult`. Temperature 0 is greedy
+All take a prompt of shape (1, T) and return a `GenerateResult`. Temperature 0 is greedy
 decoding, and the speculative decoders then emit exactly the target's greedy output; at
 temperature > 0 they emit exactly the target's sampling law (the order-aware point masses of
 DESIGN section 3 keep this true for every commit mode). A speculative round synchronises with
@@ -22,9 +26,11 @@ random numbers: their samples differ, their laws do not.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
-from typing import Any, Callable, List, NamedTuple, Optional, Protocol, Sequence, Union
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, List, NamedTuple, Optional, Protocol, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -36,8 +42,9 @@ from .drafter.model import DiffusionDrafter
 from .drafter.sampler import sample_block
 from .types import CommitMode
 
-__all__ = ["GenerateResult", "ARDrafter", "ARDecoder", "ARSpecDecoder", "SpecDiffDecoder",
-           "PLDDecoder", "pool_stats", "evaluate_acceptance"]
+__all__ = ["GenerateResult", "Draft", "Drafter", "ARDrafter", "SpeculativeDecoder",
+           "DiffusionDrafting", "ARDrafting", "PromptLookup", "ARDecoder", "ARSpecDecoder",
+           "SpecDiffDecoder", "PLDDecoder", "pool_stats", "evaluate_acceptance", "lookup_ngram"]
 
 Stream = Callable[[List[int]], None]
 _SEED_MASK = (1 << 62) - 1
@@ -112,23 +119,29 @@ def _logits(out: Any) -> Tensor:
 
 
 class _Clock:
-    """Wall time split into named phases. On CUDA the phases are timed with events (read once at
-    the end), so timing adds no host synchronisation to a round."""
+    """Wall time split into named phases (``with clock("draft"): ...``). On CUDA the phases are
+    timed with events (read once at the end), so timing adds no host synchronisation to a
+    round."""
 
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
         self.spans: dict = {"draft": [], "verify": []}
         self.t0 = time.perf_counter()
 
-    def mark(self) -> Any:
+    def _mark(self) -> Any:
         if self.cuda:
             e = torch.cuda.Event(enable_timing=True)
             e.record()
             return e
         return time.perf_counter()
 
-    def add(self, phase: str, start: Any) -> None:
-        self.spans[phase].append((start, self.mark()))
+    @contextlib.contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        start = self._mark()
+        try:
+            yield
+        finally:
+            self.spans[phase].append((start, self._mark()))
 
     def finish(self) -> dict:
         if self.cuda:
@@ -195,17 +208,6 @@ def evaluate_acceptance(decoder: Any, prompts: Sequence[Tensor], max_new_tokens:
                        for i, ids in enumerate(prompts)])
 
 
-def _verify(target_logits: Tensor, draft_ids: Tensor, draft_logits: Optional[Tensor],
-            point_mass: Optional[Tensor], temperature: float, draft_temperature: float,
-            seed: int, offset: int, vocab_map: Optional[Tensor]) -> Any:
-    """Verification of one round: `ops.verify_unchecked` (the round's inputs are valid by
-    construction, so no device sync for value checks; the loop's one sync reads the result)."""
-    return ops.verify_unchecked(target_logits, draft_ids, draft_logits,
-                                draft_point_mass=point_mass, temperature=temperature,
-                                draft_temperature=draft_temperature, seed=seed, offset=offset,
-                                vocab_map=vocab_map)
-
-
 def _cat_hidden(out: Any, n: Optional[int] = None) -> Optional[Tensor]:
     """The requested hidden states of a target forward at its first `n` positions (all when
     None), concatenated over layers: (B, n, H_f), or None when none were requested."""
@@ -270,13 +272,12 @@ class ARDecoder:
         cache = tgt.new_cache()
         x, rounds = prompt, 0
         while len(out) < max_new_tokens:
-            t = clock.mark()
-            logits = tgt.forward(x, cache).logits[:, -1].float()  # (1, V)
-            if tau == 0.0:
-                nxt = logits.argmax(-1, keepdim=True)  # (1, 1)
-            else:
-                nxt = torch.multinomial(torch.softmax(logits / tau, -1), 1, generator=gen)
-            clock.add("verify", t)
+            with clock("verify"):
+                logits = tgt.forward(x, cache).logits[:, -1].float()  # (1, V)
+                if tau == 0.0:
+                    nxt = logits.argmax(-1, keepdim=True)  # (1, 1)
+                else:
+                    nxt = torch.multinomial(torch.softmax(logits / tau, -1), 1, generator=gen)
             rounds += 1
             if _emit(out, [int(nxt.item())], eos, max_new_tokens, stream):
                 break
@@ -284,32 +285,69 @@ class ARDecoder:
         return GenerateResult(out, _stats(clock, len(out), rounds, 0, base))
 
 
-class _SpecBase:
-    """The round loop shared by the speculative decoders; subclasses draft."""
+@dataclass
+class Draft:
+    """One round's drafts and what `ops.verify` needs to stay exact.
 
-    target: Any
-    gamma: int
+    Attributes
+    ----------
+    ids : int64 tensor
+        Shape: (1, g). Target ids; g may be smaller than asked (0: a plain target step).
+    logits : tensor or None
+        Shape: (1, g, Vd). The law each draft was drawn from (soft q); None: point masses only.
+    point_mass : bool tensor or None
+        Shape: (1, g). Drafts to verify as point masses (the order-aware rule).
+    temperature : float
+        The temperature `logits` are read at.
+    vocab_map : int64 tensor or None
+        Shape: (Vd,). Target id of each logits column (reduced vocabulary).
+    """
 
-    def _begin(self, prompt: Tensor, seed: int, tau: float,
-               hidden: Optional[Tensor] = None) -> None:
-        """Start on `prompt` (1, T); `hidden`: the target's feature-layer hidden states at
-        prompt positions 0 .. T-2, (1, T-1, H_f), when `_feature_layers` asks for them."""
-        raise NotImplementedError
+    ids: Tensor
+    logits: Optional[Tensor] = None
+    point_mass: Optional[Tensor] = None
+    temperature: float = 0.0
+    vocab_map: Optional[Tensor] = None
 
-    def _feature_layers(self) -> Optional[List[int]]:
-        """Target layers whose hidden states the drafter reads (None: none)."""
-        return None
 
-    def _draft(self, gamma: int, rnd: int) -> tuple:
-        """Draft `gamma` >= 1 tokens: (ids (1, G), draft logits or None, point mass or None,
-        draft temperature, vocab_map)."""
-        raise NotImplementedError
+class Drafter(Protocol):
+    """What `SpeculativeDecoder` needs of a drafter.
 
-    def _advance(self, res_ids: Tensor, drafts: Optional[Tensor], n_acc: int, n_new: int,
-                 hidden: Optional[Tensor] = None) -> None:
-        """The round emitted res_ids[:, :n_new] (n_acc drafts accepted): move the drafter on.
-        `hidden`: the target's feature-layer hidden states at [last, x_1 .. x_{n_acc}]."""
-        raise NotImplementedError
+    ``feature_layers``: target layers whose hidden states `start` and `accept` receive (None:
+    none). ``start(prompt, seed, temperature, hidden)`` begins a text (hidden: the states at
+    prompt positions 0 .. T-2, concatenated over the layers); ``draft(g, round)`` proposes at most
+    g tokens after the text so far; ``accept(emitted, n_acc, hidden)`` extends the text by the
+    round's emitted tokens (n_acc accepted drafts, then the correction or bonus token; hidden: the
+    states at [last, x_1 .. x_{n_acc}]).
+    """
+
+    feature_layers: Optional[List[int]]
+
+    def start(self, prompt: Tensor, seed: int, temperature: float,
+              hidden: Optional[Tensor]) -> None: ...
+
+    def draft(self, gamma: int, rnd: int) -> Draft: ...
+
+    def accept(self, emitted: Tensor, n_acc: int, hidden: Optional[Tensor]) -> None: ...
+
+
+class SpeculativeDecoder:
+    """The speculative round loop: draft, one target forward over [last, drafts], `ops.verify`,
+    crop the target's cache to what was accepted, tell the drafter.
+
+    Parameters
+    ----------
+    target : TargetModel
+    drafter : Drafter
+        `DiffusionDrafting`, `ARDrafting`, `PromptLookup` or any object with that protocol.
+    gamma : int
+        At most this many drafts per round.
+    """
+
+    def __init__(self, target: Any, drafter: Drafter, gamma: int) -> None:
+        if isinstance(gamma, bool) or not isinstance(gamma, int) or gamma < 1:
+            raise ValueError(f"gamma must be a positive int, got {gamma!r}")
+        self.target, self.drafter, self.gamma = target, drafter, gamma
 
     @torch.inference_mode()
     def generate(self, input_ids: Tensor, max_new_tokens: int, temperature: float = 0.0,
@@ -321,193 +359,158 @@ class _SpecBase:
         Shape:
             input_ids: (1, T). Returns GenerateResult(ids: list of new tokens, stats).
         """
-        tgt = self.target
+        tgt, drafter = self.target, self.drafter
         tau, prompt, base, eos, clock = _setup(tgt, input_ids, max_new_tokens, temperature,
                                                seed, eos_token_id)
         vseed = (2 * base) & _SEED_MASK  # verifier stream; the drafter uses 2 * base + 1
+        layers = drafter.feature_layers
         out: List[int] = []
         rounds = accepted = 0
         hist = [0] * (self.gamma + 1)
-        if max_new_tokens == 0:
-            return GenerateResult(out, _stats(clock, 0, 0, 0, base, hist))
-        feat = self._feature_layers()
-        t = clock.mark()
-        cache = self.target_cache = tgt.new_cache()  # kept for inspection after the run
-        hidden = None
-        if prompt.shape[1] > 1:  # the target's cache holds everything but the last token
-            hidden = _cat_hidden(tgt.forward(prompt[:, :-1], cache, hidden_layers=feat))
-        clock.add("verify", t)
-        t = clock.mark()
-        self._begin(prompt, (2 * base + 1) & _SEED_MASK, tau, hidden)
-        clock.add("draft", t)
-        length = prompt.shape[1] - 1  # cached positions
-        last = prompt[:, -1:]  # (1, 1)
-        while True:
+        cache, hidden = tgt.new_cache(), None
+        if max_new_tokens > 0:
+            with clock("verify"):  # the target caches everything but the last token
+                if prompt.shape[1] > 1:
+                    hidden = _cat_hidden(tgt.forward(prompt[:, :-1], cache, hidden_layers=layers))
+            with clock("draft"):
+                drafter.start(prompt, (2 * base + 1) & _SEED_MASK, tau, hidden)
+        length, last = prompt.shape[1] - 1, prompt[:, -1:]  # cached positions, (1, 1)
+        while len(out) < max_new_tokens:
             g = min(self.gamma, max_new_tokens - len(out) - 1)  # the last token is free
-            t = clock.mark()
-            if g > 0:  # a drafter may return fewer than g drafts (pld: a short match)
-                drafts, dlogits, pmass, dtau, vmap = self._draft(g, rounds)
-                g = drafts.shape[1]
-            else:
-                drafts = torch.zeros((1, 0), dtype=torch.int64, device=last.device)
-                dlogits = pmass = vmap = None
-                dtau = tau
-            clock.add("draft", t)
-            t = clock.mark()
-            tout = tgt.forward(torch.cat([last, drafts], dim=1), cache, hidden_layers=feat)
-            logits = tout.logits  # (1, g+1, V)
-            res = _verify(logits, drafts, dlogits, pmass, tau, dtau, vseed, rounds, vmap)
-            # the one host sync of the round
-            flat = torch.cat([res.ids[0], res.num_accepted, res.valid.long()]).tolist()
-            n_acc, ok = flat[g + 1], flat[g + 2]
-            if not ok:
-                raise RuntimeError("the target's logits held NaN / inf or no finite value")
-            emitted = flat[: n_acc + 1]
-            length += 1 + n_acc  # last token and the accepted drafts now cached
-            tgt.crop(cache, length)
-            clock.add("verify", t)
-            rounds += 1
-            accepted += n_acc
+            with clock("draft"):
+                d = drafter.draft(g, rounds) if g > 0 else Draft(last.new_zeros((1, 0)))
+            g = d.ids.shape[1]
+            with clock("verify"):
+                tout = tgt.forward(torch.cat([last, d.ids], dim=1), cache, hidden_layers=layers)
+                res = ops.verify_unchecked(tout.logits, d.ids, d.logits,
+                                           draft_point_mass=d.point_mass, temperature=tau,
+                                           draft_temperature=d.temperature, seed=vseed,
+                                           offset=rounds, vocab_map=d.vocab_map)
+                # the one host sync of the round: ids, count and validity together
+                flat = torch.cat([res.ids[0], res.num_accepted, res.valid.long()]).tolist()
+                n_acc = flat[g + 1]
+                if not flat[g + 2]:
+                    raise RuntimeError("the target's logits held NaN / inf or no finite value")
+                length += 1 + n_acc  # the last token and the accepted drafts are now cached
+                tgt.crop(cache, length)
+            rounds, accepted = rounds + 1, accepted + n_acc
             hist[n_acc] += 1
-            if _emit(out, emitted, eos, max_new_tokens, stream):
+            if _emit(out, flat[: n_acc + 1], eos, max_new_tokens, stream):
                 break
-            t = clock.mark()
-            self._advance(res.ids, drafts, n_acc, n_acc + 1, _cat_hidden(tout, n_acc + 1))
-            clock.add("draft", t)
+            with clock("draft"):
+                drafter.accept(res.ids[:, : n_acc + 1], n_acc, _cat_hidden(tout, n_acc + 1))
             last = res.ids[:, n_acc: n_acc + 1]
         return GenerateResult(out, _stats(clock, len(out), rounds, accepted, base, hist))
 
 
-class SpecDiffDecoder(_SpecBase):
-    """Speculative diffusion decoding: a block-diffusion drafter drafts, the target verifies.
+# ------------------------------------------------------------------------------ drafters
+
+
+class DiffusionDrafting:
+    """Drafting with a block-diffusion drafter: T denoising steps through `sample_block`.
 
     Parameters
     ----------
-    target : TargetModel
     drafter : DFlashDrafter or DiffusionDrafter
         On the target's device. A `DFlashDrafter` reads the target's feature-layer states at
-        every context position (each round's verification forward returns those of the
-        accepted tokens) and drafts at most block_size - 1 tokens. A `DiffusionDrafter`: TOKENS
-        context mode, or TARGET_FEATURES with
-        ``features_with_tokens`` and ``feature_layers``: each round's verification forward then
-        also returns those layers' hidden states, which become the features of the tokens the
-        round appends (position t reads the states at t - 1; training/features.py).
-    gamma : int
-        Block size G (drafts per round).
+        every context position (the verification forward returns those of the accepted tokens)
+        and drafts at most block_size - 1 tokens. A `DiffusionDrafter` in TOKENS context mode
+        encodes the context tokens itself; in TARGET_FEATURES mode (with
+        ``features_with_tokens``) position t reads the states at t - 1 (training/features.py).
     steps : int
         Denoising steps T per block (1: one parallel pass).
     commit : CommitMode or str
         random, confidence or left_to_right (exact at every temperature in each mode).
     draft_temperature : float, optional
-        Drafter temperature; None: the target's temperature (0 for greedy decoding).
-    _unsafe_soft_q : bool
-        Tests only: verify every position against its soft q (no point masses), which is
-        wrong for out-of-order commits -- the negative control of the sampling-law test.
+        None: the target's temperature (0 for greedy decoding).
+
+    Attributes
+    ----------
+    cache : DFlashCache or DrafterCache
+        The drafter's context cache of the current text (after `start`).
     """
 
-    def __init__(self, target: Any, drafter: Union[DFlashDrafter, DiffusionDrafter], gamma: int = 8,
-                 steps: int = 1,
+    def __init__(self, drafter: Union[DFlashDrafter, DiffusionDrafter], steps: int = 1,
                  commit: Union[CommitMode, str] = CommitMode.LEFT_TO_RIGHT,
-                 draft_temperature: Optional[float] = None, _unsafe_soft_q: bool = False) -> None:
-        for name, v in (("gamma", gamma), ("steps", steps)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
+                 draft_temperature: Optional[float] = None) -> None:
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be a positive int, got {steps!r}")
         cfg = drafter.config
-        self._dflash = isinstance(drafter, DFlashDrafter)
-        if self._dflash and gamma > cfg.block_size - 1:
-            raise ValueError(f"gamma must be <= block_size - 1 = {cfg.block_size - 1} for this "
-                             f"DFlash drafter (trained on blocks of {cfg.block_size}), got {gamma}")
-        if not self._dflash and cfg.context_mode is ContextMode.TARGET_FEATURES:
+        self.dflash = isinstance(drafter, DFlashDrafter)
+        feats = self.dflash or cfg.context_mode is ContextMode.TARGET_FEATURES
+        if feats and not self.dflash:
             if not cfg.feature_layers:
                 raise ValueError("a target_features drafter must name its feature_layers")
             if not cfg.features_with_tokens:
                 raise ValueError("SpecDiffDecoder drives target_features drafters that also read "
                                  "the context tokens (features_with_tokens=True)")
-        self.target, self.drafter = target, drafter
-        self.gamma, self.steps = gamma, steps
+        self.drafter, self.steps = drafter, steps
         self.commit = CommitMode.parse(commit)
         self.draft_temperature = draft_temperature
-        self._unsafe_soft_q = _unsafe_soft_q
+        self.feature_layers = list(cfg.feature_layers) if feats else None
+        self.cache: Any = None
 
-    def _feature_layers(self) -> Optional[List[int]]:
-        cfg = self.drafter.config
-        if self._dflash or cfg.context_mode is ContextMode.TARGET_FEATURES:
-            return list(cfg.feature_layers)
-        return None
-
-    def _begin(self, prompt: Tensor, seed: int, tau: float,
-               hidden: Optional[Tensor] = None) -> None:
+    def start(self, prompt: Tensor, seed: int, temperature: float,
+              hidden: Optional[Tensor]) -> None:
         self._seed = seed
-        self._dtau = tau if self.draft_temperature is None else float(self.draft_temperature)
-        # the drafter's context holds every token so far, the last one included
-        self._cache = self.drafter.new_cache(1)
-        if self._dflash:  # context position t holds the target's states at t
+        self._dtau = temperature if self.draft_temperature is None else float(self.draft_temperature)
+        self.cache = self.drafter.new_cache(1)
+        if self.dflash:  # context position t holds the target's states at t
             if hidden is None:
                 hidden = prompt.new_zeros((1, 0, self.drafter.config.feature_size),
-                                          dtype=self._cache.dtype)
-            self._cache.append_context(hidden, last=prompt[:, -1:])
-            return
-        if self._feature_layers() is None:
-            self._cache.append_context(prompt)
-            return
-        # position t reads the target's hidden states at t - 1 (zeros at t = 0)
-        feats = prompt.new_zeros((1, prompt.shape[1], self.drafter.config.feature_size),
-                                 dtype=self._cache.dtype)
-        if hidden is not None:
-            feats[:, 1:] = hidden
-        self._cache.append_context(prompt, feats)
+                                          dtype=self.cache.dtype)
+            self.cache.append_context(hidden, last=prompt[:, -1:])
+        elif self.feature_layers is None:  # the context holds every token, the last included
+            self.cache.append_context(prompt)
+        else:  # position t reads the target's states at t - 1 (zeros at t = 0)
+            feats = prompt.new_zeros((1, prompt.shape[1], self.drafter.config.feature_size),
+                                     dtype=self.cache.dtype)
+            if hidden is not None:
+                feats[:, 1:] = hidden
+            self.cache.append_context(prompt, feats)
 
-    def _draft(self, gamma: int, rnd: int) -> tuple:
-        b = sample_block(self.drafter, self._cache, gamma, self.steps, self.commit,
+    def draft(self, gamma: int, rnd: int) -> Draft:
+        b = sample_block(self.drafter, self.cache, gamma, self.steps, self.commit,
                          temperature=self._dtau, seed=self._seed, offset=rnd)
-        pm = None if self._unsafe_soft_q else b.point_mass
-        dl = b.logits if (self._unsafe_soft_q or self._dtau > 0) else None
-        return b.ids, dl, pm, self._dtau, b.vocab_map
+        return Draft(b.ids, b.logits if self._dtau > 0 else None, b.point_mass, self._dtau,
+                     b.vocab_map)
 
-    def _advance(self, res_ids: Tensor, drafts: Optional[Tensor], n_acc: int, n_new: int,
-                 hidden: Optional[Tensor] = None) -> None:
-        if self._dflash:  # states at [last, x_1 .. x_n]; the correction starts the next block
-            self._cache.append_context(hidden, last=res_ids[:, n_acc:n_new])
-            return
-        # features of [x_1 .. x_n, correction]: the target's states at [last, x_1 .. x_n]
-        self._cache.append_context(res_ids[:, :n_new], hidden)
+    def accept(self, emitted: Tensor, n_acc: int, hidden: Optional[Tensor]) -> None:
+        if self.dflash:  # states at [last, x_1 .. x_n]; the correction starts the next block
+            self.cache.append_context(hidden, last=emitted[:, n_acc:])
+        else:  # tokens [x_1 .. x_n, correction] with the states at [last, x_1 .. x_n]
+            self.cache.append_context(emitted, hidden)
 
 
-class ARSpecDecoder(_SpecBase):
-    """Speculative decoding with a small autoregressive drafter (see `ARDrafter`).
+class ARDrafting:
+    """Drafting with a small autoregressive drafter (see `ARDrafter`), one forward per draft.
 
     Parameters
     ----------
-    target : TargetModel
     ar_drafter : ARDrafter
         A causal LM over the target's tokenizer, e.g. ``load_target(small_model_folder)`` or
         the shipped baseline drafter (`drafter.ar.load_ar_drafter`).
-    gamma : int
-        Drafts per round.
     draft_temperature : float, optional
         None: the target's temperature. Drafts are drawn left to right, so the soft q is exact.
     """
 
-    def __init__(self, target: Any, ar_drafter: Any, gamma: int = 4,
-                 draft_temperature: Optional[float] = None) -> None:
-        if isinstance(gamma, bool) or not isinstance(gamma, int) or gamma < 1:
-            raise ValueError(f"gamma must be a positive int, got {gamma!r}")
-        self.target, self.drafter, self.gamma = target, ar_drafter, gamma
-        self.draft_temperature = draft_temperature
+    feature_layers = None
 
-    def _begin(self, prompt: Tensor, seed: int, tau: float,
-               hidden: Optional[Tensor] = None) -> None:
-        self._dtau = tau if self.draft_temperature is None else float(self.draft_temperature)
+    def __init__(self, ar_drafter: Any, draft_temperature: Optional[float] = None) -> None:
+        self.drafter, self.draft_temperature = ar_drafter, draft_temperature
+
+    def start(self, prompt: Tensor, seed: int, temperature: float,
+              hidden: Optional[Tensor]) -> None:
+        self._dtau = temperature if self.draft_temperature is None else float(self.draft_temperature)
         self._gen = torch.Generator(device=prompt.device).manual_seed(seed)
         self._cache = self.drafter.new_cache()
         self._vmap = getattr(self.drafter, "vocab_map", None)  # (Vd,) reduced vocabulary
         self._pending = prompt  # tokens the drafter has not read yet (the last one included)
         self._length = 0  # positions in the drafter's cache
 
-    def _draft(self, gamma: int, rnd: int) -> tuple:
+    def draft(self, gamma: int, rnd: int) -> Draft:
         x, ids, rows = self._pending, [], []
-        vmap = self._vmap
-        for i in range(gamma):
+        for _ in range(gamma):
             row = _logits(self.drafter.forward(x, self._cache))[:, -1]  # (1, Vd)
             self._length += x.shape[1]
             if self._dtau == 0.0:
@@ -516,67 +519,99 @@ class ARSpecDecoder(_SpecBase):
                 e = torch.empty(row.shape, device=row.device, dtype=torch.float32)
                 e.exponential_(generator=self._gen)
                 x = (torch.softmax(row.float() / self._dtau, -1) / e).argmax(-1, keepdim=True)
-            if vmap is not None:  # drafter column -> target id
-                x = vmap[x]
+            if self._vmap is not None:  # drafter column -> target id
+                x = self._vmap[x]
             ids.append(x)
             rows.append(row)
         self._g = gamma
-        dl = torch.stack(rows, dim=1) if self._dtau > 0 else None  # (1, G, Vd)
-        return torch.cat(ids, dim=1), dl, None, self._dtau, vmap
+        logits = torch.stack(rows, dim=1) if self._dtau > 0 else None  # (1, G, Vd)
+        return Draft(torch.cat(ids, dim=1), logits, None, self._dtau, self._vmap)
 
-    def _advance(self, res_ids: Tensor, drafts: Optional[Tensor], n_acc: int, n_new: int,
-                 hidden: Optional[Tensor] = None) -> None:
+    def accept(self, emitted: Tensor, n_acc: int, hidden: Optional[Tensor]) -> None:
         # the drafter read the last token and x_1 .. x_{G-1}; keep last + the accepted ones
         keep = self._length - self._g + 1 + n_acc
         if n_acc == self._g:  # x_G was never fed: read it with the bonus token
-            self._pending = res_ids[:, n_acc - 1: n_acc + 1]
+            self._pending = emitted[:, n_acc - 1:]
             keep -= 1
         else:
-            self._pending = res_ids[:, n_acc: n_acc + 1]
+            self._pending = emitted[:, n_acc:]
         self.drafter.crop(self._cache, keep)
         self._length = keep
 
 
-class PLDDecoder(_SpecBase):
-    """Prompt-lookup decoding: drafts copied from the text so far, verified by `ops.verify`.
+class PromptLookup:
+    """Prompt-lookup drafting: the tokens that followed the most recent earlier occurrence of
+    the text's last n tokens (n = max_ngram down to min_ngram) in the prompt and the output;
+    none when nothing matches. The drafts are a function of the text so far, so they are point
+    masses and verification is exact at every temperature."""
 
-    The last n tokens (n = max_ngram down to min_ngram) are looked up in the prompt and the
-    output; the tokens after their most recent earlier occurrence are the drafts (up to
-    `gamma`; none when nothing matches, and the round is a plain target step). The drafts are a
-    function of the text so far, so they are point masses and the output is exactly the
-    target's law at every temperature.
+    feature_layers = None
 
-    Parameters
-    ----------
-    target : TargetModel
-    gamma : int
-        At most this many drafts per round.
-    max_ngram, min_ngram : int
-        Longest and shortest suffix looked up.
-    """
-
-    def __init__(self, target: Any, gamma: int = 4, max_ngram: int = 3, min_ngram: int = 1) -> None:
-        for name, v in (("gamma", gamma), ("max_ngram", max_ngram), ("min_ngram", min_ngram)):
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 1) -> None:
+        for name, v in (("max_ngram", max_ngram), ("min_ngram", min_ngram)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         if min_ngram > max_ngram:
             raise ValueError(f"min_ngram must be <= max_ngram, got {min_ngram} > {max_ngram}")
-        self.target, self.gamma = target, gamma
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
 
-    def _begin(self, prompt: Tensor, seed: int, tau: float,
-               hidden: Optional[Tensor] = None) -> None:
+    def start(self, prompt: Tensor, seed: int, temperature: float,
+              hidden: Optional[Tensor]) -> None:
         self._text: List[int] = prompt[0].tolist()
         self._dev = prompt.device
 
-    def _draft(self, gamma: int, rnd: int) -> tuple:
+    def draft(self, gamma: int, rnd: int) -> Draft:
         found = lookup_ngram(self._text, gamma, self.max_ngram, self.min_ngram)
         ids = torch.tensor([found], dtype=torch.int64, device=self._dev).view(1, len(found))
-        return ids, None, torch.ones_like(ids, dtype=torch.bool), 0.0, None
+        return Draft(ids, None, torch.ones_like(ids, dtype=torch.bool))
 
-    def _advance(self, res_ids: Tensor, drafts: Optional[Tensor], n_acc: int, n_new: int,
-                 hidden: Optional[Tensor] = None) -> None:
-        self._text.extend(res_ids[0, :n_new].tolist())
+    def accept(self, emitted: Tensor, n_acc: int, hidden: Optional[Tensor]) -> None:
+        self._text.extend(emitted[0].tolist())
+
+
+# ------------------------------------------------------------------------------ decoders
+
+
+class SpecDiffDecoder(SpeculativeDecoder):
+    """Speculative diffusion decoding: `SpeculativeDecoder` over `DiffusionDrafting`.
+
+    Parameters
+    ----------
+    target : TargetModel
+    drafter : DFlashDrafter or DiffusionDrafter
+        See `DiffusionDrafting`.
+    gamma : int
+        Block size G (drafts per round); at most block_size - 1 for a DFlash drafter.
+    steps, commit, draft_temperature
+        See `DiffusionDrafting`.
+    """
+
+    def __init__(self, target: Any, drafter: Union[DFlashDrafter, DiffusionDrafter], gamma: int = 8,
+                 steps: int = 1, commit: Union[CommitMode, str] = CommitMode.LEFT_TO_RIGHT,
+                 draft_temperature: Optional[float] = None) -> None:
+        drafting = DiffusionDrafting(drafter, steps, commit, draft_temperature)
+        super().__init__(target, drafting, gamma)
+        if drafting.dflash and gamma > drafter.config.block_size - 1:
+            raise ValueError(f"gamma must be <= block_size - 1 = {drafter.config.block_size - 1} "
+                             f"for this DFlash drafter (trained on blocks of "
+                             f"{drafter.config.block_size}), got {gamma}")
+
+
+class ARSpecDecoder(SpeculativeDecoder):
+    """Speculative decoding with a small autoregressive drafter: `SpeculativeDecoder` over
+    `ARDrafting` (see there for `ar_drafter` and `draft_temperature`)."""
+
+    def __init__(self, target: Any, ar_drafter: Any, gamma: int = 4,
+                 draft_temperature: Optional[float] = None) -> None:
+        super().__init__(target, ARDrafting(ar_drafter, draft_temperature), gamma)
+
+
+class PLDDecoder(SpeculativeDecoder):
+    """Prompt-lookup decoding: `SpeculativeDecoder` over `PromptLookup` (at most `gamma`
+    drafts per round copied from the text so far)."""
+
+    def __init__(self, target: Any, gamma: int = 4, max_ngram: int = 3, min_ngram: int = 1) -> None:
+        super().__init__(target, PromptLookup(max_ngram, min_ngram), gamma)
 
 
 def lookup_ngram(text: Sequence[int], gamma: int, max_ngram: int = 3,

@@ -254,12 +254,6 @@ class DrafterCache:
         self.bound = min(self.bound, length)
         return self
 
-    def reset(self) -> "DrafterCache":
-        """Forget the whole context (buffers are kept for reuse)."""
-        self.lengths.zero_()
-        self.bound, self.uniform = 0, True
-        return self
-
     def context_mask(self) -> Optional[Tensor]:
         """Which cached positions are real context, or None when every row has `bound` of them.
 
@@ -385,12 +379,6 @@ class DiffusionDrafter(nn.Module):
         if vm.unique().numel() != vm.numel():
             raise ValueError("vocab_map must not repeat a target id")
         return vm
-
-    def set_vocab_map(self, vocab_map: Tensor) -> None:
-        """Replace the reduced vocabulary. Shape: (K,) target ids, distinct."""
-        if self.vocab_map is None:
-            raise ValueError("this drafter predicts the full vocabulary (config.reduced_vocab is None)")
-        self.vocab_map.copy_(self._check_vocab_map(vocab_map).to(self.vocab_map.device))
 
     def head_weight(self) -> Tensor:
         """The output head the drafter uses: target_head, or its rows vocab_map (cached).
