@@ -288,7 +288,10 @@ void check_output(Array& a, py::handle obj, const char* name, Kind kind,
 
 #if defined(SPECDIFF_WITH_CUDA)
 void check_cuda(int err, const char* what) {
-  if (err != 0) throw std::runtime_error(std::string(what) + ": " + cuda::error_string(err));
+  const std::string where = cuda::take_error_where();
+  if (err != 0)
+    throw std::runtime_error(std::string(what) + ": " + cuda::error_string(err) +
+                             (where.empty() ? "" : " (at " + where + ")"));
 }
 void* workspace_ptr(py::handle ws, size_t need, Array& holder, DeviceCheck& dev) {
   if (need == 0) return nullptr;

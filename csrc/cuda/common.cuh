@@ -11,10 +11,15 @@
 #include "specdiff/ops.h"
 #include "specdiff/philox.h"
 
-#define SD_CUDA_CALL(expr)                  \
-  do {                                      \
-    const cudaError_t sd_err_ = (expr);     \
-    if (sd_err_ != cudaSuccess) return sd_err_; \
+// Every CUDA runtime call and launcher goes through this: on failure it records where (file,
+// line, the call) for the bindings' error message and returns the error.
+#define SD_CUDA_CALL(expr)                                                  \
+  do {                                                                      \
+    const cudaError_t sd_err_ = (expr);                                     \
+    if (sd_err_ != cudaSuccess) {                                           \
+      ::specdiff::cuda::note_error_where(__FILE__, __LINE__, #expr);        \
+      return sd_err_;                                                       \
+    }                                                                       \
   } while (0)
 
 // Check the launch error after every kernel.
@@ -24,6 +29,9 @@ namespace specdiff {
 namespace cuda {
 
 constexpr int kThreads = 256;
+
+// Records the first failing call of this thread (runtime.cu); see take_error_where().
+void note_error_where(const char* file, int line, const char* call);
 
 int sm_count(int device);
 
@@ -328,10 +336,13 @@ cudaError_t launch_row_stats(const LogitsView& lv, int64_t B, int64_t N, int64_t
 template <typename F>
 auto dispatch_dtype(DType dtype, F&& f) {
   switch (dtype) {
+    case DType::kFloat32: return f(float{});
     case DType::kBFloat16: return f(bf16_t{});
     case DType::kFloat16: return f(f16_t{});
-    default: return f(float{});
   }
+  // an unknown dtype never runs as float32: it is an error that says so
+  note_error_where(__FILE__, __LINE__, "dispatch_dtype: unknown logits dtype");
+  return decltype(f(float{}))(cudaErrorInvalidValue);
 }
 
 }  // namespace cuda

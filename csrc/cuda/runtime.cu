@@ -2,6 +2,7 @@
 #include <cuda_runtime.h>
 
 #include <mutex>
+#include <string>
 #include <vector>
 
 #include "common.cuh"
@@ -26,6 +27,21 @@ int sm_count(int device) {
 }
 
 const char* error_string(int err) { return cudaGetErrorString(static_cast<cudaError_t>(err)); }
+
+namespace {
+thread_local std::string g_error_where;
+}  // namespace
+
+void note_error_where(const char* file, int line, const char* call) {
+  if (g_error_where.empty())  // keep the innermost failure; callers up the stack repeat it
+    g_error_where = std::string(file) + ":" + std::to_string(line) + ": " + call;
+}
+
+std::string take_error_where() {
+  std::string w;
+  w.swap(g_error_where);
+  return w;
+}
 
 int device_count() {
   int n = 0;

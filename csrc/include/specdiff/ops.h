@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstddef>
+#include <string>
 
 #include "common.h"
 
@@ -77,6 +78,9 @@ int verify(const VerifyParams& p, void* workspace, size_t workspace_bytes, void*
 int gather_logprobs(const GatherParams& p, void* workspace, size_t workspace_bytes, void* stream, int device);
 int denoise_step(const DenoiseParams& p, void* workspace, size_t workspace_bytes, void* stream, int device);
 const char* error_string(int err);
+// "file:line: call" of the first CUDA call that failed in this thread since the last
+// take_error_where() ("" when none); reading it clears it.
+std::string take_error_where();
 int device_count();
 }  // namespace cuda
 #endif
