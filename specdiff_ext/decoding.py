@@ -580,16 +580,20 @@ class SpecDiffDecoder(SpeculativeDecoder):
     target : TargetModel
     drafter : DFlashDrafter or DiffusionDrafter
         See `DiffusionDrafting`.
-    gamma : int
-        Block size G (drafts per round); at most block_size - 1 for a DFlash drafter.
+    gamma : int, optional
+        Block size G (drafts per round); at most block_size - 1 for a DFlash drafter. None:
+        block_size - 1 for a DFlash drafter (its trained block), 8 otherwise.
     steps, commit, draft_temperature
         See `DiffusionDrafting`.
     """
 
-    def __init__(self, target: Any, drafter: Union[DFlashDrafter, DiffusionDrafter], gamma: int = 8,
-                 steps: int = 1, commit: Union[CommitMode, str] = CommitMode.LEFT_TO_RIGHT,
+    def __init__(self, target: Any, drafter: Union[DFlashDrafter, DiffusionDrafter],
+                 gamma: Optional[int] = None, steps: int = 1,
+                 commit: Union[CommitMode, str] = CommitMode.LEFT_TO_RIGHT,
                  draft_temperature: Optional[float] = None) -> None:
         drafting = DiffusionDrafting(drafter, steps, commit, draft_temperature)
+        if gamma is None:
+            gamma = drafter.config.block_size - 1 if drafting.dflash else 8
         super().__init__(target, drafting, gamma)
         if drafting.dflash and gamma > drafter.config.block_size - 1:
             raise ValueError(f"gamma must be <= block_size - 1 = {drafter.config.block_size - 1} "

@@ -4,9 +4,11 @@
   default the embedded ones, in one dtype on one device.
 - `default_dtype`: bfloat16 where the CPU has native bf16 arithmetic (or on CUDA), else float32.
 
-The drafters live in the package, under ``specdiff_ext/weights/``: ``smollm2-135m-specdiff``
-(masked-diffusion drafter, `drafter.load_drafter`) and ``smollm2-135m-ar`` (autoregressive
-baseline drafter, `drafter.ar.load_ar_drafter`). Each folder has a model card (README.md).
+The drafters live in the package, under ``specdiff_ext/weights/``: ``smollm2-135m-dflash`` (the
+default: a DFlash-architecture block-diffusion drafter in the published DFlash layout,
+`drafter.load_drafter`), ``smollm2-135m-specdiff`` (the earlier tokens-context masked-diffusion
+drafter) and ``smollm2-135m-ar`` (the autoregressive baseline drafter,
+`drafter.ar.load_ar_drafter`). Each folder has a model card (README.md).
 """
 
 from __future__ import annotations
@@ -21,10 +23,10 @@ __all__ = ["WEIGHTS_DIR", "DEFAULT_DRAFTER", "DEFAULT_AR_DRAFTER", "DEFAULT_GAMM
            "parse_dtype", "load_pair", "load_diffusion_drafter", "Pair"]
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
-DEFAULT_DRAFTER = WEIGHTS_DIR / "smollm2-135m-specdiff"
+DEFAULT_DRAFTER = WEIGHTS_DIR / "smollm2-135m-dflash"
 DEFAULT_AR_DRAFTER = WEIGHTS_DIR / "smollm2-135m-ar"
-# specdiff drafts per round with the embedded drafter (`benchmarks/sweep_gamma.sh` measures it)
-DEFAULT_GAMMA = 8
+# specdiff drafts per round with the embedded drafter: its trained block (4) less the last token
+DEFAULT_GAMMA = 3
 
 PathLike = Union[str, os.PathLike]
 

@@ -397,7 +397,10 @@ class DFlashDrafter(nn.Module):
         kv = [(k[:, :, :S], v[:, :, :S]) for k, v in zip(cache.keys, cache.values)]
         h = self.hidden(tokens, pos, kv, None)[:, 1:]  # (B, G, H)
         head = self._head_weight
-        return F.linear(h.to(head.dtype), head)  # (B, G, V)
+        # 2-D and contiguous: a strided 3-D input sends F.linear through a batched matmul that
+        # copies the whole (V, H) head on every call
+        flat = h.reshape(B * G, -1).to(head.dtype).contiguous()  # (B*G, H)
+        return F.linear(flat, head).view(B, G, -1)  # (B, G, V)
 
     def forward_blocks(self, features: Tensor, anchors: Tensor, block_tokens: Tensor) -> Tensor:
         """Training forward: A blocks per row in one pass, each seeing the context before its
