@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--init-from", default=None,
+                    help="start from this drafter's weights (a DFlash folder, e.g. the embedded "
+                         "one) with a fresh optimizer, instead of a random init")
     ap.add_argument("--log", default=None, help="also append log lines to this file")
     return ap
 
@@ -266,8 +269,11 @@ def train(args: argparse.Namespace, target: Any = None, log: Any = print) -> dic
     prompts = [x for i in range(max(len(he), len(sg))) for x in (sg[i:i + 1] + he[i:i + 1])]
     embed, head = target.input_embeddings.weight, target.lm_head_weight
     resume = args.resume and (out / STATE_NAME).is_file()
-    if resume:
-        drafter = load_drafter(out, embed, head, target_name=target.name)
+    if resume or args.init_from:
+        drafter = load_drafter(out if resume else args.init_from, embed, head,
+                               target_name=target.name)
+        if not isinstance(drafter, DFlashDrafter):
+            raise ValueError(f"--init-from {args.init_from} is not a DFlash drafter")
     else:
         ids = ([int(x) for x in args.target_layer_ids.split(",")] if args.target_layer_ids
                else [])
