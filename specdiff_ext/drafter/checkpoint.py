@@ -194,6 +194,26 @@ def save_dflash(model: DFlashDrafter, folder: Union[str, os.PathLike],
         fh.write("\n")
 
 
+def _load_weights(model: nn.Module, folder: Union[str, os.PathLike], kind: str,
+                  device: Any, dtype: Optional[torch.dtype], fallback_device: Any) -> Any:
+    """Strictly load folder/model.safetensors into `model`, then place it (eval mode)."""
+    state = _safetensors().load_file(os.path.join(folder, WEIGHTS_NAME))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{kind} checkpoint {os.fspath(folder)!r} does not match its config: "
+                         f"missing {sorted(missing)}, unexpected {sorted(unexpected)}")
+    model.to(device=device if device is not None else fallback_device,
+             dtype=dtype if dtype is not None else torch.float32)
+    return model.eval()
+
+
+def _check_target_shapes(emb: Tensor, head: Tensor, V: int, H: int) -> None:
+    for name, t in (("target_embed", emb), ("target_head", head)):
+        if tuple(t.shape) != (V, H):
+            raise ValueError(f"{name} must have shape (V, H) = ({V}, {H}) for this drafter, "
+                             f"got {tuple(t.shape)}")
+
+
 def _load_dflash(folder: Union[str, os.PathLike], emb: Tensor, target_head: Tensor,
                  target_name: str, device: Any, dtype: Optional[torch.dtype]) -> DFlashDrafter:
     cfg, _ = read_dflash_config(folder)
@@ -201,19 +221,9 @@ def _load_dflash(folder: Union[str, os.PathLike], emb: Tensor, target_head: Tens
         raise ValueError(f"drafter checkpoint {os.fspath(folder)!r} was distilled from a target "
                          f"with target name {cfg.target_name!r}, but the target given has "
                          f"target name {target_name!r}")
-    for name, t in (("target_embed", emb), ("target_head", target_head)):
-        if tuple(t.shape) != (cfg.vocab_size, cfg.hidden_size):
-            raise ValueError(f"{name} must have shape (V, H) = ({cfg.vocab_size}, "
-                             f"{cfg.hidden_size}) for this drafter, got {tuple(t.shape)}")
-    state = _safetensors().load_file(os.path.join(folder, WEIGHTS_NAME))
-    model = DFlashDrafter(cfg, emb, target_head)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"DFlash checkpoint {os.fspath(folder)!r} does not match its config: "
-                         f"missing {sorted(missing)}, unexpected {sorted(unexpected)}")
-    model.to(device=device if device is not None else target_head.device,
-             dtype=dtype if dtype is not None else torch.float32)
-    return model.eval()
+    _check_target_shapes(emb, target_head, cfg.vocab_size, cfg.hidden_size)
+    return _load_weights(DFlashDrafter(cfg, emb, target_head), folder, "DFlash", device, dtype,
+                         target_head.device)
 
 
 def read_drafter_config(folder: Union[str, os.PathLike]) -> tuple[DrafterConfig, dict]:
@@ -284,17 +294,6 @@ def load_drafter(
                 f"drafter checkpoint {os.fspath(folder)!r} was distilled from a target with "
                 f"{field} {want!r}, but the target given has {field} {given[field]!r}"
             )
-    for name, t in (("target_embed", emb), ("target_head", target_head)):
-        if tuple(t.shape) != (cfg.vocab_size, cfg.hidden_size):
-            raise ValueError(f"{name} must have shape (V, H) = ({cfg.vocab_size}, "
-                             f"{cfg.hidden_size}) for this drafter, got {tuple(t.shape)}")
-    st = _safetensors()
-    state = st.load_file(os.path.join(folder, WEIGHTS_NAME))
-    model = DiffusionDrafter(cfg, emb, target_head)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"drafter checkpoint {os.fspath(folder)!r} does not match its config: "
-                         f"missing {sorted(missing)}, unexpected {sorted(unexpected)}")
-    model.to(device=device if device is not None else target_head.device,
-             dtype=dtype if dtype is not None else torch.float32)
-    return model.eval()
+    _check_target_shapes(emb, target_head, cfg.vocab_size, cfg.hidden_size)
+    return _load_weights(DiffusionDrafter(cfg, emb, target_head), folder, "drafter", device, dtype,
+                         target_head.device)

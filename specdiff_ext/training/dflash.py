@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ import torch.nn.functional as F
 
 from ..drafter.checkpoint import load_drafter, save_dflash
 from .data import TokenData, load_shards, read_heldout
+from .train import lr_at
 from ..drafter.dflash import DFlashConfig, DFlashDrafter
 
 __all__ = ["build_parser", "train", "main", "position_weights", "sample_batch", "block_loss"]
@@ -198,14 +198,6 @@ def block_loss(drafter: DFlashDrafter, feats: torch.Tensor, batch: dict,
     first[:, :, 1:] = False
     hit = (top == labels[keep])[first[keep]]
     return loss, (hit.float().mean().item() if hit.numel() else 0.0)
-
-
-def lr_at(step: int, base: float, warmup: int, total: int, min_ratio: float) -> float:
-    """Linear warm-up to base, then cosine decay to base * min_ratio at `total`."""
-    if step < warmup:
-        return base * (step + 1) / warmup
-    frac = min(1.0, (step - warmup) / max(1, total - warmup))
-    return base * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
 def _save(out: Path, drafter: DFlashDrafter, opt: Any, step: int, gen: torch.Generator,
