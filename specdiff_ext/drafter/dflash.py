@@ -23,7 +23,6 @@ A anchors per row, H hidden size, F = k * H_t feature width, nh / nkv heads, hs 
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
@@ -31,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .model import RMSNorm, SwiGLU, _apply_rope, _rope_cos_sin
+from .model import (Attention, RMSNorm, SwiGLU, _apply_rope, _rope_cos_sin,
+                    frozen_target_weights, init_weights)
 
 __all__ = ["DFlashConfig", "DFlashDrafter", "DFlashCache", "build_target_layer_ids"]
 
@@ -158,19 +158,20 @@ class DFlashConfig:
         return cls(**kw)
 
 
-class DFlashAttention(nn.Module):
-    """Qwen3-style attention whose keys/values also come from the context features."""
+class DFlashAttention(Attention):
+    """Qwen3-style attention (q/k RMS-norm per head) whose keys/values also come from the
+    context features."""
 
     def __init__(self, cfg: DFlashConfig) -> None:
-        super().__init__()
-        H, hs = cfg.hidden_size, cfg.head_dim
-        self.nh, self.nkv, self.hs = cfg.n_heads, cfg.n_kv_heads, hs
-        self.q_proj = nn.Linear(H, self.nh * hs, bias=cfg.attention_bias)
-        self.k_proj = nn.Linear(H, self.nkv * hs, bias=cfg.attention_bias)
-        self.v_proj = nn.Linear(H, self.nkv * hs, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(self.nh * hs, H, bias=cfg.attention_bias)
-        self.q_norm = RMSNorm(hs, cfg.rms_eps)
-        self.k_norm = RMSNorm(hs, cfg.rms_eps)
+        super().__init__(cfg, o_bias=cfg.attention_bias)
+        self.q_norm = RMSNorm(self.hs, cfg.rms_eps)
+        self.k_norm = RMSNorm(self.hs, cfg.rms_eps)
+
+    def q(self, h: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """Normed, rotated queries. Shape: h (B, n, H) -> (B, nh, n, hs)."""
+        B, n, _ = h.shape
+        q = self.q_norm(self.q_proj(h).view(B, n, self.nh, self.hs))  # (B, n, nh, hs)
+        return _apply_rope(q, cos, sin).transpose(1, 2)
 
     def kv(self, h: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
         """Normed, rotated keys and values. Shape: h (B, n, H) -> two (B, nkv, n, hs)."""
@@ -183,15 +184,9 @@ class DFlashAttention(nn.Module):
                 mask: Optional[Tensor]) -> Tensor:
         """Block attention over [context, block]. Shape: h (B, n, H), ctx_k/v (B, nkv, S, hs),
         mask (B or 1, 1, n, S + n) bool (True = visible) or None -> (B, n, H)."""
-        B, n, _ = h.shape
-        q = self.q_norm(self.q_proj(h).view(B, n, self.nh, self.hs))  # (B, n, nh, hs)
-        q = _apply_rope(q, cos, sin).transpose(1, 2)  # (B, nh, n, hs)
         kb, vb = self.kv(h, cos, sin)  # (B, nkv, n, hs)
-        k = torch.cat([ctx_k, kb], dim=2)  # (B, nkv, S+n, hs)
-        v = torch.cat([ctx_v, vb], dim=2)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                           enable_gqa=self.nkv != self.nh)  # (B, nh, n, hs)
-        return self.o_proj(y.transpose(1, 2).reshape(B, n, self.nh * self.hs))
+        return self.attend(self.q(h, cos, sin), torch.cat([ctx_k, kb], dim=2),
+                           torch.cat([ctx_v, vb], dim=2), mask)  # keys (B, nkv, S+n, hs)
 
 
 class DFlashLayer(nn.Module):
@@ -315,28 +310,14 @@ class DFlashDrafter(nn.Module):
     def reset_parameters(self) -> None:
         """Normal(0, init_std) linear weights (output projections scaled by 1/sqrt(2 L)), unit
         norm gains."""
-        std = self.config.init_std
-        for name, mod in self.named_modules():
-            if isinstance(mod, nn.Linear):
-                s = std / math.sqrt(2 * self.config.n_layers) if name.endswith(
-                    ("o_proj", "down_proj")) else std
-                nn.init.normal_(mod.weight, 0.0, s)
-                if mod.bias is not None:
-                    nn.init.zeros_(mod.bias)
-            elif isinstance(mod, RMSNorm):
-                nn.init.ones_(mod.weight)
+        init_weights(self, self.config.init_std, self.config.n_layers)
 
     def set_target_weights(self, target_embed: Union[nn.Embedding, Tensor],
                            target_head: Tensor) -> None:
         """Point the drafter at the target's embedding and head (frozen, never saved)."""
-        cfg = self.config
-        emb = target_embed.weight if isinstance(target_embed, nn.Embedding) else target_embed
-        want = (cfg.vocab_size, cfg.hidden_size)
-        for name, t in (("target_embed", emb), ("target_head", target_head)):
-            if tuple(t.shape) != want:
-                raise ValueError(f"{name} must have shape (V, H) = {want}, got {tuple(t.shape)}")
-        self.__dict__["_embed_weight"] = emb.detach()
-        self.__dict__["_head_weight"] = target_head.detach()
+        emb, head = frozen_target_weights(self.config, target_embed, target_head)
+        self.__dict__["_embed_weight"] = emb
+        self.__dict__["_head_weight"] = head
 
     def head_weight(self) -> Tensor:
         return self._head_weight

@@ -17,7 +17,7 @@ Vd drafter vocabulary (K with a reduced vocabulary), H_t width of the target fea
 from __future__ import annotations
 
 import math
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -67,17 +67,42 @@ def _apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
+def init_weights(module: nn.Module, std: float, n_layers: int) -> None:
+    """Normal(0, std) linear weights (output projections o_proj / down_proj scaled by
+    1/sqrt(2 n_layers)), zero biases, unit RMSNorm gains: the init of every drafter."""
+    for name, mod in module.named_modules():
+        if isinstance(mod, nn.Linear):
+            s = std / math.sqrt(2 * n_layers) if name.endswith(("o_proj", "down_proj")) else std
+            nn.init.normal_(mod.weight, 0.0, s)
+            if mod.bias is not None:
+                nn.init.zeros_(mod.bias)
+        elif isinstance(mod, RMSNorm):
+            nn.init.ones_(mod.weight)
+
+
+def frozen_target_weights(cfg: Any, target_embed: Union[nn.Embedding, Tensor],
+                          target_head: Tensor) -> tuple[Tensor, Tensor]:
+    """The target's embedding and head, checked against cfg's (V, H) and detached: a drafter
+    keeps them as plain attributes (frozen, never saved). Shapes: (V, H) each."""
+    emb = target_embed.weight if isinstance(target_embed, nn.Embedding) else target_embed
+    want = (cfg.vocab_size, cfg.hidden_size)
+    for name, t in (("target_embed", emb), ("target_head", target_head)):
+        if tuple(t.shape) != want:
+            raise ValueError(f"{name} must have shape (V, H) = {want}, got {tuple(t.shape)}")
+    return emb.detach(), target_head.detach()
+
+
 class Attention(nn.Module):
     """Grouped-query attention projections (Hugging Face Llama names and layouts)."""
 
-    def __init__(self, cfg: DrafterConfig) -> None:
+    def __init__(self, cfg: Any, o_bias: bool = False) -> None:
         super().__init__()
         H, hs = cfg.hidden_size, cfg.head_dim
         self.nh, self.nkv, self.hs = cfg.n_heads, cfg.n_kv_heads, hs
         self.q_proj = nn.Linear(H, self.nh * hs, bias=cfg.attention_bias)
         self.k_proj = nn.Linear(H, self.nkv * hs, bias=cfg.attention_bias)
         self.v_proj = nn.Linear(H, self.nkv * hs, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(self.nh * hs, H, bias=False)
+        self.o_proj = nn.Linear(self.nh * hs, H, bias=o_bias)
 
     def q(self, h: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         """Rotated queries. Shape: h (B, n, H) -> (B, nh, n, hs)."""
@@ -337,15 +362,7 @@ class DiffusionDrafter(nn.Module):
         """Normal(0, init_std) linear weights (output projections scaled by 1/sqrt(2 L)), zero
         biases, unit norm gains, and the [MASK] embedding at the embedding's scale."""
         std = self.config.init_std
-        for name, mod in self.named_modules():
-            if isinstance(mod, nn.Linear):
-                s = std / math.sqrt(2 * self.config.n_layers) if name.endswith(
-                    ("o_proj", "down_proj")) else std
-                nn.init.normal_(mod.weight, 0.0, s)
-                if mod.bias is not None:
-                    nn.init.zeros_(mod.bias)
-            elif isinstance(mod, RMSNorm):
-                nn.init.ones_(mod.weight)
+        init_weights(self, std, self.config.n_layers)
         if isinstance(self.mask_embedding, nn.Parameter):
             with torch.no_grad():
                 scale = float(self._embed_weight.float().std()) if self._embed_weight.numel() > 1 else std
@@ -354,18 +371,10 @@ class DiffusionDrafter(nn.Module):
     def set_target_weights(self, target_embed: Union[nn.Embedding, Tensor],
                            target_head: Tensor) -> None:
         """Point the drafter at (new copies of) the target's embedding and head. Shapes: (V, H)."""
-        cfg = self.config
-        emb = target_embed.weight if isinstance(target_embed, nn.Embedding) else target_embed
-        want = (cfg.vocab_size, cfg.hidden_size)
-        if tuple(emb.shape) != want:
-            raise ValueError(f"target_embed must have shape (V, H) = {want}, got {tuple(emb.shape)}")
-        if tuple(target_head.shape) != want:
-            raise ValueError(
-                f"target_head must have shape (V, H) = {want}, got {tuple(target_head.shape)}"
-            )
+        emb, head = frozen_target_weights(self.config, target_embed, target_head)
         # Plain attributes, not parameters or buffers: frozen and never saved.
-        self.__dict__["_embed_weight"] = emb.detach()
-        self.__dict__["_head_weight"] = target_head.detach()
+        self.__dict__["_embed_weight"] = emb
+        self.__dict__["_head_weight"] = head
         self.__dict__["_head_cache"] = None
 
     def _check_vocab_map(self, vocab_map: Tensor) -> Tensor:

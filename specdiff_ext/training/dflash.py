@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from ..drafter.checkpoint import load_drafter, save_dflash
 from .data import TokenData, load_shards, read_heldout
+from .features import target_features
 from .train import lr_at
 from ..drafter.dflash import DFlashConfig, DFlashDrafter
 
@@ -135,18 +136,6 @@ def sample_batch(data: TokenData, B: int, A: int, bs: int, max_len: int, mask_id
         block = torch.where(reveal, tok, block)
         labels = labels.masked_fill(reveal[:, :, 1:], -1)
     return {"seqs": seqs, "attn": attn, "anchors": anchors, "block": block, "labels": labels}
-
-
-@torch.no_grad()
-def target_features(target: Any, seqs: torch.Tensor, attn: torch.Tensor,
-                    layers: Sequence[int]) -> torch.Tensor:
-    """The target's states of `layers` (TargetModel numbering) at every position, concatenated.
-
-    Shape: seqs, attn (B, L) -> (B, L, len(layers) * H_t), in the target's dtype.
-    """
-    out = target.model.model(input_ids=seqs.to(target.device), attention_mask=attn.to(target.device),
-                             output_hidden_states=True)
-    return torch.cat([out.hidden_states[k] for k in layers], dim=-1)
 
 
 class _HeadCrossEntropy(torch.autograd.Function):
@@ -256,7 +245,8 @@ def train(args: argparse.Namespace, target: Any = None, log: Any = print) -> dic
     # the eval takes held-out prompts from the ends of both lists; `specdiff bench` and
     # `eval-drafter` start at the fronts, so checkpoint selection never sees their prompts
     ne = args.eval_prompts
-    he = humaneval_prompts()[len(humaneval_prompts()) - ne // 2:] if ne // 2 else []
+    he = humaneval_prompts()
+    he = he[len(he) - ne // 2:] if ne // 2 else []
     sg = heldout[len(heldout) - (ne - ne // 2):]
     prompts = [x for i in range(max(len(he), len(sg))) for x in (sg[i:i + 1] + he[i:i + 1])]
     embed, head = target.input_embeddings.weight, target.lm_head_weight

@@ -21,12 +21,25 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-__all__ = ["compute_features", "load_features", "shifted_window_features", "features_file"]
+__all__ = ["target_features", "compute_features", "load_features", "shifted_window_features",
+           "features_file"]
 
 
 def features_file(folder: Union[str, os.PathLike], layers: Sequence[int]) -> Path:
     """Where `compute_features` stores the features of `layers` for a dataset folder."""
     return Path(folder) / ("features_" + "_".join(str(int(i)) for i in layers) + ".safetensors")
+
+
+@torch.no_grad()
+def target_features(target: Any, seqs: torch.Tensor, attn: torch.Tensor,
+                    layers: Sequence[int]) -> torch.Tensor:
+    """The target's states of `layers` (TargetModel numbering) at every position, concatenated.
+
+    Shape: seqs, attn (B, L) -> (B, L, len(layers) * H_t), in the target's dtype.
+    """
+    out = target.model.model(input_ids=seqs.to(target.device), attention_mask=attn.to(target.device),
+                             output_hidden_states=True)
+    return torch.cat([out.hidden_states[k] for k in layers], dim=-1)
 
 
 @torch.inference_mode()
@@ -64,11 +77,7 @@ def compute_features(target: Any, data: Any, layers: Sequence[int], out: Union[s
             o0, o1 = int(data.offsets[r]), int(data.offsets[r + 1])
             ids[b, : o1 - o0] = data.tokens[o0:o1]
             att[b, : o1 - o0] = 1
-        out_h = target.model.model(input_ids=ids.to(target.device),
-                                   attention_mask=att.to(target.device),
-                                   output_hidden_states=True)
-        hs = out_h.hidden_states
-        cat = torch.cat([hs[k] for k in layers], dim=-1).to("cpu", dtype)  # (b, L, Hf)
+        cat = target_features(target, ids, att, layers).to("cpu", dtype)  # (b, L, Hf)
         for b, r in enumerate(rows):
             o0, o1 = int(data.offsets[r]), int(data.offsets[r + 1])
             feats[o0:o1] = cat[b, : o1 - o0]
