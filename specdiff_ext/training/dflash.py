@@ -288,16 +288,14 @@ def train(args: argparse.Namespace, target: Any = None, log: Any = print) -> dic
                default=-1.0)
     pos_w = position_weights(cfg.block_size - 1, args.decay_g, dev)
     egamma = args.eval_gamma or cfg.block_size - 1
-    adict = {k: v for k, v in vars(args).items()}
+    adict = dict(vars(args))
     say(f"dflash drafter: {cfg.n_layers} layers, features of target layers "
         f"{cfg.target_layer_ids}, block {cfg.block_size}, "
         f"{sum(p.numel() for p in params) / 1e6:.1f}M parameters; data {len(data)} sequences, "
         f"{data.tokens.numel()} tokens; eval on {len(prompts)} held-out prompts")
-    t0, seen, acc_ema, loss_ema = time.perf_counter(), 0, None, None
+    t0, acc_ema, loss_ema = time.perf_counter(), None, None
     wall0 = float(history[-1].get("wall", 0.0)) if history else 0.0
-
-    def evaluate() -> dict:  # the fp32 drafter reads the target's features in any dtype
-        return evaluate_acceptance(drafter, target, prompts, egamma, args.eval_rounds)
+    seen = int(history[-1].get("labels", 0)) if history else 0  # supervised labels so far
 
     while step < args.steps:
         batch = sample_batch(data, args.batch, args.anchors, cfg.block_size, args.max_len,
@@ -324,15 +322,16 @@ def train(args: argparse.Namespace, target: Any = None, log: Any = print) -> dic
                 f"{acc_ema:.3f} lr {lr:.2e} labels {seen} wall {wall:.0f}s")
         rec: dict = {}
         if args.eval_every and (step % args.eval_every == 0 or step == args.steps):
-            ev = evaluate()
-            rec = {"step": step, "wall": wall, "loss": lv, "loss_ema": loss_ema,
-                   "acc_ema": acc_ema, **ev}
+            # the fp32 drafter reads the target's features in whatever dtype they come
+            ev = evaluate_acceptance(drafter, target, prompts, egamma, args.eval_rounds)
+            rec = {"step": step, "wall": wall, "labels": seen, "loss": lv,
+                   "loss_ema": loss_ema, "acc_ema": acc_ema, **ev}
             history.append(rec)
             say("eval " + json.dumps(rec))
         if rec or step % args.save_every == 0 or step == args.steps:
             if not rec:
-                history.append({"step": step, "wall": wall, "loss": lv, "loss_ema": loss_ema,
-                                "acc_ema": acc_ema})
+                history.append({"step": step, "wall": wall, "labels": seen, "loss": lv,
+                                "loss_ema": loss_ema, "acc_ema": acc_ema})
             _save(out, drafter, opt, step, gen, adict, history)
             if rec and rec["accepted_per_round"] > best:
                 best = rec["accepted_per_round"]
