@@ -275,7 +275,8 @@ def test_train_dflash_learns_and_resumes(chat_target, tmp_path: Path) -> None:
                                                   "--eval-every", "0"]),
               target=chat_target, log=msgs.append)
     assert any("resumed" in m and "step 5" in m for m in msgs) and r["step"] == 10
-    assert r["history"][-1]["labels"] > r["history"][0]["labels"] > 0  # counted across the resume
+    # counted across the resume: 10 steps of labels, not 5 counted afresh
+    assert r["history"][-1]["labels"] > 1.5 * r["history"][0]["labels"] > 0
     loaded = load_drafter(b, chat_target.input_embeddings, chat_target.lm_head_weight,
                           target_name=chat_target.name)
     for k, v in loaded.state_dict().items():
