@@ -3,6 +3,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <climits>
 #include <cmath>
 #include <sstream>
@@ -270,6 +271,62 @@ RowSeed row_seed_arg(py::handle arr, int64_t value, int64_t B, DeviceCheck& dev,
   return s;
 }
 
+// Top-k / top-p / min-p: (B,) arrays or scalars; CPU values are checked here.
+RowFilter row_filter(py::handle top_k, int64_t top_k_value, py::handle top_p, double top_p_value,
+                     py::handle min_p, double min_p_value, int64_t B, DeviceCheck& dev,
+                     Array& hk, Array& hp, Array& hm) {
+  RowFilter f;
+  auto bad_k = [](int64_t k) { return k < 0; };
+  auto bad_p = [](double p) { return !(p > 0.0 && p <= 1.0); };
+  auto bad_mp = [](double m) { return !(m >= 0.0 && m <= 1.0); };
+  if (!top_k.is_none()) {
+    hk.take(top_k, "top_k");
+    hk.check_kinds({Kind::kInt64}, "int64");
+    hk.check_shape({B}, "(B,)");
+    hk.check_contiguous();
+    dev.add(hk);
+    f.top_k = static_cast<const int64_t*>(hk.data());
+    if (!hk.is_cuda())
+      for (int64_t b = 0; b < B; ++b)
+        if (bad_k(f.top_k[b]))
+          value_error("top_k must be >= 0 (0 = off), got " + std::to_string(f.top_k[b]) + " at row " + std::to_string(b));
+  } else {
+    if (bad_k(top_k_value)) value_error("top_k must be >= 0 (0 = off), got " + std::to_string(top_k_value));
+    f.top_k_value = top_k_value;
+  }
+  if (!top_p.is_none()) {
+    hp.take(top_p, "top_p");
+    hp.check_kinds({Kind::kFloat32}, "float32");
+    hp.check_shape({B}, "(B,)");
+    hp.check_contiguous();
+    dev.add(hp);
+    f.top_p = static_cast<const float*>(hp.data());
+    if (!hp.is_cuda())
+      for (int64_t b = 0; b < B; ++b)
+        if (bad_p(f.top_p[b]))
+          value_error("top_p must be in (0, 1] (1 = off), got " + std::to_string(f.top_p[b]) + " at row " + std::to_string(b));
+  } else {
+    if (bad_p(top_p_value)) value_error("top_p must be in (0, 1] (1 = off), got " + std::to_string(top_p_value));
+    f.top_p_value = static_cast<float>(top_p_value);
+  }
+  if (!min_p.is_none()) {
+    hm.take(min_p, "min_p");
+    hm.check_kinds({Kind::kFloat32}, "float32");
+    hm.check_shape({B}, "(B,)");
+    hm.check_contiguous();
+    dev.add(hm);
+    f.min_p = static_cast<const float*>(hm.data());
+    if (!hm.is_cuda())
+      for (int64_t b = 0; b < B; ++b)
+        if (bad_mp(f.min_p[b]))
+          value_error("min_p must be in [0, 1] (0 = off), got " + std::to_string(f.min_p[b]) + " at row " + std::to_string(b));
+  } else {
+    if (bad_mp(min_p_value)) value_error("min_p must be in [0, 1] (0 = off), got " + std::to_string(min_p_value));
+    f.min_p_value = static_cast<float>(min_p_value);
+  }
+  return f;
+}
+
 uint64_t offset_arg(int64_t offset) {
   if (offset < 0 || offset >= (int64_t{1} << 56))
     value_error("offset must be in [0, 2^56), got " + std::to_string(offset));
@@ -317,11 +374,12 @@ void verify_py(py::handle target_logits, py::handle draft_ids, py::handle draft_
                py::handle draft_point_mass, py::handle vocab_map, py::handle vocab_inv,
                py::handle temperature, double temperature_value, py::handle draft_temperature,
                double draft_temperature_value, py::handle seed, int64_t seed_value,
-               int64_t offset, py::handle target_lse, py::handle draft_lse, py::handle out_ids,
-               py::handle out_num_accepted, py::handle out_valid, py::handle workspace,
-               uint64_t stream) {
+               int64_t offset, py::handle target_lse, py::handle draft_lse, py::handle top_k,
+               int64_t top_k_value, py::handle top_p, double top_p_value, py::handle min_p,
+               double min_p_value, py::handle out_ids, py::handle out_num_accepted,
+               py::handle out_valid, py::handle workspace, uint64_t stream) {
   DeviceCheck dev;
-  Array tl, di, dl, pm, vm, vi, ta, dta, sd, tlse, dlse, oi, on, ov, ws;
+  Array tl, di, dl, pm, vm, vi, ta, dta, sd, tlse, dlse, oi, on, ov, ws, hk, hp, hm;
   VerifyParams p;
   tl.take(target_logits, "target_logits");
   tl.check_ndim(3, "(B, G+1, V)");
@@ -374,6 +432,7 @@ void verify_py(py::handle target_logits, py::handle draft_ids, py::handle draft_
   p.draft_tau = row_float(draft_temperature, draft_temperature_value, "draft_temperature", p.B, dev, dta);
   p.seed = row_seed_arg(seed, seed_value, p.B, dev, sd);
   p.offset = offset_arg(offset);
+  p.filter = row_filter(top_k, top_k_value, top_p, top_p_value, min_p, min_p_value, p.B, dev, hk, hp, hm);
   if (!target_lse.is_none()) {
     tlse.take(target_lse, "target_lse");
     tlse.check_kinds({Kind::kFloat32}, "float32");
@@ -401,6 +460,9 @@ void verify_py(py::handle target_logits, py::handle draft_ids, py::handle draft_
 
   if (dev.cuda) {
 #if defined(SPECDIFF_WITH_CUDA)
+    if (p.filter.any())
+      value_error("verify on CUDA takes filtered logits (ops.filter_logits); top_k, top_p and "
+                  "min_p must be off here");
     const size_t need = cuda::verify_workspace_bytes(p.B, p.G, p.V, p.Vd, dev.id);
     void* w = workspace_ptr(workspace, need, ws, dev);
     check_cuda(cuda::verify(p, w, need, reinterpret_cast<void*>(stream), dev.id), "verify");
@@ -527,6 +589,137 @@ void denoise_py(py::handle logits, py::handle tokens, py::handle commit_step, in
   }
 }
 
+// ---------------------------------------------------------------- filter_logits
+void filter_py(py::handle logits, py::handle temperature, double temperature_value,
+               py::handle top_k, int64_t top_k_value, py::handle top_p, double top_p_value,
+               py::handle min_p, double min_p_value, py::handle out, uint64_t stream) {
+  DeviceCheck dev;
+  Array lg, ta, hk, hp, hm, o;
+  FilterParams p;
+  lg.take(logits, "logits");
+  lg.check_ndim(3, "(B, N, V)");  // logits: (B, N, V)
+  dev.add(lg);
+  p.B = lg.size(0);
+  p.N = lg.size(1);
+  p.V = lg.size(2);
+  if (p.V < 1) value_error("logits must have a vocabulary of at least 1, got V = 0");
+  p.logits = logits_view(lg);
+  p.tau = row_float(temperature, temperature_value, "temperature", p.B, dev, ta);
+  p.filter = row_filter(top_k, top_k_value, top_p, top_p_value, min_p, min_p_value, p.B, dev, hk, hp, hm);
+  o.take(out, "out");
+  o.check_kinds({lg.kind()}, kind_name(lg.kind()));
+  o.check_shape({p.B, p.N, p.V}, "(B, N, V)");  // out: (B, N, V)
+  o.check_contiguous();
+  o.check_writable();
+  dev.add(o);
+  p.out = o.data();
+  if (p.B * p.N == 0) return;
+  if (dev.cuda) {
+#if defined(SPECDIFF_WITH_CUDA)
+    check_cuda(cuda::filter_logits(p, reinterpret_cast<void*>(stream), dev.id), "filter_logits");
+#else
+    (void)stream;
+    no_cuda();
+#endif
+  } else {
+    py::gil_scoped_release nogil;
+    cpu::filter_logits(p);
+  }
+}
+
+// ---------------------------------------------------------------- apply_penalties
+void penalties_py(py::handle logits, py::handle ids, py::handle lengths, py::handle repetition,
+                  double repetition_value, py::handle presence, double presence_value,
+                  py::handle frequency, double frequency_value, py::handle out,
+                  py::handle workspace, uint64_t stream) {
+  DeviceCheck dev;
+  Array lg, id, ln, hr, hpr, hf, o, ws;
+  PenaltyParams p;
+  lg.take(logits, "logits");
+  lg.check_ndim(3, "(B, N, V)");  // logits: (B, N, V)
+  dev.add(lg);
+  p.B = lg.size(0);
+  p.N = lg.size(1);
+  p.V = lg.size(2);
+  if (p.V < 1) value_error("logits must have a vocabulary of at least 1, got V = 0");
+  p.logits = logits_view(lg);
+  id.take(ids, "ids");
+  id.check_ndim(2, "(B, L)");  // ids: (B, L)
+  p.ids = id_view(id);
+  if (id.size(0) != p.B) value_error("ids must have B = " + std::to_string(p.B) + " rows, got " + std::to_string(id.size(0)));
+  p.L = id.size(1);
+  dev.add(id);
+  ln.take(lengths, "lengths");
+  ln.check_kinds({Kind::kInt64}, "int64");
+  ln.check_shape({p.B}, "(B,)");  // lengths: (B,)
+  ln.check_contiguous();
+  dev.add(ln);
+  p.lengths = static_cast<const int64_t*>(ln.data());
+  auto factor = [&](py::handle arr, double value, const char* name, Array& h, bool positive) {
+    RowFloat r;
+    if (!arr.is_none()) {
+      h.take(arr, name);
+      h.check_kinds({Kind::kFloat32}, "float32");
+      h.check_shape({p.B}, "(B,)");
+      h.check_contiguous();
+      dev.add(h);
+      r.data = static_cast<const float*>(h.data());
+      if (!h.is_cuda())
+        for (int64_t b = 0; b < p.B; ++b)
+          if (!std::isfinite(r.data[b]) || (positive && !(r.data[b] > 0.0f)))
+            value_error(std::string(name) + (positive ? " must be finite and > 0" : " must be finite") +
+                        ", got " + std::to_string(r.data[b]) + " at row " + std::to_string(b));
+    } else {
+      if (!std::isfinite(value) || (positive && !(value > 0.0)))
+        value_error(std::string(name) + (positive ? " must be finite and > 0" : " must be finite") +
+                    ", got " + std::to_string(value));
+      r.value = static_cast<float>(value);
+    }
+    return r;
+  };
+  p.repetition = factor(repetition, repetition_value, "repetition_penalty", hr, true);
+  p.presence = factor(presence, presence_value, "presence_penalty", hpr, false);
+  p.frequency = factor(frequency, frequency_value, "frequency_penalty", hf, false);
+  o.take(out, "out");
+  o.check_kinds({Kind::kFloat32}, "float32");
+  o.check_shape({p.B, p.N, p.V}, "(B, N, V)");  // out: (B, N, V)
+  o.check_contiguous();
+  o.check_writable();
+  dev.add(o);
+  p.out = o.data();
+  if (!ln.is_cuda()) {
+    for (int64_t b = 0; b < p.B; ++b) {
+      const int64_t len = p.lengths[b];
+      if (len < 0 || len + std::max<int64_t>(p.N - 1, 0) > p.L)
+        value_error("lengths[" + std::to_string(b) + "] = " + std::to_string(len) +
+                    ": position n sees ids[b, :lengths[b] + n], so 0 <= lengths[b] <= L - (N - 1) = " +
+                    std::to_string(p.L - std::max<int64_t>(p.N - 1, 0)) + " is required");
+      if (!id.is_cuda())
+        for (int64_t j = 0; j < len + std::max<int64_t>(p.N - 1, 0); ++j) {
+          const int64_t t = p.ids.at(b, j);
+          if (t < 0 || t >= p.V)
+            value_error("ids holds " + std::to_string(t) + " at index (" + std::to_string(b) + ", " +
+                        std::to_string(j) + "), outside [0, V) = [0, " + std::to_string(p.V) + ")");
+        }
+    }
+  }
+  if (p.B * p.N == 0) return;
+  if (dev.cuda) {
+#if defined(SPECDIFF_WITH_CUDA)
+    const size_t need = cuda::penalty_workspace_bytes(p.B, p.V);
+    void* w = workspace_ptr(workspace, need, ws, dev);
+    check_cuda(cuda::apply_penalties(p, w, need, reinterpret_cast<void*>(stream), dev.id), "apply_penalties");
+#else
+    (void)workspace;
+    (void)stream;
+    no_cuda();
+#endif
+  } else {
+    py::gil_scoped_release nogil;
+    cpu::apply_penalties(p);
+  }
+}
+
 py::dict build_info() {
   py::dict d;
   d["version"] = SPECDIFF_VERSION;
@@ -570,7 +763,9 @@ PYBIND11_MODULE(_C, m) {
         py::arg("draft_point_mass"), py::arg("vocab_map"), py::arg("vocab_inv"),
         py::arg("temperature"), py::arg("temperature_value"), py::arg("draft_temperature"),
         py::arg("draft_temperature_value"), py::arg("seed"), py::arg("seed_value"),
-        py::arg("offset"), py::arg("target_lse"), py::arg("draft_lse"), py::arg("out_ids"),
+        py::arg("offset"), py::arg("target_lse"), py::arg("draft_lse"), py::arg("top_k"),
+        py::arg("top_k_value"), py::arg("top_p"), py::arg("top_p_value"), py::arg("min_p"),
+        py::arg("min_p_value"), py::arg("out_ids"),
         py::arg("out_num_accepted"), py::arg("out_valid"), py::arg("workspace"),
         py::arg("stream"));
   m.def("gather_logprobs", &gather_py, "Log-sum-exp of each row and log-probability of one id per row.",
@@ -582,12 +777,24 @@ PYBIND11_MODULE(_C, m) {
         py::arg("temperature_value"), py::arg("seed"), py::arg("seed_value"), py::arg("offset"),
         py::arg("out_tokens"), py::arg("out_commit_step"), py::arg("out_lse"),
         py::arg("out_valid"), py::arg("workspace"), py::arg("stream"));
+  m.def("filter_logits", &filter_py,
+        "Top-k, top-p and min-p at a temperature: copies logits into out with dropped entries at -inf.",
+        py::arg("logits"), py::arg("temperature"), py::arg("temperature_value"), py::arg("top_k"),
+        py::arg("top_k_value"), py::arg("top_p"), py::arg("top_p_value"), py::arg("min_p"),
+        py::arg("min_p_value"), py::arg("out"), py::arg("stream"));
+  m.def("apply_penalties", &penalties_py,
+        "Repetition, presence and frequency penalties per position given the tokens before it (float32 out).",
+        py::arg("logits"), py::arg("ids"), py::arg("lengths"), py::arg("repetition"),
+        py::arg("repetition_value"), py::arg("presence"), py::arg("presence_value"),
+        py::arg("frequency"), py::arg("frequency_value"), py::arg("out"), py::arg("workspace"),
+        py::arg("stream"));
   m.def("workspace_bytes",
         [](const std::string& op, int64_t B, int64_t G, int64_t V, int64_t Vd, int device) -> size_t {
 #if defined(SPECDIFF_WITH_CUDA)
           if (op == "verify") return cuda::verify_workspace_bytes(B, G, V, Vd, device);
           if (op == "gather_logprobs") return cuda::gather_workspace_bytes(B, G, V, device);
           if (op == "denoise_step") return cuda::denoise_workspace_bytes(B, G, Vd, device);
+          if (op == "apply_penalties") return cuda::penalty_workspace_bytes(B, V);
           value_error("workspace_bytes: unknown op '" + op + "'");
 #else
           (void)op; (void)B; (void)G; (void)V; (void)Vd; (void)device;

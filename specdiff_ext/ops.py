@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import sys
 import warnings
-from typing import Any, Optional, Tuple, Union
+from typing import Any, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -37,6 +37,8 @@ __all__ = [
     "gather_logprobs",
     "denoise_step",
     "point_mass_mask",
+    "filter_logits",
+    "apply_penalties",
     "VerifyResult",
     "GatherResult",
     "DenoiseResult",
@@ -135,6 +137,110 @@ def _seed_arg(front: _Frontend, seed: Any, B: int, device: torch.device) -> Tupl
     return t.contiguous(), 0
 
 
+class _Filters(NamedTuple):
+    """top_k / top_p / min_p as the bindings take them: (tensor or None, scalar) each."""
+
+    k: Optional[Tensor]
+    k_value: int
+    p: Optional[Tensor]
+    p_value: float
+    mp: Optional[Tensor]
+    mp_value: float
+
+    @property
+    def any(self) -> bool:
+        return (self.k is not None or self.p is not None or self.mp is not None
+                or self.k_value > 0 or self.p_value < 1.0 or self.mp_value > 0.0)
+
+    def args(self) -> tuple:
+        return (self.k, self.k_value, self.p, self.p_value, self.mp, self.mp_value)
+
+
+def _per_row(front: _Frontend, value: Any, name: str, B: int, device: torch.device,
+             integer: bool) -> Tensor:
+    t = front.tensor(value, name)
+    if integer and (t.is_floating_point() or t.dtype == torch.bool or t.is_complex()):
+        raise TypeError(f"{name} must be an int or an integer (B,) tensor, got {t.dtype}")
+    if not integer and not t.is_floating_point():
+        raise TypeError(f"{name} must be a float or a floating (B,) tensor, got {t.dtype}")
+    if t.dim() == 0:
+        t = t.reshape(1).expand(B)
+    if t.dim() != 1 or t.shape[0] != B:
+        raise ValueError(f"{name} must have shape (B,) = ({B},), got {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} must be on the same device as the logits ({device}), got {t.device}")
+    return t.to(torch.int64 if integer else torch.float32).contiguous()
+
+
+def _filter_args(front: _Frontend, top_k: Any, top_p: Any, min_p: Any, B: int,
+                 device: torch.device, checks: "_DeviceChecks") -> _Filters:
+    """Checked top_k / top_p / min_p (None, a scalar, or a (B,) tensor per row)."""
+    kt = pt = mt = None
+    kv, pv, mv = 0, 1.0, 0.0
+    if top_k is not None:
+        if isinstance(top_k, bool):
+            raise TypeError("top_k must be an int or an integer (B,) tensor, got bool")
+        if isinstance(top_k, (int, np.integer)):
+            kv = int(top_k)
+            if kv < 0:
+                raise ValueError(f"top_k must be >= 0 (0 = off), got {kv}")
+        elif isinstance(top_k, float):
+            raise TypeError(f"top_k must be an int, got float {top_k!r}")
+        else:
+            kt = _per_row(front, top_k, "top_k", B, device, True)
+            checks.bad(kt, lambda t: t < 0, "top_k must be >= 0 (0 = off)")
+    for name, value, lo_open, default in (("top_p", top_p, True, 1.0), ("min_p", min_p, False, 0.0)):
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            raise TypeError(f"{name} must be a float or a (B,) tensor, got bool")
+        rng = "(0, 1] (1 = off)" if lo_open else "[0, 1] (0 = off)"
+        if isinstance(value, (int, float, np.integer, np.floating)):
+            v = float(value)
+            if not ((v > 0.0) if lo_open else (v >= 0.0)) or not v <= 1.0:
+                raise ValueError(f"{name} must be in {rng}, got {value!r}")
+            if name == "top_p":
+                pv = v
+            else:
+                mv = v
+            continue
+        t = _per_row(front, value, name, B, device, False)
+        if t.device.type == "cpu":
+            bad = ~(((t > 0) if lo_open else (t >= 0)) & (t <= 1))
+            if bool(bad.any()):
+                i = int(bad.nonzero()[0, 0])
+                raise ValueError(f"{name} must be in {rng}, got {float(t[i])} at row {i}")
+        checks.bad(t, (lambda x: ~((x > 0) & (x <= 1))) if lo_open else (lambda x: ~((x >= 0) & (x <= 1))),
+                   f"{name} must be in {rng}")
+        if name == "top_p":
+            pt = t
+        else:
+            mt = t
+    if kt is not None and kt.device.type == "cpu" and bool((kt < 0).any()):
+        i = int((kt < 0).nonzero()[0, 0])
+        raise ValueError(f"top_k must be >= 0 (0 = off), got {int(kt[i])} at row {i}")
+    return _Filters(kt, kv, pt, pv, mt, mv)
+
+
+_NO_FILTER = _Filters(None, 0, None, 1.0, None, 0.0)
+
+
+def _any_float(front: _Frontend, value: Any, name: str, B: int, device: torch.device,
+               positive: bool, checks: "_DeviceChecks") -> Tuple[Optional[Tensor], float]:
+    """A per-row float of any sign (penalties): (tensor or None, scalar)."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be a float or a (B,) tensor, got bool")
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        v = float(value)
+        if not math.isfinite(v) or (positive and v <= 0):
+            raise ValueError(f"{name} must be finite{' and > 0' if positive else ''}, got {value!r}")
+        return None, v
+    t = _per_row(front, value, name, B, device, False)
+    checks.bad(t, (lambda x: ~(torch.isfinite(x) & (x > 0))) if positive else (lambda x: ~torch.isfinite(x)),
+               f"{name} must be finite{' and > 0' if positive else ''}")
+    return t, 0.0
+
+
 def _offset_arg(offset: Any) -> int:
     if isinstance(offset, bool) or not isinstance(offset, (int, np.integer)):
         raise TypeError(f"offset must be an int, got {type(offset).__name__}")
@@ -162,13 +268,23 @@ class _DeviceChecks:
         if t is not None and t.device.type == "cuda" and t.numel() > 0:
             self.items.append(("tau", t, 0, name, ""))
 
+    def bad(self, t: Optional[Tensor], bad_mask: Any, message: str) -> None:
+        """Raise `message` (with the first bad value) where bad_mask(t) holds in some row."""
+        if t is not None and t.device.type == "cuda" and t.numel() > 0:
+            self.items.append(("bad", t, bad_mask, message, ""))
+
     def run(self) -> None:
         if not self.items or torch.cuda.is_current_stream_capturing():
             return
         vals = []
-        for kind, t, _, _, _ in self.items:
+        for kind, t, aux, _, _ in self.items:
             if kind == "ids":
                 vals += [t.min().to(torch.float64), t.max().to(torch.float64)]
+            elif kind == "bad":
+                m = aux(t)
+                vals += [m.sum().to(torch.float64),
+                         torch.where(m, t.to(torch.float64), 0.0).sum() if t.is_floating_point()
+                         else torch.where(m, t, 0).sum().to(torch.float64)]
             else:
                 vals += [((t < 0) | ~torch.isfinite(t)).sum().to(torch.float64), t.min().to(torch.float64)]
         got = torch.stack(vals).tolist()
@@ -179,6 +295,8 @@ class _DeviceChecks:
                 raise ValueError(f"{name} holds {bad}, outside [0, {bound}) = [0, {hi})")
             if kind == "tau" and a > 0:
                 raise ValueError(f"{name} must be finite and >= 0 in every row, got {b}")
+            if kind == "bad" and a > 0:
+                raise ValueError(f"{name} in {int(a)} row(s) (sum of the bad values {b})")
 
 
 def _vocab_inverse(vocab_map: Tensor, V: int) -> Tensor:
@@ -244,6 +362,12 @@ def _verify_op(
     offset: int,
     target_lse: Optional[Tensor],
     draft_lse: Optional[Tensor],
+    top_k: Optional[Tensor] = None,
+    top_k_value: int = 0,
+    top_p: Optional[Tensor] = None,
+    top_p_value: float = 1.0,
+    min_p: Optional[Tensor] = None,
+    min_p_value: float = 0.0,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     B, G1, V = target_logits.shape
     dev = target_logits.device
@@ -255,7 +379,8 @@ def _verify_op(
         _dl(target_logits), _dl(draft_ids), _dl(draft_logits), _dl(draft_point_mass),
         _dl(vocab_map), _dl(vocab_inv), _dl(temperature), temperature_value,
         _dl(draft_temperature), draft_temperature_value, _dl(seed), seed_value, offset,
-        _dl(target_lse), _dl(draft_lse), _dl(ids), _dl(num), _dl(valid),
+        _dl(target_lse), _dl(draft_lse), _dl(top_k), top_k_value, _dl(top_p), top_p_value,
+        _dl(min_p), min_p_value, _dl(ids), _dl(num), _dl(valid),
         _dl(_workspace("verify", target_logits, B, G1 - 1, V, Vd)), _stream(target_logits),
     )
     return ids, num, valid
@@ -333,6 +458,61 @@ def _denoise_fake(logits, tokens, commit_step, *args):  # noqa: ANN001, ANN002
     )
 
 
+@torch.library.custom_op("specdiff::filter_logits", mutates_args=())
+def _filter_op(
+    logits: Tensor,
+    temperature: Optional[Tensor],
+    temperature_value: float,
+    top_k: Optional[Tensor],
+    top_k_value: int,
+    top_p: Optional[Tensor],
+    top_p_value: float,
+    min_p: Optional[Tensor],
+    min_p_value: float,
+) -> Tensor:
+    out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    _C.filter_logits(
+        _dl(logits), _dl(temperature), temperature_value, _dl(top_k), top_k_value, _dl(top_p),
+        top_p_value, _dl(min_p), min_p_value, _dl(out), _stream(logits),
+    )
+    return out
+
+
+@_filter_op.register_fake
+def _filter_fake(logits, *args):  # noqa: ANN001, ANN002
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("specdiff::apply_penalties", mutates_args=())
+def _penalty_op(
+    logits: Tensor,
+    ids: Tensor,
+    lengths: Tensor,
+    repetition: Optional[Tensor],
+    repetition_value: float,
+    presence: Optional[Tensor],
+    presence_value: float,
+    frequency: Optional[Tensor],
+    frequency_value: float,
+) -> Tensor:
+    B, N, V = logits.shape
+    out = torch.empty((B, N, V), dtype=torch.float32, device=logits.device)
+    ws = None
+    if logits.device.type == "cuda":
+        n = _C.workspace_bytes("apply_penalties", B, N, V, V, logits.device.index or 0)
+        ws = torch.empty(max(n, 1), dtype=torch.uint8, device=logits.device)
+    _C.apply_penalties(
+        _dl(logits), _dl(ids), _dl(lengths), _dl(repetition), repetition_value, _dl(presence),
+        presence_value, _dl(frequency), frequency_value, _dl(out), _dl(ws), _stream(logits),
+    )
+    return out
+
+
+@_penalty_op.register_fake
+def _penalty_fake(logits, *args):  # noqa: ANN001, ANN002
+    return logits.new_empty(logits.shape, dtype=torch.float32)
+
+
 def _call(op: Any, *args: Any) -> Any:
     """Eager calls skip the dispatcher (lower latency); traced calls go through the custom op."""
     if torch.compiler.is_compiling():
@@ -354,6 +534,9 @@ def _verify_common(
     target_lse: Optional[ArrayLike],
     draft_lse: Optional[ArrayLike],
     check_values: bool = True,
+    top_k: Any = None,
+    top_p: Any = None,
+    min_p: Any = None,
 ) -> VerifyResult:
     f = _Frontend()
     tl = f.tensor(target_logits, "target_logits")
@@ -379,12 +562,17 @@ def _verify_common(
     tlse = _opt(f, target_lse, "target_lse")
     dlse = _opt(f, draft_lse, "draft_lse")
     checks = _DeviceChecks()
+    flt = _filter_args(f, top_k, top_p, min_p, B, dev, checks)
     if di.dim() == 2 and tuple(di.shape) == (B, G1 - 1):
         checks.ids(di, V, "draft_ids", "V")
     checks.temperature(ta, "temperature")
     checks.temperature(dta, "draft_temperature")
+    if flt.any and dev.type != "cpu":
+        # CUDA: the filter kernel writes the filtered rows, the verify kernels read them.
+        tl = _call(_filter_op, tl, ta, tv, *flt.args())
+        flt = _NO_FILTER
     ids, num, valid = _call(
-        _verify_op, tl, di, dl, pm, vm, vinv, ta, tv, dta, dtv, sd, sv, off, tlse, dlse
+        _verify_op, tl, di, dl, pm, vm, vinv, ta, tv, dta, dtv, sd, sv, off, tlse, dlse, *flt.args()
     )
     if check_values:
         checks.run()
@@ -402,6 +590,9 @@ def verify(
     seed: Union[int, ArrayLike] = 0,
     offset: int = 0,
     vocab_map: Optional[ArrayLike] = None,
+    top_k: Union[int, ArrayLike, None] = None,
+    top_p: Union[float, ArrayLike, None] = None,
+    min_p: Union[float, ArrayLike, None] = None,
 ) -> VerifyResult:
     """Verify a block of drafts against the target: chain speculative sampling, fused with the
     normalisation of the target (and draft) rows it needs.
@@ -431,6 +622,11 @@ def verify(
         Advances the random stream between calls.
     vocab_map : int32 or int64, optional
         Shape: (Vd,). Target id of each drafter vocabulary entry (reduced drafter vocabulary).
+    top_k, top_p, min_p : int / float or (B,) tensor, optional
+        Sampling controls of the target law, per row (0 / 1.0 / 0.0 turn one off in a row):
+        the ids come out distributed exactly as transformers' ``generate()`` samples with the
+        same settings (temperature, then top-k, then top-p, then min-p), correction and bonus
+        included. Ignored for greedy rows. See :func:`filter_logits`.
 
     Returns
     -------
@@ -450,7 +646,7 @@ def verify(
     """
     return _verify_common(
         target_logits, draft_ids, draft_logits, draft_point_mass, temperature,
-        draft_temperature, seed, offset, vocab_map, None, None,
+        draft_temperature, seed, offset, vocab_map, None, None, True, top_k, top_p, min_p,
     )
 
 
@@ -465,6 +661,9 @@ def verify_unchecked(
     seed: Union[int, ArrayLike] = 0,
     offset: int = 0,
     vocab_map: Optional[ArrayLike] = None,
+    top_k: Union[int, ArrayLike, None] = None,
+    top_p: Union[float, ArrayLike, None] = None,
+    min_p: Union[float, ArrayLike, None] = None,
 ) -> VerifyResult:
     """:func:`verify` without the value checks of GPU tensors, so without their host sync.
 
@@ -484,7 +683,7 @@ def verify_unchecked(
     """
     return _verify_common(
         target_logits, draft_ids, draft_logits, draft_point_mass, temperature,
-        draft_temperature, seed, offset, vocab_map, None, None, check_values=False,
+        draft_temperature, seed, offset, vocab_map, None, None, False, top_k, top_p, min_p,
     )
 
 
@@ -501,6 +700,9 @@ def rejection_sample(
     seed: Union[int, ArrayLike] = 0,
     offset: int = 0,
     vocab_map: Optional[ArrayLike] = None,
+    top_k: Union[int, ArrayLike, None] = None,
+    top_p: Union[float, ArrayLike, None] = None,
+    min_p: Union[float, ArrayLike, None] = None,
 ) -> VerifyResult:
     """Chain speculative sampling with precomputed row statistics (the unfused half of verify).
 
@@ -513,6 +715,9 @@ def rejection_sample(
         Shape: (B, G+1). Log-sum-exp of target_logits / temperature.
     draft_lse : float32, optional
         Shape: (B, G). Log-sum-exp of draft_logits / draft_temperature (needed with soft drafts).
+    top_k, top_p, min_p : as in :func:`verify`. With a filter on, target_lse must be the
+        log-sum-exp of the filtered rows (``gather_logprobs`` with the same settings); the CPU
+        kernel, which must read the row to find the kept entries anyway, computes it itself.
 
     Other parameters and the result are those of :func:`verify`.
 
@@ -532,11 +737,15 @@ def rejection_sample(
         raise ValueError("draft_lse is required with draft_logits")
     return _verify_common(
         target_logits, draft_ids, draft_logits, draft_point_mass, temperature,
-        draft_temperature, seed, offset, vocab_map, target_lse, draft_lse,
+        draft_temperature, seed, offset, vocab_map, target_lse, draft_lse, True, top_k, top_p,
+        min_p,
     )
 
 
-def gather_logprobs(logits: ArrayLike, ids: ArrayLike, temperature: Union[float, ArrayLike] = 1.0) -> GatherResult:
+def gather_logprobs(logits: ArrayLike, ids: ArrayLike, temperature: Union[float, ArrayLike] = 1.0,
+                    *, top_k: Union[int, ArrayLike, None] = None,
+                    top_p: Union[float, ArrayLike, None] = None,
+                    min_p: Union[float, ArrayLike, None] = None) -> GatherResult:
     """Parallel verification logit gathering: the log-sum-exp of each row at ``temperature`` and
     the log-probability of one id per row, in one read of the logits (no probabilities stored).
 
@@ -548,6 +757,8 @@ def gather_logprobs(logits: ArrayLike, ids: ArrayLike, temperature: Union[float,
         Shape: (B, N).
     temperature : float or float tensor
         Shape: () or (B,). At 0: lse is the row max and logprob is 0 for the argmax, else -inf.
+    top_k, top_p, min_p : as in :func:`verify`: lse and logprobs of the filtered law (-inf for
+        a dropped id).
 
     Returns
     -------
@@ -569,9 +780,12 @@ def gather_logprobs(logits: ArrayLike, ids: ArrayLike, temperature: Union[float,
     ix = f.tensor(ids, "ids")
     ta, tv = _row_scalar(f, temperature, "temperature", lg.shape[0], lg.device)
     checks = _DeviceChecks()
+    flt = _filter_args(f, top_k, top_p, min_p, lg.shape[0], lg.device, checks)
     if ix.dim() == 2 and tuple(ix.shape) == tuple(lg.shape[:2]):
         checks.ids(ix, lg.shape[2], "ids", "V")
     checks.temperature(ta, "temperature")
+    if flt.any:
+        lg = _call(_filter_op, lg, ta, tv, *flt.args())
     lse, lp = _call(_gather_op, lg, ix, ta, tv)
     checks.run()
     return GatherResult(f.out(lse), f.out(lp))
@@ -589,6 +803,9 @@ def denoise_step(
     seed: Union[int, ArrayLike] = 0,
     offset: int = 0,
     vocab_map: Optional[ArrayLike] = None,
+    top_k: Union[int, ArrayLike, None] = None,
+    top_p: Union[float, ArrayLike, None] = None,
+    min_p: Union[float, ArrayLike, None] = None,
 ) -> DenoiseResult:
     """One reverse step of the masked-diffusion drafter over a batch of draft blocks.
 
@@ -614,6 +831,8 @@ def denoise_step(
     seed, offset : as in :func:`verify` (use a new offset for every step and round).
     vocab_map : int32 or int64, optional
         Shape: (Vd,). Target id of each drafter entry; tokens are written as target ids.
+    top_k, top_p, min_p : as in :func:`verify`: tokens are drawn from the filtered law, lse
+        (and the confidence of ``confidence`` mode) is that law's.
 
     Returns
     -------
@@ -648,11 +867,147 @@ def denoise_step(
     if vm is not None:
         checks.ids(vm, sys.maxsize, "vocab_map", "2^63")
     checks.temperature(ta, "temperature")
+    flt = _filter_args(f, top_k, top_p, min_p, lg.shape[0], lg.device, checks)
     checks.run()
     sd, sv = _seed_arg(f, seed, lg.shape[0], lg.device)
     off = _offset_arg(offset)
+    if flt.any:
+        lg = _call(_filter_op, lg, ta, tv, *flt.args())
     out = _call(_denoise_op, lg, tk, cs, int(step), int(num_steps), int(m), vm, ta, tv, sd, sv, off)
     return DenoiseResult(*(f.out(t) for t in out))
+
+
+def filter_logits(
+    logits: ArrayLike,
+    *,
+    temperature: Union[float, ArrayLike] = 1.0,
+    top_k: Union[int, ArrayLike, None] = None,
+    top_p: Union[float, ArrayLike, None] = None,
+    min_p: Union[float, ArrayLike, None] = None,
+) -> Any:
+    """Top-k, top-p and min-p as transformers' ``generate()`` applies them: the logits with
+    every entry the filters drop set to -inf (the kept entries are unchanged).
+
+    The filters act on softmax(logits / temperature), in transformers' order: top-k (the k
+    largest, ties with the k-th kept), then top-p over the survivors (the smallest head whose
+    mass reaches p; entries tied at the boundary are taken in the order of a stable ascending
+    sort, as transformers' sort takes them), then min-p (probability >= min_p * the largest).
+    At least one entry is always kept. No full sort: selection and pivot searches (docs/ops.md).
+    Rows at temperature 0 (greedy), rows with every filter off and rows holding NaN / +inf
+    come back unchanged. A boundary decided by a cumulative sum may differ from transformers'
+    only where that sum lies within float32 rounding of the threshold.
+
+    Parameters
+    ----------
+    logits : float32, bfloat16 or float16
+        Shape: (B, N, V).
+    temperature : float or float tensor
+        Shape: () or (B,).
+    top_k : int or integer tensor, optional
+        Shape: () or (B,). >= 0; 0 (or k >= V) is off.
+    top_p : float or float tensor, optional
+        Shape: () or (B,). In (0, 1]; 1 is off.
+    min_p : float or float tensor, optional
+        Shape: () or (B,). In [0, 1]; 0 is off.
+
+    Returns
+    -------
+    (B, N, V) array of the dtype of ``logits``.
+
+    Examples
+    --------
+    >>> import torch, specdiff_ext
+    >>> x = torch.tensor([[[3.0, 1.0, 2.0, 0.0]]])
+    >>> specdiff_ext.ops.filter_logits(x, top_k=2)
+    tensor([[[3., -inf, 2., -inf]]])
+    """
+    f = _Frontend()
+    lg = f.tensor(logits, "logits")
+    if lg.dim() != 3:
+        raise ValueError(f"logits must have 3 dimensions (B, N, V), got shape {tuple(lg.shape)}")
+    lg = _last_contiguous(lg)
+    ta, tv = _row_scalar(f, temperature, "temperature", lg.shape[0], lg.device)
+    checks = _DeviceChecks()
+    checks.temperature(ta, "temperature")
+    flt = _filter_args(f, top_k, top_p, min_p, lg.shape[0], lg.device, checks)
+    out = _call(_filter_op, lg, ta, tv, *flt.args())
+    checks.run()
+    return f.out(out)
+
+
+def apply_penalties(
+    logits: ArrayLike,
+    ids: ArrayLike,
+    lengths: Union[int, ArrayLike],
+    *,
+    repetition_penalty: Union[float, ArrayLike] = 1.0,
+    presence_penalty: Union[float, ArrayLike] = 0.0,
+    frequency_penalty: Union[float, ArrayLike] = 0.0,
+) -> Any:
+    """Repetition, presence and frequency penalties of a block of positions, each given the
+    tokens before it: position n of row b has seen ``ids[b, :lengths[b] + n]`` (the context,
+    then the draft tokens before n). Apply before :func:`verify`, and to the rows drafts are
+    drawn from if the drafter should see them too.
+
+    For every token seen c > 0 times before the position: the repetition penalty r of
+    transformers' ``RepetitionPenaltyLogitsProcessor`` (logit * r if negative, logit / r
+    otherwise; once per token), then ``logit - presence - frequency * c`` (the OpenAI / vLLM
+    definitions). transformers and vLLM apply the repetition penalty over prompt and output;
+    vLLM counts presence and frequency over the output only: pass ``ids`` and ``lengths`` of
+    the output for that.
+
+    Parameters
+    ----------
+    logits : float32, bfloat16 or float16
+        Shape: (B, N, V).
+    ids : int32 or int64
+        Shape: (B, L). Tokens seen, per row; entries past ``lengths[b] + N - 1`` are not read.
+    lengths : int or int64 tensor
+        Shape: () or (B,). Context length of each row; 0 <= lengths[b] <= L - (N - 1).
+    repetition_penalty : float or float tensor
+        Shape: () or (B,). > 0; 1 is off.
+    presence_penalty, frequency_penalty : float or float tensor
+        Shape: () or (B,). Finite; 0 is off.
+
+    Returns
+    -------
+    (B, N, V) float32 array.
+
+    Examples
+    --------
+    >>> import torch, specdiff_ext
+    >>> x = torch.tensor([[[2.0, -2.0, 1.0], [2.0, -2.0, 1.0]]])
+    >>> ids = torch.tensor([[1, 0]])     # context [1]; the draft at position 0 is token 0
+    >>> specdiff_ext.ops.apply_penalties(x, ids, 1, repetition_penalty=2.0)
+    tensor([[[ 2., -4.,  1.],
+             [ 1., -4.,  1.]]])
+    """
+    f = _Frontend()
+    lg = f.tensor(logits, "logits")
+    if lg.dim() != 3:
+        raise ValueError(f"logits must have 3 dimensions (B, N, V), got shape {tuple(lg.shape)}")
+    lg = _last_contiguous(lg)
+    B, N, V = lg.shape
+    ix = f.tensor(ids, "ids")
+    if isinstance(lengths, bool):
+        raise TypeError("lengths must be an int or a (B,) int64 tensor, got bool")
+    if isinstance(lengths, (int, np.integer)):
+        ln = torch.full((B,), int(lengths), dtype=torch.int64, device=lg.device)
+    else:
+        ln = _per_row(f, lengths, "lengths", B, lg.device, True)
+    checks = _DeviceChecks()
+    rt, rv = _any_float(f, repetition_penalty, "repetition_penalty", B, lg.device, True, checks)
+    pt, pv = _any_float(f, presence_penalty, "presence_penalty", B, lg.device, False, checks)
+    qt, qv = _any_float(f, frequency_penalty, "frequency_penalty", B, lg.device, False, checks)
+    if ix.dim() == 2 and ix.shape[0] == B:
+        L = ix.shape[1]
+        checks.bad(ln, lambda t: (t < 0) | (t + max(N - 1, 0) > L),
+                   f"lengths must satisfy 0 <= lengths[b] <= L - (N - 1) = {L - max(N - 1, 0)}")
+        if ix.device.type == "cuda" and ix.numel() > 0:
+            checks.ids(ix, V, "ids", "V")
+    out = _call(_penalty_op, lg, ix, ln, rt, rv, pt, pv, qt, qv)
+    checks.run()
+    return f.out(out)
 
 
 def point_mass_mask(commit_step: ArrayLike) -> Any:

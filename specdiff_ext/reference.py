@@ -17,7 +17,7 @@ Inputs may be torch tensors or NumPy arrays; NumPy inputs give NumPy outputs.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Union
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -47,6 +47,9 @@ __all__ = [
     "denoise_step",
     "point_mass_mask",
     "naive_verify",
+    "filter_scores",
+    "filtered_probs",
+    "penalized_logits",
 ]
 
 ArrayLike = Union[Tensor, np.ndarray]
@@ -1062,3 +1065,63 @@ def naive_verify(
     ids = torch.where(pos[None, :] < k[:, None], x_pad, -1)
     ids[ar, k] = tok
     return VerifyResult(ids, k, torch.ones(B, dtype=torch.bool, device=dev))
+
+
+# ------------------------------------------------------------------------ sampling controls
+def filter_scores(logits: Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0,
+                  min_p: float = 0.0) -> Tensor:
+    """transformers' generate() warpers, written out in float64: logits / temperature, then
+    top-k (ties with the k-th kept), top-p (stable ascending sort, drop the entries whose
+    cumulative probability is <= 1 - top_p, keep the last), min-p (drop probabilities below
+    min_p times the largest). Dropped entries are -inf. 0 / 1 / 0 turn a filter off.
+
+    Shape:
+        logits: (..., V). Returns the scaled, filtered scores (..., V), float64.
+    """
+    x = logits.to(torch.float64) / float(temperature)
+    V = x.shape[-1]
+    if 0 < top_k < V:
+        kth = torch.topk(x, top_k, dim=-1).values[..., -1:]
+        x = x.masked_fill(x < kth, -math.inf)
+    if top_p < 1.0:
+        srt, idx = torch.sort(x, dim=-1, stable=True)
+        drop = torch.softmax(srt, dim=-1).cumsum(dim=-1) <= 1.0 - top_p
+        drop[..., -1] = False
+        x = x.scatter(-1, idx, srt.masked_fill(drop, -math.inf))
+    if min_p > 0.0:
+        pr = torch.softmax(x, dim=-1)
+        x = x.masked_fill(pr < min_p * pr.amax(dim=-1, keepdim=True), -math.inf)
+    return x
+
+
+def filtered_probs(logits: Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0,
+                   min_p: float = 0.0) -> Tensor:
+    """The law a sampler with these controls draws from (float64); the argmax at temperature 0.
+
+    Shape:
+        logits: (..., V). Returns (..., V).
+    """
+    if temperature == 0:
+        am = logits.argmax(dim=-1)
+        return torch.nn.functional.one_hot(am, logits.shape[-1]).to(torch.float64)
+    return torch.softmax(filter_scores(logits, temperature, top_k, top_p, min_p), dim=-1)
+
+
+def penalized_logits(logits: Tensor, seen: Sequence[int], repetition: float = 1.0,
+                     presence: float = 0.0, frequency: float = 0.0) -> Tensor:
+    """One row after the penalties, given the tokens seen before it (float64): for a token
+    seen c > 0 times, logit * r if negative else logit / r (transformers'
+    RepetitionPenaltyLogitsProcessor), then - presence - frequency * c (OpenAI / vLLM).
+
+    Shape:
+        logits: (V,). Returns (V,).
+    """
+    out = logits.to(torch.float64).clone()
+    counts: dict = {}
+    for t in seen:
+        counts[int(t)] = counts.get(int(t), 0) + 1
+    for t, c in counts.items():
+        y = float(out[t])
+        y = y * repetition if y < 0 else y / repetition
+        out[t] = y - presence - frequency * c
+    return out

@@ -4,6 +4,7 @@
 #include <vector>
 
 #include "dispatch.h"
+#include "filter_row.h"
 #include "row_kernels.h"
 #include "specdiff/ops.h"
 
@@ -11,8 +12,31 @@ namespace specdiff {
 namespace cpu {
 namespace {
 
+// Race over a list of entries (ascending index): key = x + gumbel(v), lowest index on ties;
+// the same keys as tile_race over the row with every other entry at -inf.
+inline int64_t list_race(const std::vector<Cand>& kept, const RowStream& st, uint32_t position,
+                         int64_t exclude) {
+  float best = kNegInf;
+  int64_t win = -1;
+  for (const Cand& e : kept) {
+    if (e.v == exclude || e.x == kNegInf) continue;
+    const float key = e.x + gumbel_from_bits(st.word(position, static_cast<uint64_t>(e.v), kTagSample));
+    if (key > best) {
+      best = key;
+      win = e.v;
+    }
+  }
+  return win;
+}
+
+struct Scratch {
+  std::vector<float> qbuf;
+  FilterScratch filter;
+};
+
 template <typename TT, typename TD>
-void verify_row(const VerifyParams& p, int64_t b, std::vector<float>& qbuf, bool par) {
+void verify_row(const VerifyParams& p, int64_t b, Scratch& scr, bool par) {
+  std::vector<float>& qbuf = scr.qbuf;
   const int64_t G = p.G, V = p.V;
   int64_t* out = p.out_ids + b * (G + 1);
   for (int64_t i = 0; i <= G; ++i) out[i] = -1;
@@ -26,6 +50,11 @@ void verify_row(const VerifyParams& p, int64_t b, std::vector<float>& qbuf, bool
   const bool soft_drafts = p.draft.data != nullptr && dtau > 0.0f;
   const float inv_dtau = soft_drafts ? 1.0f / dtau : 1.0f;
   const RowStream st = make_stream(p.seed, b, p.offset);
+  // Top-k / top-p / min-p of the target law: every target row read below is reduced to its
+  // kept entries (scr.filter.cand), and all draws run over that list.
+  const RowSettings rs = row_settings(p.filter, b, V);
+  const bool filtered = !greedy && rs.on();
+  const std::vector<Cand>& kept = scr.filter.cand;
   // An invalid row is all -1 with nothing accepted, whatever was written before the bad row.
   auto invalid = [&] {
     for (int64_t t = 0; t <= G; ++t) out[t] = -1;
@@ -37,7 +66,7 @@ void verify_row(const VerifyParams& p, int64_t b, std::vector<float>& qbuf, bool
     const TT* trow = p.target.row<TT>(b, i);
     // Target statistics of position i (lse given by the caller, or one pass over the row).
     RowStats sp;
-    if (p.target_lse != nullptr && !greedy) {
+    if (p.target_lse != nullptr && !greedy && !filtered) {
       sp.m = p.target_lse[b * (G + 1) + i];
       sp.s = 1.0f;
       sp.bad = !std::isfinite(sp.m);
@@ -45,11 +74,14 @@ void verify_row(const VerifyParams& p, int64_t b, std::vector<float>& qbuf, bool
       sp = row_stats(trow, V, inv_tau, par);
     }
     if (!sp.valid()) return invalid();
-    const float lse_p = sp.lse();
+    float lse_p = sp.lse();
+    KeepRule rule;
+    if (filtered) rule = filter_row(trow, V, inv_tau, sp.m, sp.s, rs, scr.filter, &lse_p);
 
     if (i == G) {  // every draft accepted: bonus token
-      out[G] = greedy ? sp.arg : row_race(trow, V, inv_tau, st, static_cast<uint32_t>(G),
-                                          kTagSample, -1, par);
+      out[G] = greedy     ? sp.arg
+               : filtered ? list_race(kept, st, static_cast<uint32_t>(G), -1)
+                          : row_race(trow, V, inv_tau, st, static_cast<uint32_t>(G), kTagSample, -1, par);
       if (out[G] < 0) return invalid();
       p.out_num_accepted[b] = G;
       p.out_valid[b] = true;
@@ -87,7 +119,8 @@ void verify_row(const VerifyParams& p, int64_t b, std::vector<float>& qbuf, bool
       const int64_t j = p.vocab_inv != nullptr ? p.vocab_inv[x] : x;
       qx = (j >= 0 && j < p.Vd) ? fast_exp(sd_mul(to_float(drow[j]), inv_dtau) - lse_q) : 0.0f;
     }
-    const float px = fast_exp(sd_mul(to_float(trow[x]), inv_tau) - lse_p);
+    const float sx = sd_mul(to_float(trow[x]), inv_tau);
+    const float px = (!filtered || rule.keep(sx, x)) ? fast_exp(sx - lse_p) : 0.0f;
     const float u = uniform_from_bits(st.word(static_cast<uint32_t>(i), 0, kTagAccept));
     if (u * qx < px) {
       out[i] = x;
@@ -96,7 +129,35 @@ void verify_row(const VerifyParams& p, int64_t b, std::vector<float>& qbuf, bool
 
     // First rejection at i: draw the correction.
     int64_t c = -1;
-    if (!soft) {
+    if (filtered) {
+      if (!soft) {
+        c = list_race(kept, st, static_cast<uint32_t>(i), x);
+      } else {
+        // Residual max(p - q, 0) over the kept entries (p is 0 elsewhere), then the fallback
+        // race over p: the keys of tile_race_residual.
+        float best = kNegInf, fbest = kNegInf;
+        int64_t fc = -1;
+        for (const Cand& e : kept) {
+          int64_t j = e.v;
+          if (p.vocab_map.data != nullptr) j = p.vocab_inv[e.v];
+          const float q = (j >= 0 && j < p.Vd) ? sd_mul(to_float(drow[j]), inv_dtau) : kNegInf;
+          const float g = gumbel_from_bits(st.word(static_cast<uint32_t>(i), static_cast<uint64_t>(e.v), kTagSample));
+          const float r = fast_exp(e.x - lse_p) - fast_exp(q - lse_q);
+          const float key = r >= kFltMin ? fast_log(r) + g : kNegInf;
+          if (key > best) {
+            best = key;
+            c = e.v;
+          }
+          const float fkey = e.x == kNegInf ? kNegInf : e.x + g;
+          if (fkey > fbest) {
+            fbest = fkey;
+            fc = e.v;
+          }
+        }
+        if (c < 0) c = fc;
+      }
+      if (c < 0) c = list_race(kept, st, static_cast<uint32_t>(i), -1);
+    } else if (!soft) {
       c = row_race(trow, V, inv_tau, st, static_cast<uint32_t>(i), kTagSample, x, par);
     } else {
       // Draft log-weights on the target vocabulary (-inf outside the drafter's).
@@ -118,7 +179,7 @@ void verify_row(const VerifyParams& p, int64_t b, std::vector<float>& qbuf, bool
       c = merge_race(key, idx);
       if (c < 0) c = merge_race(fkey, fidx);
     }
-    if (c < 0) c = row_race(trow, V, inv_tau, st, static_cast<uint32_t>(i), kTagSample, -1, par);
+    if (c < 0 && !filtered) c = row_race(trow, V, inv_tau, st, static_cast<uint32_t>(i), kTagSample, -1, par);
     if (c < 0) return invalid();
     out[i] = c;
     p.out_num_accepted[b] = i;
@@ -136,15 +197,15 @@ void verify(const VerifyParams& p) {
       using TD = decltype(td);
       if (p.B < max_threads()) {
         // Too few rows to fill the threads: rows in turn, each row's passes split by tiles.
-        std::vector<float> qbuf;
-        for (int64_t b = 0; b < p.B; ++b) verify_row<TT, TD>(p, b, qbuf, true);
+        Scratch scr;
+        for (int64_t b = 0; b < p.B; ++b) verify_row<TT, TD>(p, b, scr, true);
         return;
       }
 #pragma omp parallel
       {
-        std::vector<float> qbuf;
+        Scratch scr;
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t b = 0; b < p.B; ++b) verify_row<TT, TD>(p, b, qbuf, false);
+        for (int64_t b = 0; b < p.B; ++b) verify_row<TT, TD>(p, b, scr, false);
       }
     });
   });

@@ -6,6 +6,7 @@
 #include <string>
 
 #include "common.h"
+#include "filter.h"
 
 namespace specdiff {
 
@@ -24,6 +25,8 @@ struct VerifyParams {
   uint64_t offset = 0;
   const float* target_lse = nullptr;  // (B, G+1) contiguous; null: computed (verify)
   const float* draft_lse = nullptr;   // (B, G) contiguous; null: computed (verify)
+  RowFilter filter;                   // top-k / top-p / min-p of the target law (CPU only;
+                                      // the CUDA path is given filtered logits)
   int64_t* out_ids = nullptr;         // (B, G+1)
   int64_t* out_num_accepted = nullptr;  // (B,)
   bool* out_valid = nullptr;          // (B,)
@@ -37,6 +40,25 @@ struct GatherParams {
   RowFloat tau;
   float* out_lse = nullptr;       // (B, N)
   float* out_logprobs = nullptr;  // (B, N)
+};
+
+// filter_logits: (B, N, V) -> same shape, entries the filters drop set to -inf.
+struct FilterParams {
+  int64_t B = 0, N = 0, V = 0;
+  LogitsView logits;  // (B, N, V)
+  RowFloat tau;
+  RowFilter filter;
+  void* out = nullptr;  // (B, N, V) contiguous, dtype of logits
+};
+
+// apply_penalties: position n of row b has seen ids[b, 0 : lengths[b] + n].
+struct PenaltyParams {
+  int64_t B = 0, N = 0, V = 0, L = 0;
+  LogitsView logits;  // (B, N, V)
+  IdView ids;         // (B, L)
+  const int64_t* lengths = nullptr;  // (B,) contiguous
+  RowFloat repetition, presence, frequency;
+  void* out = nullptr;  // (B, N, V) contiguous, dtype of logits
 };
 
 enum class CommitMode : int { kRandom = 0, kConfidence = 1, kLeftToRight = 2 };
@@ -64,6 +86,8 @@ namespace cpu {
 void verify(const VerifyParams& p);
 void gather_logprobs(const GatherParams& p);
 void denoise_step(const DenoiseParams& p);
+void filter_logits(const FilterParams& p);
+void apply_penalties(const PenaltyParams& p);
 bool has_openmp();
 }  // namespace cpu
 
@@ -77,6 +101,9 @@ size_t denoise_workspace_bytes(int64_t B, int64_t G, int64_t Vd, int device);
 int verify(const VerifyParams& p, void* workspace, size_t workspace_bytes, void* stream, int device);
 int gather_logprobs(const GatherParams& p, void* workspace, size_t workspace_bytes, void* stream, int device);
 int denoise_step(const DenoiseParams& p, void* workspace, size_t workspace_bytes, void* stream, int device);
+size_t penalty_workspace_bytes(int64_t B, int64_t V);
+int filter_logits(const FilterParams& p, void* stream, int device);
+int apply_penalties(const PenaltyParams& p, void* workspace, size_t workspace_bytes, void* stream, int device);
 const char* error_string(int err);
 // "file:line: call" of the first CUDA call that failed in this thread since the last
 // take_error_where() ("" when none); reading it clears it.
