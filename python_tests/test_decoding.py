@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import importlib.util
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
 from torch import Tensor
 
 from specdiff_ext.decoding import (ARDecoder, ARSpecDecoder, DiffusionDrafting, Draft,
-                                   SpecDiffDecoder, SpeculativeDecoder)
+                                   PLDDecoder, SpecDiffDecoder, SpeculativeDecoder)
 from specdiff_ext.drafter import sample_block
 from specdiff_ext.drafter import DiffusionDrafter, DrafterConfig
+from specdiff_ext import reference as R
 from specdiff_ext.target import TargetModel
 
 from test_distribution import chi_square
@@ -277,3 +279,64 @@ def test_pld_drafts_from_the_text_and_is_exact() -> None:
         PLDDecoder(tgt, max_ngram=1, min_ngram=2)
     with pytest.raises(ValueError, match="gamma"):
         PLDDecoder(tgt, gamma=0)
+
+
+# ------------------------------------------------------------------- sampling controls
+CONTROLS = dict(top_k=3, top_p=0.9, min_p=0.05, repetition_penalty=1.8)
+
+
+def _controlled_law(target: TargetModel, prompt: Tensor, controls: dict) -> Tensor:
+    """p(t1, t2 | prompt) under the controls (float64 reference), flattened to t1 * V + t2."""
+    V = target.vocab_size
+    filt = {k: v for k, v in controls.items() if k != "repetition_penalty"}
+    rep = controls.get("repetition_penalty", 1.0)
+    hist = prompt[0].tolist()
+    l1 = R.penalized_logits(target.forward(prompt).logits[0, -1], hist, rep)
+    p1 = R.filtered_probs(l1, 1.0, **filt)
+    both = torch.cat([prompt.expand(V, -1), torch.arange(V)[:, None]], dim=1)
+    l2 = target.forward(both).logits[:, -1]
+    p2 = torch.stack([R.filtered_probs(R.penalized_logits(l2[t], hist + [t], rep), 1.0, **filt)
+                      for t in range(V)])
+    return (p1[:, None] * p2).reshape(-1)
+
+
+def _controlled_counts(dec: Any, target: TargetModel, prompt: Tensor, runs: int) -> Tensor:
+    V = target.vocab_size
+    counts = torch.zeros(V * V, dtype=torch.int64)
+    for s in range(runs):
+        ids = dec.generate(prompt, 3, temperature=1.0, seed=s, **CONTROLS).ids
+        counts[ids[0] * V + ids[1]] += 1
+    return counts
+
+
+@pytest.mark.parametrize("which", ["specdiff", "specdiff_draft_filters", "ar"])
+def test_sampled_decoding_has_the_controlled_law(law_world: tuple, which: str) -> None:
+    """Every decoder emits the law of transformers' generate() with top-k, top-p, min-p and the
+    repetition penalty (chi-square, false-alarm rate ALPHA); the same counts against the law
+    without the controls are rejected (the test's power)."""
+    target, prompt = law_world
+    if which == "ar":
+        dec: Any = ARDecoder(target)
+    else:
+        cfg = DrafterConfig.from_hf_config(target.model.config, target.name, n_layers=1)
+        drafter = CopyDrafter(cfg, target.input_embeddings, target.lm_head_weight)
+        dec = SpeculativeDecoder(target, DiffusionDrafting(drafter, 2, "confidence",
+                                                           draft_filters=which.endswith("filters")), gamma=2)
+    counts = _controlled_counts(dec, target, prompt, RUNS)
+    assert chi_square(counts, _controlled_law(target, prompt, CONTROLS))[2] > ALPHA
+    assert chi_square(counts, _exact_law(target, prompt))[2] < ALPHA
+
+
+def test_controls_keep_greedy_and_penalise_like_ar(tiny: TargetModel, prompt: Tensor) -> None:
+    drafter = tiny_drafter(tiny)
+    plain = ARDecoder(tiny).generate(prompt, 20).ids
+    spec = SpecDiffDecoder(tiny, drafter, gamma=4)
+    assert spec.generate(prompt, 20, top_k=2, top_p=0.3, min_p=0.5).ids == plain
+    pen_ar = ARDecoder(tiny).generate(prompt, 20, repetition_penalty=1.5).ids
+    assert spec.generate(prompt, 20, repetition_penalty=1.5).ids == pen_ar
+    assert PLDDecoder(tiny, gamma=3).generate(prompt, 20, repetition_penalty=1.5).ids == pen_ar
+    assert pen_ar != plain  # the penalty changes greedy decoding of this random model
+    with pytest.raises(ValueError, match="top_p must be in"):
+        spec.generate(prompt, 5, top_p=0.0)
+    with pytest.raises(ValueError, match="repetition_penalty"):
+        ARDecoder(tiny).generate(prompt, 5, repetition_penalty=-1.0)

@@ -62,19 +62,24 @@ class _HF:
     @torch.inference_mode()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
                  seed: Optional[int] = None, eos_token_id: Optional[int] = None,
-                 stream: Any = None) -> Any:
+                 stream: Any = None, *, top_k: Optional[int] = None, top_p: Optional[float] = None,
+                 min_p: Optional[float] = None, repetition_penalty: Optional[float] = None) -> Any:
         from transformers import GenerationConfig
 
-        from .decoding import GenerateResult
+        from .decoding import GenerateResult, SamplingControls
 
         tgt = self.target
         eos = tgt.eos_token_id if eos_token_id is None else eos_token_id
         kw: Dict[str, Any] = dict(max_new_tokens=max_new_tokens, eos_token_id=eos,
                                   pad_token_id=eos, min_new_tokens=0)
-        if temperature > 0:  # plain softmax sampling, as the specdiff decoders sample
-            kw.update(do_sample=True, temperature=float(temperature), top_k=0, top_p=1.0)
+        ctl = SamplingControls.make(top_k, top_p, min_p, repetition_penalty)
+        if temperature > 0:  # the same law as the specdiff decoders sample
+            kw.update(do_sample=True, temperature=float(temperature), top_k=ctl.top_k,
+                      top_p=ctl.top_p, min_p=ctl.min_p if ctl.min_p > 0 else None)
         else:
             kw.update(do_sample=False, temperature=None, top_k=None, top_p=None)
+        if ctl.penalized:
+            kw.update(repetition_penalty=ctl.repetition_penalty)
         if self.assistant is not None and self.num_assistant_tokens is not None:
             kw.update(num_assistant_tokens=self.num_assistant_tokens,
                       num_assistant_tokens_schedule="constant")
@@ -128,8 +133,10 @@ def build_decoders(names: Sequence[str], target: Any, drafter: Any, ar_drafter: 
 def run_bench(target: Any, decoders: Dict[str, Any], prompts: Sequence[str], *,
               max_new_tokens: int = 128, temperature: float = 0.0, seed: int = 0,
               chat_template: bool = True, warmup: bool = True, progress: bool = True,
-              keep_outputs: bool = False) -> dict:
-    """Run every decoder on every prompt (interleaved) and aggregate; see the module doc."""
+              keep_outputs: bool = False, controls: Optional[dict] = None) -> dict:
+    """Run every decoder on every prompt (interleaved) and aggregate; see the module doc.
+    controls: top_k / top_p / min_p / repetition_penalty for every decoder's generate()."""
+    ctl = dict(controls or {})
     if "ar" not in decoders:
         raise ValueError("the decoders must include 'ar' (the baseline of every speedup)")
     encoded = [target.chat_prompt(p) if chat_template else
@@ -137,7 +144,8 @@ def run_bench(target: Any, decoders: Dict[str, Any], prompts: Sequence[str], *,
     if warmup:
         w = encoded[0][:, :16]
         for d in decoders.values():
-            d.generate(w, max_new_tokens=min(16, max_new_tokens), temperature=temperature, seed=seed)
+            d.generate(w, max_new_tokens=min(16, max_new_tokens), temperature=temperature,
+                       seed=seed, **ctl)
     runs: Dict[str, List[Any]] = {n: [] for n in decoders}
     bar = None
     if progress:
@@ -147,7 +155,7 @@ def run_bench(target: Any, decoders: Dict[str, Any], prompts: Sequence[str], *,
     for i, ids in enumerate(encoded):
         for name, dec in decoders.items():
             res = dec.generate(ids, max_new_tokens=max_new_tokens, temperature=temperature,
-                               seed=seed + i)
+                               seed=seed + i, **ctl)
             runs[name].append(res)
             if bar is not None:
                 bar.update(1)
@@ -157,6 +165,7 @@ def run_bench(target: Any, decoders: Dict[str, Any], prompts: Sequence[str], *,
     report: Dict[str, Any] = {
         "device": _device_name(target.device), "dtype": str(target.dtype).replace("torch.", ""),
         "max_new_tokens": max_new_tokens, "temperature": temperature, "prompts": len(encoded),
+        "controls": ctl,
         "torch": torch.__version__, "decoders": {}}
     from .decoding import pool_stats
 
@@ -180,7 +189,8 @@ def format_table(report: dict) -> str:
     """A markdown table of a `run_bench` report."""
     head = (f"device: {report['device']}, dtype {report['dtype']}, temperature "
             f"{report['temperature']}, max_new_tokens {report['max_new_tokens']}, "
-            f"{report['prompts']} prompts\n\n")
+            f"{report['prompts']} prompts"
+            + "".join(f", {k} {v}" for k, v in (report.get("controls") or {}).items()) + "\n\n")
     greedy = report["temperature"] == 0.0
     cols = ["decoder", "tok/s", "x ar", "accepted/round", "tokens/round", "draft s", "verify s",
             "other s"] + (["matches ar"] if greedy else [])

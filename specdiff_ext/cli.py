@@ -90,6 +90,28 @@ def _spec_args(ap: argparse.ArgumentParser) -> None:
                     choices=["left_to_right", "confidence", "random"], help="specdiff commit mode")
 
 
+def _control_args(ap: argparse.ArgumentParser) -> None:
+    g = ap.add_argument_group("sampling controls (as transformers' generate(); default: off)")
+    g.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (0: off)")
+    g.add_argument("--top-p", type=float, default=None, help="nucleus: the smallest head of mass >= p (1: off)")
+    g.add_argument("--min-p", type=float, default=None, help="drop tokens below min_p x the top probability (0: off)")
+    g.add_argument("--repetition-penalty", type=float, default=None,
+                   help="transformers' repetition penalty over prompt and output (1: off)")
+
+
+def _controls(ap: argparse.ArgumentParser, a: argparse.Namespace) -> dict:
+    """The controls as generate() keywords; a bad value is a usage error."""
+    from .decoding import SamplingControls
+
+    kw = dict(top_k=a.top_k, top_p=a.top_p, min_p=a.min_p, repetition_penalty=a.repetition_penalty)
+    try:
+        SamplingControls.make(**kw)
+    except ValueError as exc:
+        ap.error(str(exc).replace("top_k", "--top-k").replace("top_p", "--top-p")
+                 .replace("min_p", "--min-p").replace("repetition_penalty", "--repetition-penalty"))
+    return {k: v for k, v in kw.items() if v is not None}
+
+
 def _load(a: argparse.Namespace, need_drafter: bool, need_ar: bool) -> Any:
     import torch
 
@@ -122,6 +144,7 @@ def _generate(argv: Sequence[str]) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     ap.add_argument("--seed", type=int, default=None)
+    _control_args(ap)
     _spec_args(ap)
     _model_args(ap)
     ap.add_argument("--no-chat-template", action="store_true",
@@ -129,6 +152,7 @@ def _generate(argv: Sequence[str]) -> int:
     ap.add_argument("--json", action="store_true",
                     help="print one JSON object {decoder, text, ids, stats} instead of streaming")
     a = ap.parse_args(argv)
+    ctl = _controls(ap, a)
     import torch
 
     from .bench import build_decoders
@@ -156,7 +180,7 @@ def _generate(argv: Sequence[str]) -> int:
         shown[0] = text
 
     res = dec.generate(ids, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
-                       seed=a.seed, stream=None if a.json else stream)
+                       seed=a.seed, stream=None if a.json else stream, **ctl)
     text = tgt.tokenizer.decode(res.ids, skip_special_tokens=True)
     st = res.stats
     if a.json:
@@ -191,6 +215,7 @@ def _bench(argv: Sequence[str]) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--seed", type=int, default=0)
+    _control_args(ap)
     _spec_args(ap)
     ap.add_argument("--ar-gamma", type=int, default=4, help="ar-spec drafts per round")
     ap.add_argument("--pld-gamma", type=int, default=4,
@@ -204,6 +229,7 @@ def _bench(argv: Sequence[str]) -> int:
     ap.add_argument("--plot", default=None, help="draw tokens/s and accepted lengths to this PNG")
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
+    ctl = _controls(ap, a)
     from .bench import build_decoders, format_table, plot_bench, run_bench
     from .prompts import default_prompts, read_prompts
 
@@ -219,7 +245,7 @@ def _bench(argv: Sequence[str]) -> int:
     t0 = time.perf_counter()
     rep = run_bench(pair.target, decs, prompts, max_new_tokens=a.max_new_tokens,
                     temperature=a.temperature, seed=a.seed, chat_template=not a.no_chat_template,
-                    progress=not a.no_progress)
+                    progress=not a.no_progress, controls=ctl)
     rep["settings"] = {"gamma": a.gamma if a.gamma is not None else DEFAULT_GAMMA, "steps": a.steps,
                        "commit": a.commit, "ar_gamma": a.ar_gamma,
                        "hf_assistant_tokens": a.hf_assistant_tokens, "pld_gamma": a.pld_gamma,

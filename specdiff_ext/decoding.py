@@ -42,7 +42,7 @@ from .drafter.model import DiffusionDrafter
 from .drafter.sampler import sample_block
 from .types import CommitMode
 
-__all__ = ["GenerateResult", "Draft", "Drafter", "ARDrafter", "SpeculativeDecoder",
+__all__ = ["GenerateResult", "SamplingControls", "Draft", "Drafter", "ARDrafter", "SpeculativeDecoder",
            "DiffusionDrafting", "ARDrafting", "PromptLookup", "ARDecoder", "ARSpecDecoder",
            "SpecDiffDecoder", "PLDDecoder", "pool_stats", "evaluate_acceptance", "lookup_ngram"]
 
@@ -112,6 +112,61 @@ def _check_args(max_new_tokens: int, temperature: float) -> float:
     if not t >= 0.0 or t == float("inf"):
         raise ValueError(f"temperature must be finite and >= 0, got {temperature!r}")
     return t
+
+
+@dataclass(frozen=True)
+class SamplingControls:
+    """Sampling controls of a generate call, as transformers' ``generate()`` applies them:
+    the repetition penalty (over prompt and output), then temperature, top-k, top-p, min-p.
+    Defaults are off. Every decoder emits exactly this law (greedy: the argmax of the
+    penalised logits)."""
+
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+
+    @classmethod
+    def make(cls, top_k: Optional[int] = None, top_p: Optional[float] = None,
+             min_p: Optional[float] = None, repetition_penalty: Optional[float] = None) -> "SamplingControls":
+        """Checked controls; None means off."""
+        k = 0 if top_k is None else top_k
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise ValueError(f"top_k must be an int >= 0 (0 = off), got {top_k!r}")
+        p = 1.0 if top_p is None else float(top_p)
+        if not 0.0 < p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1] (1 = off), got {top_p!r}")
+        mp = 0.0 if min_p is None else float(min_p)
+        if not 0.0 <= mp <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1] (0 = off), got {min_p!r}")
+        r = 1.0 if repetition_penalty is None else float(repetition_penalty)
+        if not (r > 0.0 and r < float("inf")):
+            raise ValueError(f"repetition_penalty must be finite and > 0 (1 = off), got {repetition_penalty!r}")
+        return cls(k, p, mp, r)
+
+    @property
+    def filters(self) -> dict:
+        """The top_k / top_p / min_p keyword arguments of the ops that are on."""
+        out: dict = {}
+        if self.top_k > 0:
+            out["top_k"] = self.top_k
+        if self.top_p < 1.0:
+            out["top_p"] = self.top_p
+        if self.min_p > 0.0:
+            out["min_p"] = self.min_p
+        return out
+
+    @property
+    def penalized(self) -> bool:
+        return self.repetition_penalty != 1.0
+
+    def penalize(self, logits: Tensor, history: Tensor, drafts: Optional[Tensor] = None) -> Tensor:
+        """Logits (1, N, V) of the positions after `history` (1, T) and then each draft."""
+        if not self.penalized:
+            return logits
+        ids = history if drafts is None or drafts.shape[1] == 0 else torch.cat([history, drafts], 1)
+        return ops.apply_penalties(logits, ids, history.shape[1],
+                                   repetition_penalty=self.repetition_penalty)
 
 
 def _logits(out: Any) -> Tensor:
@@ -236,9 +291,11 @@ def _emit(out: List[int], new: Sequence[int], eos: Optional[int], limit: int,
 
 
 def _setup(target: Any, input_ids: Tensor, max_new_tokens: int, temperature: float,
-           seed: Optional[int], eos_token_id: Optional[int]) -> tuple:
+           seed: Optional[int], eos_token_id: Optional[int], controls: SamplingControls) -> tuple:
     """Checked arguments of a generate call: (tau, prompt, base seed, eos id, clock)."""
     tau = _check_args(max_new_tokens, temperature)
+    if not isinstance(controls, SamplingControls):
+        raise TypeError(f"controls must be SamplingControls, got {type(controls).__name__}")
     prompt = _check_prompt(input_ids, target.device)
     eos = target.eos_token_id if eos_token_id is None else eos_token_id
     return tau, prompt, _base_seed(seed), eos, _Clock(target.device)
@@ -258,30 +315,38 @@ class ARDecoder:
     @torch.inference_mode()
     def generate(self, input_ids: Tensor, max_new_tokens: int, temperature: float = 0.0,
                  seed: Optional[int] = None, eos_token_id: Optional[int] = None,
-                 stream: Optional[Stream] = None) -> GenerateResult:
+                 stream: Optional[Stream] = None, *, top_k: Optional[int] = None,
+                 top_p: Optional[float] = None, min_p: Optional[float] = None,
+                 repetition_penalty: Optional[float] = None) -> GenerateResult:
         """Generate up to `max_new_tokens` tokens after the prompt (stops after EOS).
 
         Shape:
             input_ids: (1, T). Returns GenerateResult(ids: list of new tokens, stats).
         """
         tgt = self.target
+        ctl = SamplingControls.make(top_k, top_p, min_p, repetition_penalty)
         tau, prompt, base, eos, clock = _setup(tgt, input_ids, max_new_tokens, temperature,
-                                               seed, eos_token_id)
+                                               seed, eos_token_id, ctl)
         gen = torch.Generator(device=tgt.device).manual_seed(base)
         out: List[int] = []
         cache = tgt.new_cache()
-        x, rounds = prompt, 0
+        x, rounds, hist = prompt, 0, prompt
         while len(out) < max_new_tokens:
             with clock("verify"):
-                logits = tgt.forward(x, cache).logits[:, -1].float()  # (1, V)
+                logits = ctl.penalize(tgt.forward(x, cache).logits[:, -1:], hist)  # (1, 1, V)
                 if tau == 0.0:
-                    nxt = logits.argmax(-1, keepdim=True)  # (1, 1)
+                    nxt = logits[:, -1].argmax(-1, keepdim=True)  # (1, 1)
                 else:
-                    nxt = torch.multinomial(torch.softmax(logits / tau, -1), 1, generator=gen)
+                    if ctl.filters:
+                        logits = ops.filter_logits(logits, temperature=tau, **ctl.filters)
+                    probs = torch.softmax(logits[:, -1].float() / tau, -1)
+                    nxt = torch.multinomial(probs, 1, generator=gen)
             rounds += 1
             if _emit(out, [int(nxt.item())], eos, max_new_tokens, stream):
                 break
             x = nxt
+            if ctl.penalized:
+                hist = torch.cat([hist, nxt], 1)
         return GenerateResult(out, _stats(clock, len(out), rounds, 0, base))
 
 
@@ -314,8 +379,10 @@ class Drafter(Protocol):
     """What `SpeculativeDecoder` needs of a drafter.
 
     ``feature_layers``: target layers whose hidden states `start` and `accept` receive (None:
-    none). ``start(prompt, seed, temperature, hidden)`` begins a text (hidden: the states at
-    prompt positions 0 .. T-2, concatenated over the layers); ``draft(g, round)`` proposes at most
+    none). ``start(prompt, seed, temperature, hidden, filters)`` begins a text (hidden: the
+    states at prompt positions 0 .. T-2, concatenated over the layers; filters: the top_k /
+    top_p / min_p of the target law, which a drafter may also sample with -- any law is exact
+    as long as `Draft.logits` is the one the drafts were drawn from); ``draft(g, round)`` proposes at most
     g tokens after the text so far; ``accept(emitted, n_acc, hidden)`` extends the text by the
     round's emitted tokens (n_acc accepted drafts, then the correction or bonus token; hidden: the
     states at [last, x_1 .. x_{n_acc}]).
@@ -324,7 +391,7 @@ class Drafter(Protocol):
     feature_layers: Optional[List[int]]
 
     def start(self, prompt: Tensor, seed: int, temperature: float,
-              hidden: Optional[Tensor]) -> None: ...
+              hidden: Optional[Tensor], filters: Optional[dict] = None) -> None: ...
 
     def draft(self, gamma: int, rnd: int) -> Draft: ...
 
@@ -352,7 +419,9 @@ class SpeculativeDecoder:
     @torch.inference_mode()
     def generate(self, input_ids: Tensor, max_new_tokens: int, temperature: float = 0.0,
                  seed: Optional[int] = None, eos_token_id: Optional[int] = None,
-                 stream: Optional[Stream] = None) -> GenerateResult:
+                 stream: Optional[Stream] = None, *, top_k: Optional[int] = None,
+                 top_p: Optional[float] = None, min_p: Optional[float] = None,
+                 repetition_penalty: Optional[float] = None) -> GenerateResult:
         """Generate up to `max_new_tokens` tokens after the prompt (stops after EOS, also
         inside a block), distributed exactly as the target's own decoding at `temperature`.
 
@@ -360,8 +429,10 @@ class SpeculativeDecoder:
             input_ids: (1, T). Returns GenerateResult(ids: list of new tokens, stats).
         """
         tgt, drafter = self.target, self.drafter
+        ctl = SamplingControls.make(top_k, top_p, min_p, repetition_penalty)
         tau, prompt, base, eos, clock = _setup(tgt, input_ids, max_new_tokens, temperature,
-                                               seed, eos_token_id)
+                                               seed, eos_token_id, ctl)
+        seen = prompt  # every token so far (the penalties' history)
         vseed = (2 * base) & _SEED_MASK  # verifier stream; the drafter uses 2 * base + 1
         layers = drafter.feature_layers
         out: List[int] = []
@@ -373,7 +444,7 @@ class SpeculativeDecoder:
                 if prompt.shape[1] > 1:
                     hidden = _cat_hidden(tgt.forward(prompt[:, :-1], cache, hidden_layers=layers))
             with clock("draft"):
-                drafter.start(prompt, (2 * base + 1) & _SEED_MASK, tau, hidden)
+                drafter.start(prompt, (2 * base + 1) & _SEED_MASK, tau, hidden, ctl.filters)
         length, last = prompt.shape[1] - 1, prompt[:, -1:]  # cached positions, (1, 1)
         while len(out) < max_new_tokens:
             g = min(self.gamma, max_new_tokens - len(out) - 1)  # the last token is free
@@ -382,10 +453,10 @@ class SpeculativeDecoder:
             g = d.ids.shape[1]
             with clock("verify"):
                 tout = tgt.forward(torch.cat([last, d.ids], dim=1), cache, hidden_layers=layers)
-                res = ops.verify_unchecked(tout.logits, d.ids, d.logits,
+                res = ops.verify_unchecked(ctl.penalize(tout.logits, seen, d.ids), d.ids, d.logits,
                                            draft_point_mass=d.point_mass, temperature=tau,
                                            draft_temperature=d.temperature, seed=vseed,
-                                           offset=rounds, vocab_map=d.vocab_map)
+                                           offset=rounds, vocab_map=d.vocab_map, **ctl.filters)
                 # the one host sync of the round: ids, count and validity together
                 flat = torch.cat([res.ids[0], res.num_accepted, res.valid.long()]).tolist()
                 n_acc = flat[g + 1]
@@ -397,6 +468,8 @@ class SpeculativeDecoder:
             hist[n_acc] += 1
             if _emit(out, flat[: n_acc + 1], eos, max_new_tokens, stream):
                 break
+            if ctl.penalized:
+                seen = torch.cat([seen, res.ids[:, : n_acc + 1]], 1)
             with clock("draft"):
                 drafter.accept(res.ids[:, : n_acc + 1], n_acc, _cat_hidden(tout, n_acc + 1))
             last = res.ids[:, n_acc: n_acc + 1]
@@ -423,6 +496,9 @@ class DiffusionDrafting:
         random, confidence or left_to_right (exact at every temperature in each mode).
     draft_temperature : float, optional
         None: the target's temperature (0 for greedy decoding).
+    draft_filters : bool
+        Draft with the target's top-k / top-p / min-p too (q is then the filtered law);
+        False: from the drafter's plain tempered law. Both are exact.
 
     Attributes
     ----------
@@ -432,7 +508,7 @@ class DiffusionDrafting:
 
     def __init__(self, drafter: Union[DFlashDrafter, DiffusionDrafter], steps: int = 1,
                  commit: Union[CommitMode, str] = CommitMode.LEFT_TO_RIGHT,
-                 draft_temperature: Optional[float] = None) -> None:
+                 draft_temperature: Optional[float] = None, draft_filters: bool = False) -> None:
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps must be a positive int, got {steps!r}")
         cfg = drafter.config
@@ -447,13 +523,15 @@ class DiffusionDrafting:
         self.drafter, self.steps = drafter, steps
         self.commit = CommitMode.parse(commit)
         self.draft_temperature = draft_temperature
+        self.draft_filters = bool(draft_filters)
         self.feature_layers = list(cfg.feature_layers) if feats else None
         self.cache: Any = None
 
     def start(self, prompt: Tensor, seed: int, temperature: float,
-              hidden: Optional[Tensor]) -> None:
+              hidden: Optional[Tensor], filters: Optional[dict] = None) -> None:
         self._seed = seed
         self._dtau = temperature if self.draft_temperature is None else float(self.draft_temperature)
+        self._filters = (filters or None) if self.draft_filters else None
         self.cache = self.drafter.new_cache(1)
         if self.dflash:  # context position t holds the target's states at t
             if hidden is None:
@@ -471,7 +549,8 @@ class DiffusionDrafting:
 
     def draft(self, gamma: int, rnd: int) -> Draft:
         b = sample_block(self.drafter, self.cache, gamma, self.steps, self.commit,
-                         temperature=self._dtau, seed=self._seed, offset=rnd)
+                         temperature=self._dtau, seed=self._seed, offset=rnd,
+                         filters=self._filters)
         return Draft(b.ids, b.logits if self._dtau > 0 else None, b.point_mass, self._dtau,
                      b.vocab_map)
 
@@ -492,16 +571,21 @@ class ARDrafting:
         the shipped baseline drafter (`drafter.ar.load_ar_drafter`).
     draft_temperature : float, optional
         None: the target's temperature. Drafts are drawn left to right, so the soft q is exact.
+    draft_filters : bool
+        Draft with the target's top-k / top-p / min-p too (as `DiffusionDrafting`).
     """
 
     feature_layers = None
 
-    def __init__(self, ar_drafter: Any, draft_temperature: Optional[float] = None) -> None:
+    def __init__(self, ar_drafter: Any, draft_temperature: Optional[float] = None,
+                 draft_filters: bool = False) -> None:
         self.drafter, self.draft_temperature = ar_drafter, draft_temperature
+        self.draft_filters = bool(draft_filters)
 
     def start(self, prompt: Tensor, seed: int, temperature: float,
-              hidden: Optional[Tensor]) -> None:
+              hidden: Optional[Tensor], filters: Optional[dict] = None) -> None:
         self._dtau = temperature if self.draft_temperature is None else float(self.draft_temperature)
+        self._filters = (filters or None) if self.draft_filters else None
         self._gen = torch.Generator(device=prompt.device).manual_seed(seed)
         self._cache = self.drafter.new_cache()
         self._vmap = getattr(self.drafter, "vocab_map", None)  # (Vd,) reduced vocabulary
@@ -512,6 +596,8 @@ class ARDrafting:
         x, ids, rows = self._pending, [], []
         for _ in range(gamma):
             row = _logits(self.drafter.forward(x, self._cache))[:, -1]  # (1, Vd)
+            if self._filters and self._dtau > 0.0:
+                row = ops.filter_logits(row[:, None], temperature=self._dtau, **self._filters)[:, 0]
             self._length += x.shape[1]
             if self._dtau == 0.0:
                 x = row.argmax(-1, keepdim=True)
@@ -556,7 +642,7 @@ class PromptLookup:
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
 
     def start(self, prompt: Tensor, seed: int, temperature: float,
-              hidden: Optional[Tensor]) -> None:
+              hidden: Optional[Tensor], filters: Optional[dict] = None) -> None:
         self._text: List[int] = prompt[0].tolist()
         self._dev = prompt.device
 
@@ -583,15 +669,15 @@ class SpecDiffDecoder(SpeculativeDecoder):
     gamma : int, optional
         Block size G (drafts per round); at most block_size - 1 for a DFlash drafter. None:
         block_size - 1 for a DFlash drafter (its trained block), 8 otherwise.
-    steps, commit, draft_temperature
+    steps, commit, draft_temperature, draft_filters
         See `DiffusionDrafting`.
     """
 
     def __init__(self, target: Any, drafter: Union[DFlashDrafter, DiffusionDrafter],
                  gamma: Optional[int] = None, steps: int = 1,
                  commit: Union[CommitMode, str] = CommitMode.LEFT_TO_RIGHT,
-                 draft_temperature: Optional[float] = None) -> None:
-        drafting = DiffusionDrafting(drafter, steps, commit, draft_temperature)
+                 draft_temperature: Optional[float] = None, draft_filters: bool = False) -> None:
+        drafting = DiffusionDrafting(drafter, steps, commit, draft_temperature, draft_filters)
         if gamma is None:
             gamma = drafter.config.block_size - 1 if drafting.dflash else 8
         super().__init__(target, drafting, gamma)
@@ -603,11 +689,11 @@ class SpecDiffDecoder(SpeculativeDecoder):
 
 class ARSpecDecoder(SpeculativeDecoder):
     """Speculative decoding with a small autoregressive drafter: `SpeculativeDecoder` over
-    `ARDrafting` (see there for `ar_drafter` and `draft_temperature`)."""
+    `ARDrafting` (see there for `ar_drafter`, `draft_temperature` and `draft_filters`)."""
 
     def __init__(self, target: Any, ar_drafter: Any, gamma: int = 4,
-                 draft_temperature: Optional[float] = None) -> None:
-        super().__init__(target, ARDrafting(ar_drafter, draft_temperature), gamma)
+                 draft_temperature: Optional[float] = None, draft_filters: bool = False) -> None:
+        super().__init__(target, ARDrafting(ar_drafter, draft_temperature, draft_filters), gamma)
 
 
 class PLDDecoder(SpeculativeDecoder):

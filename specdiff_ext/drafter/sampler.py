@@ -82,6 +82,7 @@ def sample_block(
     seed: Any = 0,
     offset: int = 0,
     on_step: Optional[StepHook] = None,
+    filters: Optional[dict] = None,
 ) -> DraftBlock:
     """Draft `gamma` tokens after each row's context in `steps` denoising steps.
 
@@ -104,6 +105,9 @@ def sample_block(
     offset : int
         Round counter: step s of this call draws at op offset ``offset * steps + s``, so every
         step of every round gets fresh randomness (keep offset * steps + steps < 2^56).
+    filters : dict, optional
+        top_k / top_p / min_p (``ops.filter_logits``) to draft with; the returned logits are
+        then the filtered ones (the law the drafts were drawn from).
     on_step : callable, optional
         Called after each step as on_step(s, logits (B, G, Vd), tokens (B, G),
         commit_step (B, G)) with the state after the step (inspection, tests).
@@ -138,6 +142,8 @@ def sample_block(
     valid = torch.ones(B, dtype=torch.bool, device=dev)
     for s in range(steps):
         logits = drafter.block_logits(cache, tokens)  # (B, G, Vd)
+        if filters:
+            logits = ops.filter_logits(logits, temperature=temperature, **filters)
         res = ops.denoise_step(logits, tokens, commit, step=s, num_steps=steps, mode=mode,
                                temperature=temperature, seed=seed, offset=offset * steps + s,
                                vocab_map=vocab_map)
