@@ -27,8 +27,17 @@ buffer sets so that repeated calls do not just measure the cache. GB/s is the ef
 bandwidth of ours: the bytes of logits the op must read (verify, gather: every row; denoise:
 masked rows; rejection_sample: the bonus/residual rows) over its time.
 
+Sampling controls (--filters): verify with top-k / top-p / min-p against verify at plain
+temperature, same shapes, same run (both on blocks whose every draft is accepted, so every
+target row is read: the drafts are drawn from the law verification tests them against), on
+"normal" N(0, 2^2) logits (flat: the hardest case for the windowed candidate search) and
+"peaked" ones (8 tokens per row lifted by 12, as language-model rows look); on CUDA also
+FlashInfer's top_k_top_p_sampling_from_logits against ours sampling one token per row under
+the same top-k / top-p (verify with G = 0 over the B * (G+1) rows).
+
 Usage:
     python3 benchmarks/bench_ops.py --quick --device cpu
+    python3 benchmarks/bench_ops.py --filters --device cpu --B 1,8,32 --G 8 --V 49152
     python3 benchmarks/bench_ops.py --device cuda --json bench.json
     python3 benchmarks/bench_ops.py --ops verify --B 1,8,32 --G 8 --V 49152
 """
@@ -723,6 +732,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                     help="most bytes of rotated input sets per case")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     ap.add_argument("--json", default=None, help="write all results to this path")
+    ap.add_argument("--filters", action="store_true",
+                    help="benchmark the sampling controls instead (see above)")
     args = ap.parse_args(argv)
 
     ops = []
@@ -743,6 +754,111 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return args
 
 
+FILTER_SETTINGS = [
+    ("top_k=50", dict(top_k=50)),
+    ("top_p=0.9", dict(top_p=0.9)),
+    ("min_p=0.05", dict(min_p=0.05)),
+    ("all three", dict(top_k=50, top_p=0.9, min_p=0.05)),
+]
+
+
+def _filter_inputs(B: int, G: int, V: int, kind: str, dtype: torch.dtype, dev: str,
+                   settings: Dict[str, Any], gen: torch.Generator) -> Dict[str, Any]:
+    from specdiff_ext import ops
+
+    tl = torch.randn(B, G + 1, V, generator=gen) * 2.0
+    if kind == "peaked":
+        hot = torch.randint(0, V, (B, G + 1, 8), generator=gen)
+        tl.scatter_add_(-1, hot, torch.full(hot.shape, 12.0))
+    tl = tl.to(dtype)
+    masked = ops.filter_logits(tl, **settings) if settings else tl
+    x = torch.distributions.Categorical(logits=masked[:, :G].float()).sample()
+    return {"tl": tl.to(dev), "x": x.to(dev), "dl": tl[:, :G].contiguous().to(dev),
+            "dlf": masked[:, :G].contiguous().to(dev)}
+
+
+def bench_filters(args: argparse.Namespace, devices: List[str]) -> int:
+    """verify with the sampling controls against verify at plain temperature (and FlashInfer's
+    top-k / top-p sampler on CUDA); prints a markdown table, optionally JSON."""
+    from specdiff_ext import ops
+
+    Bs = args.B or (1, 8, 32)
+    G = (args.G or (8,))[0]
+    V = (args.V or (49152,))[0]
+    rows: List[Dict[str, Any]] = []
+    print(f"# sampling controls: verify, G = {G}, V = {V}, temperature {args.temperature}; "
+          "median ms per call; every draft accepted (all G+1 rows read)", flush=True)
+    for d in devices:
+        print(f"# {d}: {device_desc(d)}", flush=True)
+    print("| device | dtype | logits | B | filters | temperature only ms | with filters ms | "
+          "ratio | filter_logits ms |", flush=True)
+    print("|---|---|---|---|---|---|---|---|---|", flush=True)
+    fi = None
+    if "cuda" in devices and args.flashinfer != "off":
+        try:
+            fi = importlib.import_module("flashinfer.sampling")
+        except Exception as e:  # noqa: BLE001
+            print(f"# FlashInfer not importable ({type(e).__name__}: {e})", flush=True)
+    tau = args.temperature
+    for dev in devices:
+        dtype = torch.float32 if dev == "cpu" else torch.bfloat16
+        if args.dtypes:
+            dtype = getattr(torch, args.dtypes.split(",")[0].strip())
+        flush = torch.empty(2 * _l2_bytes() if dev == "cuda" else 1, dtype=torch.uint8,
+                            device=dev)
+        for kind in ("normal", "peaked"):
+            for B in Bs:
+                for label, st in FILTER_SETTINGS:
+                    gen = torch.Generator().manual_seed(B * 7 + len(label))
+                    sets = [_filter_inputs(B, G, V, kind, dtype, dev, st, gen) for _ in range(2)]
+                    fns = {
+                        "base": lambda i: ops.verify_unchecked(i["tl"], i["x"], i["dl"], temperature=tau,
+                                                                draft_temperature=tau, seed=1),
+                        "filt": lambda i, st=st: ops.verify_unchecked(i["tl"], i["x"], i["dlf"], temperature=tau,
+                                                                      draft_temperature=tau, seed=1, **st),
+                        "mask": lambda i, st=st: ops.filter_logits(i["tl"], temperature=tau, **st),
+                    }
+                    if dev == "cpu":
+                        for f in fns.values():
+                            f(sets[0])
+                        t = time_cpu_interleaved(fns, sets, args.budget_s, args.min_reps, args.max_reps)
+                        ms = {k: v[0] for k, v in t.items()}
+                    else:
+                        ms = {k: time_cuda(f, sets, flush, args.warmup_ms, args.rep_ms, args.min_reps,
+                                           args.max_reps)[0] for k, f in fns.items()}
+                    acc = float(fns["filt"](sets[0]).num_accepted.float().mean())
+                    row = {"device": dev, "dtype": str(dtype).replace("torch.", ""), "logits": kind,
+                           "B": B, "G": G, "V": V, "filters": label, "base_ms": ms["base"],
+                           "filters_ms": ms["filt"], "ratio": ms["filt"] / ms["base"],
+                           "filter_logits_ms": ms["mask"], "mean_accepted_with_filters": acc}
+                    if dev == "cuda" and fi is not None and "min_p" not in st:
+                        flat = [{"l": i["tl"].reshape(-1, V).float(),
+                                 "e": torch.zeros(B * (G + 1), 0, dtype=torch.long, device=dev)}
+                                for i in sets]
+                        k = st.get("top_k", 0) or V
+                        p = st.get("top_p", 1.0)
+                        try:
+                            row["flashinfer_ms"] = time_cuda(
+                                lambda i: fi.top_k_top_p_sampling_from_logits(i["l"] / tau, k, p), flat, flush,
+                                args.warmup_ms, args.rep_ms, args.min_reps, args.max_reps)[0]
+                            row["ours_sample_ms"] = time_cuda(
+                                lambda i: ops.verify_unchecked(i["l"][:, None], i["e"], temperature=tau,
+                                                               seed=1, **st), flat, flush,
+                                args.warmup_ms, args.rep_ms, args.min_reps, args.max_reps)[0]
+                        except Exception as e:  # noqa: BLE001
+                            row["flashinfer_error"] = f"{type(e).__name__}: {e}"
+                    rows.append(row)
+                    line = (f"| {dev} | {row['dtype']} | {kind} | {B} | {label} | {ms['base']:.3f} | "
+                            f"{ms['filt']:.3f} | {row['ratio']:.2f} | {ms['mask']:.3f} |")
+                    if "flashinfer_ms" in row:
+                        line += f" fi {row['flashinfer_ms']:.3f} vs ours {row['ours_sample_ms']:.3f}"
+                    print(line, flush=True)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"filters": rows, "torch": torch.__version__}, fh, indent=1)
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     if args.threads:
@@ -754,6 +870,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
     if not have_cuda:
         devices = [d for d in devices if d != "cuda"]
+    if args.filters:
+        return bench_filters(args, devices)
     if not args.verbose_compile:  # graph-break warnings and guard errors would swamp the table
         for name in ("torch._dynamo", "torch._inductor", "torch._guards", "torch.fx"):
             logging.getLogger(name).setLevel(logging.CRITICAL)

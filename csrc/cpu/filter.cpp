@@ -28,18 +28,19 @@ void filter_one(const FilterParams& p, int64_t r, FilterScratch& sc, bool par) {
   const float tau = p.tau.at(b);
   const RowSettings rs = row_settings(p.filter, b, V);
   bool copy = !(tau > 0.0f) || !rs.on();  // greedy rows and rows without filters pass through
-  RowStats st;
   const float inv_tau = copy ? 1.0f : 1.0f / tau;
+  float xm = 0.0f;
   if (!copy) {
-    st = row_stats(row, V, inv_tau, par);
-    copy = !st.valid();  // NaN / +inf / all -inf rows stay as they are (invalid downstream)
+    bool bad;
+    xm = row_max(row, V, inv_tau, &bad, par);
+    copy = bad;  // NaN / +inf / all -inf rows stay as they are (invalid downstream)
   }
   if (copy) {
     for (int64_t v = 0; v < V; ++v) out[v] = row[v];
     return;
   }
   float lse;
-  const KeepRule rule = filter_row(row, V, inv_tau, st.m, st.s, rs, sc, &lse);
+  const KeepRule rule = filter_row(row, V, inv_tau, xm, rs, sc, &lse);
   const T ninf = neg_inf_of<T>();
   for (int64_t v = 0; v < V; ++v)
     out[v] = rule.keep(sd_mul(to_float(row[v]), inv_tau), v) ? row[v] : ninf;

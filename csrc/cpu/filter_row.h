@@ -1,7 +1,7 @@
-// CPU top-k / top-p / min-p of one row without sorting the vocabulary: the entries that can
-// survive are gathered in one pass (those within a window below the max that provably holds
-// the answer, else the whole row), top-k is a selection (nth_element) and top-p a weighted
-// quickselect over that short list.  The result is the keep rule, the kept entries and the
+// CPU top-k / top-p / min-p of one row without sorting the vocabulary: one read counts the
+// entries and their mass within a few distances below the max (the pivots), the narrowest that
+// provably holds the boundaries is gathered in a second, compare-only read, then top-k is a
+// selection (nth_element) and top-p a weighted quickselect over that short list.  The result is the keep rule, the kept entries and the
 // log-sum-exp of the kept set, summed exactly as row_stats sums the masked row, so verifying
 // with the fused filter and verifying the output of filter_logits give the same bits.
 #pragma once
@@ -17,12 +17,6 @@
 namespace specdiff {
 namespace cpu {
 
-struct Cand {
-  float x;  // scaled logit
-  float w;  // exp(x - xm)
-  int64_t v;
-};
-
 // Order of the filters: a precedes b when it is larger, ties by the larger index.
 inline bool precedes(const Cand& a, const Cand& b) { return a.x > b.x || (a.x == b.x && a.v > b.v); }
 
@@ -31,21 +25,10 @@ struct FilterScratch {
   std::vector<float> tmp;
 };
 
-// Scaled entries at or above `cut`, in index order, with their weights.
-template <typename T>
-void gather_candidates(const T* row, int64_t V, float inv_tau, float xm, float cut,
-                       std::vector<Cand>& out) {
-  out.clear();
-  for (int64_t v = 0; v < V; ++v) {
-    const float x = sd_mul(to_float(row[v]), inv_tau);
-    if (x >= cut) out.push_back(Cand{x, 0.0f, v});
-  }
-  for (Cand& c : out) c.w = fast_exp(c.x - xm);
-}
-
 // Top-p boundary over c[0..n) (n >= 1): the last entry, in filter order, whose mass before it
 // is < P (the first entry is always kept).  Weighted quickselect, expected O(n); c is permuted.
-inline KeepRule top_p_rule(Cand* c, int64_t n, float P) {
+inline KeepRule top_p_rule(Cand* c, int64_t n, float P, bool* reached) {
+  *reached = true;
   int64_t lo = 0, hi = n;
   float above = 0.0f;  // mass of the entries before c[lo..hi) in filter order (all kept)
   KeepRule last;
@@ -86,6 +69,7 @@ inline KeepRule top_p_rule(Cand* c, int64_t n, float P) {
     have = true;
     above += c[i].w;
   }
+  *reached = above >= P;  // false: every entry is kept and the mass still falls short of P
   return last;
 }
 
@@ -113,63 +97,96 @@ inline float kept_lse(const std::vector<Cand>& kept, int64_t V, float xm) {
   return xm + fast_log(total);
 }
 
-// Keep rule of one row at inv_tau with scaled max xm and unfiltered sum S = sum exp(x - xm)
-// (row_stats).  On return sc.cand holds the kept entries in index order; *lse is their
-// log-sum-exp.
+// Keep rule of one row at inv_tau whose scaled max is xm (row_max).  A histogram of the row by
+// distance below the max (count and mass per bucket, one read) locates the top-k, top-p and
+// min-p boundaries to within a bucket; only the entries in the buckets up to there are gathered
+// (a second, compare-only read) and selected among.  On return sc.cand holds the kept entries
+// in index order; *lse is their log-sum-exp.
 template <typename T>
-KeepRule filter_row(const T* row, int64_t V, float inv_tau, float xm, float S, const RowSettings& rs,
+KeepRule filter_row(const T* row, int64_t V, float inv_tau, float xm, const RowSettings& rs,
                     FilterScratch& sc, float* lse) {
-  std::vector<Cand>& c = sc.cand;
+  int64_t cnt[kWindows] = {};
+  float mass[kWindows + 1] = {};
+  for_tiles(row, V, false, [&](int64_t, const float* x, int64_t n, int64_t) {
+    tile_windows(x, n, inv_tau, xm, cnt, mass);
+  });
+  const float S = mass[kWindows];
   const float mcut = rs.min_p_on() ? min_p_threshold(xm, rs.mp) : kNegInf;
-  // Window: entries more than 16 below the max weigh < 1.2e-7 each; the window holds the
-  // answer when it has k entries (top-k) or mass >= p * S (top-p alone).
-  const bool window = (rs.top_k_on() || rs.top_p_on()) && xm - 16.0f > mcut;
-  gather_candidates(row, V, inv_tau, xm, window ? xm - 16.0f : mcut, c);
-  bool ok = true;
-  const int64_t n0 = static_cast<int64_t>(c.size());
-  if (rs.top_k_on() && rs.top_p_on()) {
-    ok = n0 >= rs.k;  // top-p needs the mass of the whole top-k set
-  } else if (rs.top_k_on()) {
-    ok = n0 >= rs.k || !window;  // below min-p's cut everything is dropped anyway
-  } else if (rs.top_p_on() && window) {
-    float mass = 0.0f;
-    for (const Cand& e : c) mass += e.w;
-    ok = mass >= rs.p * S;
+  // The narrowest window that holds the answer: k entries (top-k; with top-p on too, the whole
+  // top-k set, whose mass is top-p's total), or mass >= p * S one window short of it (top-p
+  // alone: the next window is slack for rounding).  Entries below min-p's cut are dropped
+  // anyway, except that top-p's total needs the whole top-k set.
+  float D = INFINITY, cut = mcut;
+  if (rs.top_k_on()) {
+    for (int q = 0; q < kWindows; ++q)
+      if (cnt[q] >= rs.k) {
+        D = kWindowD[q];
+        break;
+      }
+    if (rs.top_p_on()) cut = kNegInf;
+  } else if (rs.top_p_on()) {
+    const float P = rs.p * S;
+    for (int q = 0; q < kWindows; ++q)
+      if (mass[q] >= P) {
+        D = kWindowD[q];
+        break;
+      }
   }
-  if (!ok) gather_candidates(row, V, inv_tau, xm, rs.top_k_on() && rs.top_p_on() ? kNegInf : mcut, c);
+  std::vector<Cand>& c = sc.cand;
+  auto gather = [&] {
+    c.resize(static_cast<size_t>(V));
+    int64_t m = 0;
+    for_tiles(row, V, false, [&](int64_t, const float* x, int64_t n, int64_t base) {
+      m += tile_gather_window(x, n, base, inv_tau, xm, D, cut, c.data() + m);
+    });
+    c.resize(static_cast<size_t>(m));
+    cand_weights(c.data(), m, xm);
+  };
+  gather();
+
   KeepRule rule;
   if (rs.min_p_on()) rule = KeepRule{mcut, 0};
   float W = S;
-  if (rs.top_k_on() && rs.k >= static_cast<int64_t>(c.size())) {
-    // The candidates are exactly the top-k set (and its ties): top-p's total is their mass.
-    W = 0.0f;
-    for (const Cand& e : c) W += e.w;
-  } else if (rs.top_k_on()) {
-    sc.tmp.resize(c.size());
-    for (size_t i = 0; i < c.size(); ++i) sc.tmp[i] = c[i].x;
-    std::nth_element(sc.tmp.begin(), sc.tmp.begin() + (rs.k - 1), sc.tmp.end(), std::greater<float>());
-    const float tk = sc.tmp[static_cast<size_t>(rs.k - 1)];
+  if (rs.top_k_on()) {
+    float tk;
+    if (rs.k < static_cast<int64_t>(c.size())) {
+      sc.tmp.resize(c.size());
+      for (size_t i = 0; i < c.size(); ++i) sc.tmp[i] = c[i].x;
+      std::nth_element(sc.tmp.begin(), sc.tmp.begin() + (rs.k - 1), sc.tmp.end(), std::greater<float>());
+      tk = sc.tmp[static_cast<size_t>(rs.k - 1)];
+    } else {  // the candidates are the top-k set (or min-p's cut came first)
+      tk = c.front().x;
+      for (const Cand& e : c) tk = std::min(tk, e.x);
+    }
     rule = rule.tighter(KeepRule{tk, 0});
     // The top-k survivors, and their mass (top-p's total).
-    size_t m = 0;
+    size_t n = 0;
     W = 0.0f;
     for (size_t i = 0; i < c.size(); ++i)
       if (c[i].x >= tk) {
         W += c[i].w;
-        c[m++] = c[i];
+        c[n++] = c[i];
       }
-    c.resize(m);
+    c.resize(n);
   }
   if (rs.top_p_on()) {
-    // Only entries the other filters keep can bound top-p from above; min-p's cut is applied
-    // after top-p, so top-p runs over the top-k survivors (all still in c).
     sc.work.assign(c.begin(), c.end());
-    rule = rule.tighter(top_p_rule(sc.work.data(), static_cast<int64_t>(sc.work.size()), rs.p * W));
+    bool reached;
+    KeepRule pr = top_p_rule(sc.work.data(), static_cast<int64_t>(sc.work.size()), rs.p * W, &reached);
+    if (!reached && !rs.top_k_on() && D < INFINITY) {
+      // The window's mass reached p * S in the window sums but not in the selection's (float
+      // rounding): the boundary may lie just outside it.  Take every entry and select again.
+      D = INFINITY;
+      gather();
+      sc.work.assign(c.begin(), c.end());
+      pr = top_p_rule(sc.work.data(), static_cast<int64_t>(sc.work.size()), rs.p * W, &reached);
+    }
+    rule = rule.tighter(pr);
   }
-  size_t m = 0;
+  size_t n = 0;
   for (size_t i = 0; i < c.size(); ++i)
-    if (rule.keep(c[i].x, c[i].v)) c[m++] = c[i];
-  c.resize(m);
+    if (rule.keep(c[i].x, c[i].v)) c[n++] = c[i];
+  c.resize(n);
   *lse = kept_lse(c, V, xm);
   return rule;
 }

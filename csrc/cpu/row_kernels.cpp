@@ -151,5 +151,120 @@ SD_CLONES void tile_race_residual(const float* x, const float* qx, int64_t n, in
   }
 }
 
+SD_CLONES int64_t tile_gather(const float* x, int64_t n, int64_t base, float inv_tau, float cut,
+                              Cand* out) {
+  // Branch-free compaction: every entry is written at the next free slot, which only advances
+  // past kept ones (out has room for n entries).
+  int64_t m = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const float a = sd_mul(x[i], inv_tau);
+    out[m] = Cand{a, 0.0f, base + i};
+    m += a >= cut ? 1 : 0;
+  }
+  return m;
+}
+
+SD_CLONES void tile_windows(const float* x, int64_t n, float inv_tau, float xm, int64_t* cnt,
+                            float* mass) {
+  // kLanes running sums per window, in a fixed order (vectorises like tile_sumexp).
+  float am[kWindows + 1][kLanes] = {};
+  int32_t ac[kWindows][kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) {
+      const float a = sd_mul(x[i + j], inv_tau);
+      const float w = fast_exp(a - xm);
+      const float d = xm - a;
+      am[kWindows][j] += w;
+      for (int q = 0; q < kWindows; ++q) {
+        const bool in = d < kWindowD[q];
+        am[q][j] += in ? w : 0.0f;
+        ac[q][j] += in ? 1 : 0;
+      }
+    }
+  for (int q = 0; q <= kWindows; ++q) {
+    float s = 0.0f;
+    int64_t c = 0;
+    for (int j = 0; j < kLanes; ++j) {
+      s += am[q][j];
+      if (q < kWindows) c += ac[q][j];
+    }
+    mass[q] += s;
+    if (q < kWindows) cnt[q] += c;
+  }
+  for (; i < n; ++i) {
+    const float a = sd_mul(x[i], inv_tau);
+    const float w = fast_exp(a - xm);
+    const float d = xm - a;
+    mass[kWindows] += w;
+    for (int q = 0; q < kWindows; ++q)
+      if (d < kWindowD[q]) {
+        mass[q] += w;
+        cnt[q] += 1;
+      }
+  }
+}
+
+SD_CLONES int64_t tile_gather_window(const float* x, int64_t n, int64_t base, float inv_tau,
+                                     float xm, float D, float cut, Cand* out) {
+  int64_t m = 0;
+  for (int64_t i0 = 0; i0 < n; i0 += 64) {
+    const int64_t len = std::min<int64_t>(64, n - i0);
+    uint64_t mask = 0;
+    for (int64_t j = 0; j < len; ++j) {
+      const float a = sd_mul(x[i0 + j], inv_tau);
+      mask |= static_cast<uint64_t>((xm - a < D) & (a >= cut)) << j;
+    }
+    while (mask) {
+      const int j = __builtin_ctzll(mask);
+      mask &= mask - 1;
+      out[m++] = Cand{sd_mul(x[i0 + j], inv_tau), 0.0f, base + i0 + j};
+    }
+  }
+  return m;
+}
+
+SD_CLONES void cand_weights(Cand* c, int64_t n, float xm) {
+  for (int64_t i = 0; i < n; ++i) c[i].w = fast_exp(c[i].x - xm);
+}
+
+SD_CLONES int64_t cand_race(const Cand* c, int64_t n, const RowStream& st, uint32_t position,
+                            int64_t exclude) {
+  float best = kNegInf;
+  int64_t win = -1;
+  for (int64_t i = 0; i < n; ++i) {
+    if (c[i].v == exclude || c[i].x == kNegInf) continue;
+    const float key =
+        c[i].x + gumbel_from_bits(st.word(position, static_cast<uint64_t>(c[i].v), kTagSample));
+    if (key > best) {
+      best = key;
+      win = c[i].v;
+    }
+  }
+  return win;
+}
+
+SD_CLONES void cand_race_residual(const Cand* c, const float* qx, int64_t n, float lse_p,
+                                  float lse_q, const RowStream& st, uint32_t position,
+                                  int64_t* win, int64_t* fb) {
+  float best = kNegInf, fbest = kNegInf;
+  *win = -1;
+  *fb = -1;
+  for (int64_t i = 0; i < n; ++i) {
+    const float g = gumbel_from_bits(st.word(position, static_cast<uint64_t>(c[i].v), kTagSample));
+    const float r = fast_exp(c[i].x - lse_p) - fast_exp(qx[i] - lse_q);
+    const float key = r >= kFltMin ? fast_log(r) + g : kNegInf;
+    if (key > best) {
+      best = key;
+      *win = c[i].v;
+    }
+    const float fkey = c[i].x == kNegInf ? kNegInf : c[i].x + g;
+    if (fkey > fbest) {
+      fbest = fkey;
+      *fb = c[i].v;
+    }
+  }
+}
+
 }  // namespace cpu
 }  // namespace specdiff

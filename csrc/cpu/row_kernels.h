@@ -21,6 +21,13 @@ namespace cpu {
 
 constexpr int64_t kTile = 2048;
 
+// An entry of a row kept by the sampling filters (filter_row.h).
+struct Cand {
+  float x;  // scaled logit
+  float w;  // exp(x - xm)
+  int64_t v;
+};
+
 // Max over x[0..n) and whether a NaN or +inf was seen.
 void tile_max(const float* x, int64_t n, float* max_out, bool* bad_out);
 // Sum of exp(x * inv_tau - m) over x[0..n).
@@ -36,6 +43,29 @@ void tile_race(const float* x, int64_t n, int64_t base, float inv_tau, const Row
 void tile_race_residual(const float* x, const float* qx, int64_t n, int64_t base, float inv_tau,
                         float lse_p, float lse_q, const RowStream& st, uint32_t position,
                         float* best_key, int64_t* best_idx, float* fb_key, int64_t* fb_idx);
+
+// Appends the entries of x[0..n) (indices base..) whose scaled value is >= cut to out (index
+// order, w unset); returns how many.  out must have room for n entries.
+int64_t tile_gather(const float* x, int64_t n, int64_t base, float inv_tau, float cut, Cand* out);
+// Window statistics of the scaled entries a of x[0..n) below the scaled max xm: for each
+// distance kWindowD[q], the count and mass (sum of exp(a - xm)) of the entries with
+// xm - a < kWindowD[q]; mass[kWindows] is the mass of every entry.  Adds to cnt / mass.
+constexpr int kWindows = 8;
+constexpr float kWindowD[kWindows] = {1.0f, 2.0f, 3.0f, 4.5f, 6.0f, 8.0f, 12.0f, 16.0f};
+void tile_windows(const float* x, int64_t n, float inv_tau, float xm, int64_t* cnt, float* mass);
+// Appends the entries with xm - a < D and a >= cut (a = x * inv_tau; D = +inf: every finite
+// distance) to out in index order (w unset); returns how many.  out must have room for n.
+int64_t tile_gather_window(const float* x, int64_t n, int64_t base, float inv_tau, float xm,
+                           float D, float cut, Cand* out);
+// c[i].w = exp(c[i].x - xm).
+void cand_weights(Cand* c, int64_t n, float xm);
+// Race over c[0..n) (index order): key x + gumbel(v) (tag kTagSample), lowest index on ties,
+// `exclude` and -inf entries never win; -1 when none can.  The keys of tile_race.
+int64_t cand_race(const Cand* c, int64_t n, const RowStream& st, uint32_t position, int64_t exclude);
+// Residual race over c[0..n): weight max(exp(x - lse_p) - exp(qx[i] - lse_q), 0), and the plain
+// race as fallback (*fb); the keys of tile_race_residual.
+void cand_race_residual(const Cand* c, const float* qx, int64_t n, float lse_p, float lse_q,
+                        const RowStream& st, uint32_t position, int64_t* win, int64_t* fb);
 
 template <typename T>
 inline void to_float_tile(const T* src, int64_t n, float* dst) {
@@ -134,6 +164,27 @@ RowStats row_stats(const T* row, int64_t V, float inv_tau, bool parallel = false
   for (int64_t t = 0; t < nt; ++t) sum += tsum[static_cast<size_t>(t)];
   s.s = sum;
   return s;
+}
+
+// Max of row * inv_tau (scaled) and whether a NaN or +inf was seen (one read).
+template <typename T>
+float row_max(const T* row, int64_t V, float inv_tau, bool* bad_out, bool parallel = false) {
+  const int64_t nt = num_tiles(V);
+  std::vector<float> tmax(static_cast<size_t>(nt));
+  std::vector<char> tbad(static_cast<size_t>(nt));
+  for_tiles(row, V, parallel, [&](int64_t t, const float* x, int64_t n, int64_t) {
+    bool b;
+    tile_max(x, n, &tmax[static_cast<size_t>(t)], &b);
+    tbad[static_cast<size_t>(t)] = b;
+  });
+  float m = kNegInf;
+  bool bad = false;
+  for (int64_t t = 0; t < nt; ++t) {
+    m = std::max(m, tmax[static_cast<size_t>(t)]);
+    bad = bad || tbad[static_cast<size_t>(t)];
+  }
+  *bad_out = bad || m == kNegInf;
+  return sd_mul(m, inv_tau);
 }
 
 // Categorical draw from softmax(row * inv_tau) by race; -1 when no entry can win.

@@ -12,25 +12,13 @@ namespace specdiff {
 namespace cpu {
 namespace {
 
-// Race over a list of entries (ascending index): key = x + gumbel(v), lowest index on ties;
-// the same keys as tile_race over the row with every other entry at -inf.
 inline int64_t list_race(const std::vector<Cand>& kept, const RowStream& st, uint32_t position,
                          int64_t exclude) {
-  float best = kNegInf;
-  int64_t win = -1;
-  for (const Cand& e : kept) {
-    if (e.v == exclude || e.x == kNegInf) continue;
-    const float key = e.x + gumbel_from_bits(st.word(position, static_cast<uint64_t>(e.v), kTagSample));
-    if (key > best) {
-      best = key;
-      win = e.v;
-    }
-  }
-  return win;
+  return cand_race(kept.data(), static_cast<int64_t>(kept.size()), st, position, exclude);
 }
 
 struct Scratch {
-  std::vector<float> qbuf;
+  std::vector<float> qbuf, qk;
   FilterScratch filter;
 };
 
@@ -66,7 +54,10 @@ void verify_row(const VerifyParams& p, int64_t b, Scratch& scr, bool par) {
     const TT* trow = p.target.row<TT>(b, i);
     // Target statistics of position i (lse given by the caller, or one pass over the row).
     RowStats sp;
-    if (p.target_lse != nullptr && !greedy && !filtered) {
+    if (filtered) {  // the max only: the filter's histogram read replaces the sum of exps
+      sp.m = row_max(trow, V, inv_tau, &sp.bad, par);
+      sp.s = 1.0f;
+    } else if (p.target_lse != nullptr && !greedy) {
       sp.m = p.target_lse[b * (G + 1) + i];
       sp.s = 1.0f;
       sp.bad = !std::isfinite(sp.m);
@@ -76,7 +67,7 @@ void verify_row(const VerifyParams& p, int64_t b, Scratch& scr, bool par) {
     if (!sp.valid()) return invalid();
     float lse_p = sp.lse();
     KeepRule rule;
-    if (filtered) rule = filter_row(trow, V, inv_tau, sp.m, sp.s, rs, scr.filter, &lse_p);
+    if (filtered) rule = filter_row(trow, V, inv_tau, sp.m, rs, scr.filter, &lse_p);
 
     if (i == G) {  // every draft accepted: bonus token
       out[G] = greedy     ? sp.arg
@@ -135,25 +126,15 @@ void verify_row(const VerifyParams& p, int64_t b, Scratch& scr, bool par) {
       } else {
         // Residual max(p - q, 0) over the kept entries (p is 0 elsewhere), then the fallback
         // race over p: the keys of tile_race_residual.
-        float best = kNegInf, fbest = kNegInf;
-        int64_t fc = -1;
-        for (const Cand& e : kept) {
-          int64_t j = e.v;
-          if (p.vocab_map.data != nullptr) j = p.vocab_inv[e.v];
-          const float q = (j >= 0 && j < p.Vd) ? sd_mul(to_float(drow[j]), inv_dtau) : kNegInf;
-          const float g = gumbel_from_bits(st.word(static_cast<uint32_t>(i), static_cast<uint64_t>(e.v), kTagSample));
-          const float r = fast_exp(e.x - lse_p) - fast_exp(q - lse_q);
-          const float key = r >= kFltMin ? fast_log(r) + g : kNegInf;
-          if (key > best) {
-            best = key;
-            c = e.v;
-          }
-          const float fkey = e.x == kNegInf ? kNegInf : e.x + g;
-          if (fkey > fbest) {
-            fbest = fkey;
-            fc = e.v;
-          }
+        scr.qk.resize(kept.size());
+        for (size_t t = 0; t < kept.size(); ++t) {
+          int64_t j = kept[t].v;
+          if (p.vocab_map.data != nullptr) j = p.vocab_inv[kept[t].v];
+          scr.qk[t] = (j >= 0 && j < p.Vd) ? sd_mul(to_float(drow[j]), inv_dtau) : kNegInf;
         }
+        int64_t fc = -1;
+        cand_race_residual(kept.data(), scr.qk.data(), static_cast<int64_t>(kept.size()), lse_p,
+                           lse_q, st, static_cast<uint32_t>(i), &c, &fc);
         if (c < 0) c = fc;
       }
       if (c < 0) c = list_race(kept, st, static_cast<uint32_t>(i), -1);
