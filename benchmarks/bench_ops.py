@@ -30,8 +30,10 @@ masked rows; rejection_sample: the bonus/residual rows) over its time.
 Sampling controls (--filters): verify with top-k / top-p / min-p against verify at plain
 temperature, same shapes, same run (both on blocks whose every draft is accepted, so every
 target row is read: the drafts are drawn from the law verification tests them against), on
-"normal" N(0, 2^2) logits (flat: the hardest case for the windowed candidate search) and
-"peaked" ones (8 tokens per row lifted by 12, as language-model rows look); on CUDA also
+"model" logits (the default target, SmolLM2-135M-Instruct, over held-out prompts: rows of
+real next-token distributions; skipped when it cannot be loaded), "normal" N(0, 2^2) logits
+(flat: the hardest case for the windowed candidate search) and "peaked" ones (8 tokens per
+row lifted by 12); on CUDA also
 FlashInfer's top_k_top_p_sampling_from_logits against ours sampling one token per row under
 the same top-k / top-p (verify with G = 0 over the B * (G+1) rows).
 
@@ -762,11 +764,41 @@ FILTER_SETTINGS = [
 ]
 
 
+_MODEL_ROWS: Dict[str, Any] = {}
+
+
+def _model_rows(n: int, start: int = 0) -> Optional[torch.Tensor]:
+    """n rows of the default target's logits (float32) at consecutive positions of held-out
+    prompts, from row `start` on (cyclically); None when the target cannot be loaded."""
+    if "rows" not in _MODEL_ROWS:
+        try:
+            from specdiff_ext.pretrained import load_pair
+            from specdiff_ext.prompts import default_prompts
+
+            tgt = load_pair(with_drafter=False, dtype=torch.float32).target
+            rows = []
+            with torch.inference_mode():
+                for p in default_prompts(16):
+                    ids = tgt.chat_prompt(p)[:, -256:]
+                    rows.append(tgt.forward(ids).logits[0].float())
+            _MODEL_ROWS["rows"] = torch.cat(rows)
+        except Exception as e:  # noqa: BLE001
+            print(f"# model logits unavailable ({type(e).__name__}: {e})", flush=True)
+            _MODEL_ROWS["rows"] = None
+    rows = _MODEL_ROWS["rows"]
+    if rows is None:
+        return None
+    return rows[(start + torch.arange(n)) % rows.shape[0]]
+
+
 def _filter_inputs(B: int, G: int, V: int, kind: str, dtype: torch.dtype, dev: str,
                    settings: Dict[str, Any], gen: torch.Generator) -> Dict[str, Any]:
     from specdiff_ext import ops
 
     tl = torch.randn(B, G + 1, V, generator=gen) * 2.0
+    if kind == "model":
+        start = int(torch.randint(0, 1 << 20, (1,), generator=gen))
+        tl = _model_rows(B * (G + 1), start).reshape(B, G + 1, -1)
     if kind == "peaked":
         hot = torch.randint(0, V, (B, G + 1, 8), generator=gen)
         tl.scatter_add_(-1, hot, torch.full(hot.shape, 12.0))
@@ -806,7 +838,10 @@ def bench_filters(args: argparse.Namespace, devices: List[str]) -> int:
             dtype = getattr(torch, args.dtypes.split(",")[0].strip())
         flush = torch.empty(2 * _l2_bytes() if dev == "cuda" else 1, dtype=torch.uint8,
                             device=dev)
-        for kind in ("normal", "peaked"):
+        kinds = ["normal", "peaked"]
+        if V == 49152 and _model_rows(1) is not None:
+            kinds.insert(0, "model")
+        for kind in kinds:
             for B in Bs:
                 for label, st in FILTER_SETTINGS:
                     gen = torch.Generator().manual_seed(B * 7 + len(label))

@@ -401,3 +401,18 @@ def test_verify_emits_the_filtered_law(cfg: tuple) -> None:
 def test_filtered_law_negative_controls_are_rejected(control: str, cfg: tuple) -> None:
     p = _worst_p(cfg, control)
     assert p < ALPHA, f"control {control} was not rejected (p-value {p:.3g})"
+
+
+@pytest.mark.parametrize("spike", [10.0, 18.0, 30.0, 60.0, 150.0])
+def test_filter_confident_rows(spike: float) -> None:
+    """Rows whose top entries stand far above the rest (the k-th largest can lie beyond every
+    window of the candidate search)."""
+    g = gen(int(spike))
+    x = torch.randn(8, 3000, generator=g) * 2
+    for r in range(8):
+        x[r, torch.randint(0, 3000, (r + 1,), generator=g)] += spike * (1 + 0.1 * r)
+    for tau, k, p, mp in ((1.0, 50, 0.9, 0.05), (0.7, 50, 0.9, 0.0), (1.0, 5, 0.999, 0.0),
+                          (1.3, 200, 1.0, 0.0), (1.0, 0, 0.999, 0.0), (1.0, 0, 0.99, 0.0),
+                          (1.0, 100, 1.0, 1e-6)):
+        want = hf_dropped(x, tau, k, p, mp)
+        assert torch.equal(dropped(x, temperature=tau, top_k=k, top_p=p, min_p=mp), want), (tau, k, p, mp)

@@ -76,13 +76,13 @@ void filter_logits(const FilterParams& p) {
     using T = decltype(tv);
     const int64_t rows = p.B * p.N;
     if (rows < max_threads()) {
-      FilterScratch sc;
+      static thread_local FilterScratch sc;  // buffers kept across calls
       for (int64_t r = 0; r < rows; ++r) filter_one<T>(p, r, sc, true);
       return;
     }
 #pragma omp parallel
     {
-      FilterScratch sc;
+      static thread_local FilterScratch sc;
 #pragma omp for schedule(dynamic, 1)
       for (int64_t r = 0; r < rows; ++r) filter_one<T>(p, r, sc, false);
     }

@@ -20,20 +20,24 @@ namespace cpu {
 // Order of the filters: a precedes b when it is larger, ties by the larger index.
 inline bool precedes(const Cand& a, const Cand& b) { return a.x > b.x || (a.x == b.x && a.v > b.v); }
 
+// Per-thread buffers, kept across calls (thread_local in the ops): `buf` holds room for a
+// whole row so the gather never reallocates.
 struct FilterScratch {
-  std::vector<Cand> cand, work;
+  std::vector<Cand> cand, work, buf;
   std::vector<float> tmp;
 };
 
 // Top-p boundary over c[0..n) (n >= 1): the last entry, in filter order, whose mass before it
 // is < P (the first entry is always kept).  Weighted quickselect, expected O(n); c is permuted.
-inline KeepRule top_p_rule(Cand* c, int64_t n, float P, bool* reached) {
+inline KeepRule top_p_rule(Cand* c, int64_t n, double P, bool* reached) {
   *reached = true;
   int64_t lo = 0, hi = n;
-  float above = 0.0f;  // mass of the entries before c[lo..hi) in filter order (all kept)
+  // Mass of the entries before c[lo..hi) in filter order (all kept), in double: near p = 1 the
+  // boundary is decided by a small tail of the row's mass, which float32 sums blur.
+  double above = 0.0;
   KeepRule last;
   bool have = false;
-  if (!(P > 0.0f)) {  // keep the first entry only
+  if (!(P > 0.0)) {  // keep the first entry only
     const Cand* f = std::min_element(c, c + n, precedes);
     return KeepRule{f->x, f->v};
   }
@@ -46,7 +50,7 @@ inline KeepRule top_p_rule(Cand* c, int64_t n, float P, bool* reached) {
     const Cand piv = c[lo];
     const int64_t m1 =
         std::partition(c + lo + 1, c + hi, [&](const Cand& e) { return precedes(e, piv); }) - c;
-    float pre = 0.0f;  // [lo+1, m1) precede the pivot, [m1, hi) follow it
+    double pre = 0.0;  // [lo+1, m1) precede the pivot, [m1, hi) follow it
     for (int64_t i = lo + 1; i < m1; ++i) pre += c[i].w;
     if (above + pre >= P) {
       // The pivot has mass >= P before it: it and everything after it are dropped.  (Then
@@ -106,47 +110,87 @@ template <typename T>
 KeepRule filter_row(const T* row, int64_t V, float inv_tau, float xm, const RowSettings& rs,
                     FilterScratch& sc, float* lse) {
   int64_t cnt[kWindows] = {};
-  float mass[kWindows + 1] = {};
+  float mass[kWindows] = {};
+  double S = 0.0;
   for_tiles(row, V, false, [&](int64_t, const float* x, int64_t n, int64_t) {
-    tile_windows(x, n, inv_tau, xm, cnt, mass);
+    tile_windows(x, n, inv_tau, xm, cnt, mass, &S);
   });
-  const float S = mass[kWindows];
   const float mcut = rs.min_p_on() ? min_p_threshold(xm, rs.mp) : kNegInf;
   // The narrowest window that holds the answer: k entries (top-k; with top-p on too, the whole
-  // top-k set, whose mass is top-p's total), or mass >= p * S one window short of it (top-p
-  // alone: the next window is slack for rounding).  Entries below min-p's cut are dropped
-  // anyway, except that top-p's total needs the whole top-k set.
+  // top-k set, whose mass is top-p's total), or mass >= p * S (top-p alone; if the selection's
+  // own sums fall short of p * S there, every entry is taken).  Entries below min-p's cut are
+  // dropped anyway, except that top-p's total needs the whole top-k set.
   float D = INFINITY, cut = mcut;
+  std::vector<Cand>& c = sc.cand;
+  auto gather = [&] {  // the entries with xm - a < D and a >= cut, into c
+    if (sc.buf.size() < static_cast<size_t>(V)) sc.buf.resize(static_cast<size_t>(V));
+    int64_t m = 0;
+    for_tiles(row, V, false, [&](int64_t, const float* x, int64_t n, int64_t base) {
+      m += tile_gather_window(x, n, base, inv_tau, xm, D, cut, sc.buf.data() + m);
+    });
+    cand_weights(sc.buf.data(), m, xm);
+    c.assign(sc.buf.begin(), sc.buf.begin() + m);
+  };
   if (rs.top_k_on()) {
     for (int q = 0; q < kWindows; ++q)
       if (cnt[q] >= rs.k) {
         D = kWindowD[q];
         break;
       }
+    if (D == INFINITY && rs.top_p_on()) {
+      // A confident row: the top-k set reaches past the widest window.  Top-p's total W_k is
+      // then bracketed by the window's mass and that plus (k - count) entries of weight
+      // < 1.2e-7 (= e^-16 with the kernel exp's error); where top-p's boundary is the same at
+      // both ends it is the answer, and it lies in the window, above the k-th largest.
+      D = kWindowD[kWindows - 1];
+      cut = kNegInf;
+      gather();
+      double lo = 0.0;
+      for (const Cand& e : c) lo += static_cast<double>(e.w);
+      const double hi = lo + 1.2e-7 * static_cast<double>(rs.k - static_cast<int64_t>(c.size()));
+      bool r1, r2;
+      sc.work.assign(c.begin(), c.end());
+      const KeepRule a = top_p_rule(sc.work.data(), static_cast<int64_t>(c.size()), rs.p * lo, &r1);
+      sc.work.assign(c.begin(), c.end());
+      const KeepRule b = top_p_rule(sc.work.data(), static_cast<int64_t>(c.size()), rs.p * hi, &r2);
+      if (r1 && r2 && a.t == b.t && a.c == b.c) {
+        KeepRule rule = a;
+        if (rs.min_p_on()) rule = rule.tighter(KeepRule{mcut, 0});
+        size_t n = 0;
+        for (size_t i = 0; i < c.size(); ++i)
+          if (rule.keep(c[i].x, c[i].v)) c[n++] = c[i];
+        c.resize(n);
+        *lse = kept_lse(c, V, xm);
+        return rule;
+      }
+      D = INFINITY;  // undecided: the exact path below
+    }
+    if (D == INFINITY && (rs.top_p_on() || xm - kWindowD[kWindows - 1] > mcut)) {
+      // The k-th largest lies further down (a confident row): count the wider windows.
+      int64_t wide[kWide] = {};
+      for_tiles(row, V, false, [&](int64_t, const float* x, int64_t n, int64_t) {
+        tile_count_wide(x, n, inv_tau, xm, wide);
+      });
+      for (int q = 0; q < kWide; ++q)
+        if (wide[q] >= rs.k) {
+          D = kWideD[q];
+          break;
+        }
+    }
     if (rs.top_p_on()) cut = kNegInf;
   } else if (rs.top_p_on()) {
-    const float P = rs.p * S;
+    const float P = static_cast<float>(rs.p * S);  // the window only needs to be wide enough
     for (int q = 0; q < kWindows; ++q)
       if (mass[q] >= P) {
         D = kWindowD[q];
         break;
       }
   }
-  std::vector<Cand>& c = sc.cand;
-  auto gather = [&] {
-    c.resize(static_cast<size_t>(V));
-    int64_t m = 0;
-    for_tiles(row, V, false, [&](int64_t, const float* x, int64_t n, int64_t base) {
-      m += tile_gather_window(x, n, base, inv_tau, xm, D, cut, c.data() + m);
-    });
-    c.resize(static_cast<size_t>(m));
-    cand_weights(c.data(), m, xm);
-  };
   gather();
 
   KeepRule rule;
   if (rs.min_p_on()) rule = KeepRule{mcut, 0};
-  float W = S;
+  double W = S;
   if (rs.top_k_on()) {
     float tk;
     if (rs.k < static_cast<int64_t>(c.size())) {
@@ -161,10 +205,10 @@ KeepRule filter_row(const T* row, int64_t V, float inv_tau, float xm, const RowS
     rule = rule.tighter(KeepRule{tk, 0});
     // The top-k survivors, and their mass (top-p's total).
     size_t n = 0;
-    W = 0.0f;
+    W = 0.0;
     for (size_t i = 0; i < c.size(); ++i)
       if (c[i].x >= tk) {
-        W += c[i].w;
+        W += static_cast<double>(c[i].w);
         c[n++] = c[i];
       }
     c.resize(n);
@@ -172,14 +216,14 @@ KeepRule filter_row(const T* row, int64_t V, float inv_tau, float xm, const RowS
   if (rs.top_p_on()) {
     sc.work.assign(c.begin(), c.end());
     bool reached;
-    KeepRule pr = top_p_rule(sc.work.data(), static_cast<int64_t>(sc.work.size()), rs.p * W, &reached);
+    KeepRule pr = top_p_rule(sc.work.data(), static_cast<int64_t>(sc.work.size()), static_cast<double>(rs.p) * W, &reached);
     if (!reached && !rs.top_k_on() && D < INFINITY) {
       // The window's mass reached p * S in the window sums but not in the selection's (float
       // rounding): the boundary may lie just outside it.  Take every entry and select again.
       D = INFINITY;
       gather();
       sc.work.assign(c.begin(), c.end());
-      pr = top_p_rule(sc.work.data(), static_cast<int64_t>(sc.work.size()), rs.p * W, &reached);
+      pr = top_p_rule(sc.work.data(), static_cast<int64_t>(sc.work.size()), static_cast<double>(rs.p) * W, &reached);
     }
     rule = rule.tighter(pr);
   }

@@ -165,9 +165,11 @@ SD_CLONES int64_t tile_gather(const float* x, int64_t n, int64_t base, float inv
 }
 
 SD_CLONES void tile_windows(const float* x, int64_t n, float inv_tau, float xm, int64_t* cnt,
-                            float* mass) {
-  // kLanes running sums per window, in a fixed order (vectorises like tile_sumexp).
-  float am[kWindows + 1][kLanes] = {};
+                            float* mass, double* total) {
+  // kLanes running sums per window, in a fixed order (vectorises like tile_sumexp); the total
+  // in double (top-p near 1 is decided by a small tail of it).
+  float am[kWindows][kLanes] = {};
+  double at[kLanes] = {};
   int32_t ac[kWindows][kLanes] = {};
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes)
@@ -175,33 +177,52 @@ SD_CLONES void tile_windows(const float* x, int64_t n, float inv_tau, float xm, 
       const float a = sd_mul(x[i + j], inv_tau);
       const float w = fast_exp(a - xm);
       const float d = xm - a;
-      am[kWindows][j] += w;
+      at[j] += static_cast<double>(w);
       for (int q = 0; q < kWindows; ++q) {
         const bool in = d < kWindowD[q];
         am[q][j] += in ? w : 0.0f;
         ac[q][j] += in ? 1 : 0;
       }
     }
-  for (int q = 0; q <= kWindows; ++q) {
+  for (int q = 0; q < kWindows; ++q) {
     float s = 0.0f;
     int64_t c = 0;
     for (int j = 0; j < kLanes; ++j) {
       s += am[q][j];
-      if (q < kWindows) c += ac[q][j];
+      c += ac[q][j];
     }
     mass[q] += s;
-    if (q < kWindows) cnt[q] += c;
+    cnt[q] += c;
   }
+  double t = 0.0;
+  for (int j = 0; j < kLanes; ++j) t += at[j];
   for (; i < n; ++i) {
     const float a = sd_mul(x[i], inv_tau);
     const float w = fast_exp(a - xm);
     const float d = xm - a;
-    mass[kWindows] += w;
+    t += static_cast<double>(w);
     for (int q = 0; q < kWindows; ++q)
       if (d < kWindowD[q]) {
         mass[q] += w;
         cnt[q] += 1;
       }
+  }
+  *total += t;
+}
+
+SD_CLONES void tile_count_wide(const float* x, int64_t n, float inv_tau, float xm, int64_t* cnt) {
+  int32_t ac[kWide][kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) {
+      const float d = xm - sd_mul(x[i + j], inv_tau);
+      for (int q = 0; q < kWide; ++q) ac[q][j] += d < kWideD[q] ? 1 : 0;
+    }
+  for (int q = 0; q < kWide; ++q)
+    for (int j = 0; j < kLanes; ++j) cnt[q] += ac[q][j];
+  for (; i < n; ++i) {
+    const float d = xm - sd_mul(x[i], inv_tau);
+    for (int q = 0; q < kWide; ++q) cnt[q] += d < kWideD[q] ? 1 : 0;
   }
 }
 
@@ -210,15 +231,15 @@ SD_CLONES int64_t tile_gather_window(const float* x, int64_t n, int64_t base, fl
   int64_t m = 0;
   for (int64_t i0 = 0; i0 < n; i0 += 64) {
     const int64_t len = std::min<int64_t>(64, n - i0);
-    uint64_t mask = 0;
+    int any = 0;  // a vectorised test first: most blocks hold no candidate
     for (int64_t j = 0; j < len; ++j) {
       const float a = sd_mul(x[i0 + j], inv_tau);
-      mask |= static_cast<uint64_t>((xm - a < D) & (a >= cut)) << j;
+      any |= (xm - a < D) & (a >= cut);
     }
-    while (mask) {
-      const int j = __builtin_ctzll(mask);
-      mask &= mask - 1;
-      out[m++] = Cand{sd_mul(x[i0 + j], inv_tau), 0.0f, base + i0 + j};
+    if (!any) continue;
+    for (int64_t j = 0; j < len; ++j) {
+      const float a = sd_mul(x[i0 + j], inv_tau);
+      if ((xm - a < D) & (a >= cut)) out[m++] = Cand{a, 0.0f, base + i0 + j};
     }
   }
   return m;

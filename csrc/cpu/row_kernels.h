@@ -49,10 +49,15 @@ void tile_race_residual(const float* x, const float* qx, int64_t n, int64_t base
 int64_t tile_gather(const float* x, int64_t n, int64_t base, float inv_tau, float cut, Cand* out);
 // Window statistics of the scaled entries a of x[0..n) below the scaled max xm: for each
 // distance kWindowD[q], the count and mass (sum of exp(a - xm)) of the entries with
-// xm - a < kWindowD[q]; mass[kWindows] is the mass of every entry.  Adds to cnt / mass.
-constexpr int kWindows = 8;
-constexpr float kWindowD[kWindows] = {1.0f, 2.0f, 3.0f, 4.5f, 6.0f, 8.0f, 12.0f, 16.0f};
-void tile_windows(const float* x, int64_t n, float inv_tau, float xm, int64_t* cnt, float* mass);
+// xm - a < kWindowD[q]; *total gets the mass of every entry (in double).  Adds to the outputs.
+constexpr int kWindows = 5;
+constexpr float kWindowD[kWindows] = {1.5f, 3.0f, 6.0f, 10.0f, 16.0f};
+void tile_windows(const float* x, int64_t n, float inv_tau, float xm, int64_t* cnt, float* mass,
+                  double* total);
+// Counts only, for the wider distances kWideD (entries with xm - a < kWideD[q]).
+constexpr int kWide = 6;
+constexpr float kWideD[kWide] = {20.0f, 24.0f, 32.0f, 48.0f, 64.0f, 96.0f};
+void tile_count_wide(const float* x, int64_t n, float inv_tau, float xm, int64_t* cnt);
 // Appends the entries with xm - a < D and a >= cut (a = x * inv_tau; D = +inf: every finite
 // distance) to out in index order (w unset); returns how many.  out must have room for n.
 int64_t tile_gather_window(const float* x, int64_t n, int64_t base, float inv_tau, float xm,

@@ -178,13 +178,13 @@ void verify(const VerifyParams& p) {
       using TD = decltype(td);
       if (p.B < max_threads()) {
         // Too few rows to fill the threads: rows in turn, each row's passes split by tiles.
-        Scratch scr;
+        static thread_local Scratch scr;  // buffers kept across calls
         for (int64_t b = 0; b < p.B; ++b) verify_row<TT, TD>(p, b, scr, true);
         return;
       }
 #pragma omp parallel
       {
-        Scratch scr;
+        static thread_local Scratch scr;
 #pragma omp for schedule(dynamic, 1)
         for (int64_t b = 0; b < p.B; ++b) verify_row<TT, TD>(p, b, scr, false);
       }
