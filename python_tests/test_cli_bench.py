@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
+import re
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
@@ -389,3 +390,42 @@ def test_train_target_features_drafter(tied, tmp_path: Path) -> None:
         train(build_parser().parse_args(common + ["--out", str(tmp_path / "x"), "--steps", "1",
                                                   "--ar"]),
               target=tied, log=lambda *a: None)
+
+
+def test_bench_with_sampling_controls(tied) -> None:
+    """Greedy with a repetition penalty: every decoder, transformers' generate() included,
+    emits ar's output; sampled runs take top-k / top-p / min-p; the table names them."""
+    ar = TargetModel(build_ar_drafter(tied, 1, [0]), tied.tokenizer, "ar")
+    names = ["ar", "specdiff", "ar-spec", "pld", "hf"]
+    decs = bench.build_decoders(names, tied, _tiny_drafter(tied), ar, gamma=4, ar_gamma=3)
+    prompts = _words(2, 9)
+    ctl = dict(repetition_penalty=50.0)
+    rep = bench.run_bench(tied, decs, prompts, max_new_tokens=16, temperature=0.0,
+                          progress=False, keep_outputs=True, controls=ctl)
+    for name, d in rep["decoders"].items():
+        assert d["matches_ar"] == 2, name
+    plain = bench.run_bench(tied, {"ar": decs["ar"]}, prompts, max_new_tokens=16, progress=False,
+                            keep_outputs=True)
+    assert plain["decoders"]["ar"]["outputs"] != rep["decoders"]["ar"]["outputs"]
+    assert "repetition_penalty 50.0" in bench.format_table(rep) and rep["controls"] == ctl
+    sampled = bench.run_bench(tied, decs, prompts[:1], max_new_tokens=8, temperature=1.0,
+                              progress=False, controls=dict(top_k=5, top_p=0.9, min_p=0.01))
+    assert all(d["new_tokens"] == 8 for d in sampled["decoders"].values())
+
+
+@pytest.mark.parametrize("flag, value, match", [
+    ("--top-k", "-1", "--top-k must be an int >= 0"),
+    ("--top-p", "0", r"--top-p must be in \(0, 1\]"),
+    ("--top-p", "nan", "--top-p must be in"),
+    ("--min-p", "2", r"--min-p must be in \[0, 1\]"),
+    ("--repetition-penalty", "0", "--repetition-penalty must be finite and > 0"),
+])
+def test_cli_refuses_bad_sampling_controls(flag: str, value: str, match: str, capsys) -> None:
+    from specdiff_ext.cli import main
+
+    for cmd in ("generate", "bench"):
+        args = [cmd, flag, value] + (["hello"] if cmd == "generate" else [])
+        with pytest.raises(SystemExit) as exc:
+            main(args)
+        assert exc.value.code == 2
+        assert re.search(match, capsys.readouterr().err)

@@ -154,3 +154,54 @@ def test_cuda_current_stream_is_used(ops) -> None:
         out = ops.verify(tl, x, dl, seed=3)
     torch.cuda.current_stream().wait_stream(s)
     assert torch.equal(out.ids, ref.ids)
+
+
+# ------------------------------------------------------------------- sampling controls
+FILTERS = [dict(top_k=50), dict(top_p=0.9), dict(min_p=0.05), dict(top_k=20, top_p=0.8, min_p=0.01),
+           dict(top_k=torch.tensor([0, 5, 300, 1]), top_p=torch.tensor([0.5, 1.0, 0.95, 0.9]))]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kw", FILTERS, ids=lambda k: "-".join(sorted(k)))
+def test_filter_logits_cuda_matches_cpu(dtype, kw) -> None:
+    from specdiff_ext import ops
+
+    x = (torch.randn(4, 3, 49152, generator=gen(5)) * 3).to(dtype)
+    tau = torch.tensor([1.0, 0.7, 0.0, 1.3])
+    got = ops.filter_logits(x.cuda(), temperature=tau.cuda(), **{k: _cuda(v) for k, v in kw.items()})
+    want = ops.filter_logits(x, temperature=tau, **kw)
+    assert torch.equal(got.cpu(), want)
+
+
+@pytest.mark.parametrize("kw", FILTERS, ids=lambda k: "-".join(sorted(k)))
+def test_verify_with_filters_cuda_matches_cpu(kw) -> None:
+    from specdiff_ext import ops
+
+    B, G, V = 4, 5, 49152
+    g = gen(6)
+    tl = torch.randn(B, G + 1, V, generator=g) * 3
+    dl = tl[:, :G] + torch.randn(B, G, V, generator=g)
+    x = torch.distributions.Categorical(logits=tl[:, :G] / 0.5).sample()
+    for seed in range(4):
+        a = ops.verify(tl, x, dl, seed=seed, **kw)
+        b = ops.verify(tl.cuda(), x.cuda(), dl.cuda(), seed=seed, **{k: _cuda(v) for k, v in kw.items()})
+        assert torch.equal(a.ids, b.ids.cpu()) and torch.equal(a.num_accepted, b.num_accepted.cpu())
+    ga = ops.gather_logprobs(tl, torch.cat([x, x[:, :1]], 1), 0.8, **kw)
+    gb = ops.gather_logprobs(tl.cuda(), torch.cat([x, x[:, :1]], 1).cuda(), 0.8, **{k: _cuda(v) for k, v in kw.items()})
+    assert torch.allclose(ga.lse, gb.lse.cpu(), atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_apply_penalties_cuda_matches_cpu(dtype) -> None:
+    from specdiff_ext import ops
+
+    B, N, V, L = 3, 5, 1000, 400
+    g = gen(7)
+    x = (torch.randn(B, N, V, generator=g) * 3).to(dtype)
+    ids = torch.randint(0, 60, (B, L), generator=g)
+    lengths = torch.tensor([0, 100, L - N + 1])
+    kw = dict(repetition_penalty=torch.tensor([1.3, 0.9, 1.0]), presence_penalty=0.2, frequency_penalty=0.1)
+    want = ops.apply_penalties(x, ids, lengths, **kw)
+    got = ops.apply_penalties(x.cuda(), ids.cuda(), lengths.cuda(),
+                              **{k: _cuda(v) for k, v in kw.items()})
+    assert torch.equal(got.cpu(), want)

@@ -29,21 +29,21 @@ __device__ __forceinline__ float from_order_key(uint32_t u) {
 }
 
 // Block-wide sums and maxima, broadcast to every thread (fixed order for a fixed block size).
-__device__ float block_sum(float v) {
-  __shared__ float part[32];
-  __shared__ float total;
+__device__ double block_sum_d(double v) {
+  __shared__ double part[32];
+  __shared__ double total;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   for (int d = 16; d > 0; d >>= 1) v += __shfl_down_sync(0xffffffffu, v, d);
   if (lane == 0) part[warp] = v;
   __syncthreads();
   if (warp == 0) {
     const int nw = (blockDim.x + 31) >> 5;
-    v = lane < nw ? part[lane] : 0.0f;
+    v = lane < nw ? part[lane] : 0.0;
     for (int d = 16; d > 0; d >>= 1) v += __shfl_down_sync(0xffffffffu, v, d);
     if (lane == 0) total = v;
   }
   __syncthreads();
-  const float r = total;
+  const double r = total;
   __syncthreads();
   return r;
 }
@@ -124,11 +124,12 @@ __global__ void __launch_bounds__(kThreads) filter_kernel(FilterParams p) {
 
   KeepRule rule;
   if (rs.min_p_on()) rule = KeepRule{min_p_threshold(m, rs.mp), 0};
-  float W = 0.0f;
+  // Masses in double, as on the CPU: near p = 1 top-p is decided by a small tail of the total.
+  double W = 0.0;
   {
-    float s = 0.0f;
+    double s = 0.0;
     for (int64_t v = threadIdx.x; v < V; v += blockDim.x) s += fast_exp(X(v) - m);
-    W = block_sum(s);
+    W = block_sum_d(s);
   }
   uint32_t floor_key = 0;  // top-p searches at or above the top-k boundary
   if (rs.top_k_on()) {
@@ -143,45 +144,45 @@ __global__ void __launch_bounds__(kThreads) filter_kernel(FilterParams p) {
     floor_key = static_cast<uint32_t>(lo);
     const float tk = from_order_key(floor_key);
     rule = rule.tighter(KeepRule{tk, 0});
-    float s = 0.0f;
+    double s = 0.0;
     for (int64_t v = threadIdx.x; v < V; v += blockDim.x) {
       const float x = X(v);
       if (x >= tk) s += fast_exp(x - m);
     }
-    W = block_sum(s);
+    W = block_sum_d(s);
   }
   if (rs.top_p_on()) {
-    const float P = rs.p * W;
+    const double P = static_cast<double>(rs.p) * W;
     uint64_t lo = floor_key, hi = 0xFFFFFFFFull;
-    if (!(P > 0.0f)) {
+    if (!(P > 0.0)) {
       lo = order_key(m);  // the top entry only
     } else {
       // Largest key u >= floor_key with mass(key >= u) >= P.
       while (lo < hi) {
         const uint64_t mid = lo + (hi - lo + 1) / 2;
-        float s = 0.0f;
+        double s = 0.0;
         for (int64_t v = threadIdx.x; v < V; v += blockDim.x) {
           const float x = X(v);
           if (order_key(x) >= mid) s += fast_exp(x - m);
         }
-        if (block_sum(s) >= P) lo = mid; else hi = mid - 1;
+        if (block_sum_d(s) >= P) lo = mid; else hi = mid - 1;
       }
     }
     const float t = from_order_key(static_cast<uint32_t>(lo));
     // The entries tied at t, in order of descending index, each weigh w_t.
-    float above = 0.0f;
+    double above = 0.0;
     long long ties = 0;
     for (int64_t v = threadIdx.x; v < V; v += blockDim.x) {
       const float x = X(v);
       if (x > t) above += fast_exp(x - m);
       ties += x == t;
     }
-    above = block_sum(above);
+    above = block_sum_d(above);
     ties = block_count(ties);
     long long keep_n = 1;
-    if (P > 0.0f) {
-      const float wt = fast_exp(t - m);
-      float acc = above;
+    if (P > 0.0) {
+      const double wt = fast_exp(t - m);
+      double acc = above;
       keep_n = 0;
       while (keep_n < ties && acc < P) {
         ++keep_n;
