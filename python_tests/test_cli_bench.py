@@ -429,3 +429,58 @@ def test_cli_refuses_bad_sampling_controls(flag: str, value: str, match: str, ca
             main(args)
         assert exc.value.code == 2
         assert re.search(match, capsys.readouterr().err)
+
+
+BAD_INVOCATIONS = [
+    ["generate", "--max-new-tokens", "-1", "hi"],
+    ["generate", "--max-new-tokens", "99999999", "hi"],
+    ["generate", "--temperature", "nan", "hi"],
+    ["generate", "--temperature", "-1", "hi"],
+    ["generate", "--temperature", "inf", "hi"],
+    ["generate", "--gamma", "0", "hi"],
+    ["generate", "--steps", "0", "hi"],
+    ["generate", "--steps", "1000", "hi"],
+    ["generate", "--threads", "-3", "hi"],
+    ["generate", "--threads", "0", "hi"],
+    ["generate", "--device", "cuda:99" if torch.cuda.is_available() else "cuda", "hi"],
+    ["generate", "--device", "tpu", "hi"],
+    ["generate", "--drafter", "/no/such/folder", "hi"],
+    ["generate", "--target", "/no/such/folder", "hi"],
+    ["generate", "--decoder", "nope", "hi"],
+    ["generate"],
+    ["bench", "--num-prompts", "-1"],
+    ["bench", "--num-prompts", "100000"],
+    ["bench", "--prompts", "/no/such/file.jsonl"],
+    ["bench", "--ar-gamma", "0"],
+    ["bench", "--pld-gamma", "-2"],
+    ["bench", "--steps", "1000"],
+    ["eval-drafter", "--num-prompts", "0"],
+    ["eval-drafter", "--max-new-tokens", "-5"],
+    ["nope"],
+]
+
+
+@pytest.mark.parametrize("argv", BAD_INVOCATIONS, ids=lambda a: " ".join(a))
+def test_cli_bad_invocations_are_one_line_and_exit_2(argv: list, capsys) -> None:
+    """A user error ends in exit status 2 and a short message on stderr, never a traceback,
+    and before any model is loaded."""
+    from specdiff_ext.cli import main
+
+    try:
+        rc = main(argv)
+    except SystemExit as exc:
+        rc = exc.code
+    err = capsys.readouterr().err
+    assert rc == 2, (argv, err)
+    assert "Traceback" not in err and err.strip(), argv
+
+
+def test_cli_errors_past_parsing_are_one_line(tmp_path: Path, capsys) -> None:
+    from specdiff_ext.cli import main
+
+    bad = tmp_path / "prompts.jsonl"
+    bad.write_text("{not json\n")
+    rc = main(["bench", "--prompts", str(bad), "--decoders", "ar", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("specdiff bench: error:") and len(err.strip().splitlines()) == 1
+    assert main(["--version"]) == 0 and capsys.readouterr().out.startswith("specdiff ")

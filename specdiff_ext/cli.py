@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from typing import Any, Callable, Dict, Optional, Sequence
@@ -38,7 +39,7 @@ def _train_dflash(argv: Sequence[str]) -> int:
 
 def _export_dflash(argv: Sequence[str]) -> int:
     ap = argparse.ArgumentParser(
-        prog="specdiff export-dflash",
+        prog="specdiff export-dflash", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Write a DFlash drafter as a DFlash folder (config.json + model.safetensors "
                     "in the published layout) for vLLM, SGLang or DFlash's own code.")
     ap.add_argument("out_dir")
@@ -112,6 +113,53 @@ def _controls(ap: argparse.ArgumentParser, a: argparse.Namespace) -> dict:
     return {k: v for k, v in kw.items() if v is not None}
 
 
+MAX_STEPS = 64  # denoising steps per block: more than the block's positions buys nothing
+MAX_NEW_TOKENS = 1 << 16
+
+
+def _check(ap: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    """Usage errors of the shared arguments, as one line on stderr and exit status 2."""
+    import math
+
+    def bad(flag: str, rule: str, value: Any) -> None:
+        ap.error(f"{flag} must be {rule}, got {value}")
+
+    if getattr(a, "max_new_tokens", None) is not None and not 0 <= a.max_new_tokens <= MAX_NEW_TOKENS:
+        bad("--max-new-tokens", f"in [0, {MAX_NEW_TOKENS}]", a.max_new_tokens)
+    t = getattr(a, "temperature", None)
+    if isinstance(t, float) and not (math.isfinite(t) and t >= 0):
+        bad("--temperature", "finite and >= 0", t)
+    if getattr(a, "gamma", None) is not None and not 1 <= a.gamma <= 256:
+        bad("--gamma", "in [1, 256]", a.gamma)
+    st = getattr(a, "steps", None)
+    if isinstance(st, int) and not 1 <= st <= MAX_STEPS:
+        bad("--steps", f"in [1, {MAX_STEPS}] (denoising steps per block)", st)
+    for flag in ("ar_gamma", "pld_gamma"):
+        v = getattr(a, flag, None)
+        if v is not None and not 1 <= v <= 256:
+            bad("--" + flag.replace("_", "-"), "in [1, 256]", v)
+    if getattr(a, "threads", None) is not None and a.threads < 1:
+        bad("--threads", ">= 1", a.threads)
+    if getattr(a, "num_prompts", None) is not None and not 1 <= a.num_prompts <= 4096:
+        bad("--num-prompts", "in [1, 4096]", a.num_prompts)
+    dev = getattr(a, "device", None)
+    if dev is not None:
+        import torch
+
+        try:
+            d = torch.device(dev)
+        except RuntimeError:
+            ap.error(f"--device must be cpu, cuda or cuda:N, got {dev!r}")
+        if d.type not in ("cpu", "cuda"):
+            ap.error(f"--device must be cpu, cuda or cuda:N, got {dev!r}")
+        if d.type == "cuda" and not torch.cuda.is_available():
+            ap.error(f"--device {dev}: no CUDA device is available here")
+    for flag in ("target", "drafter", "ar_drafter", "prompts"):
+        v = getattr(a, flag, None)
+        if isinstance(v, str) and not os.path.exists(v):
+            ap.error(f"--{flag.replace('_', '-')}: no such file or folder: {v}")
+
+
 def _load(a: argparse.Namespace, need_drafter: bool, need_ar: bool) -> Any:
     import torch
 
@@ -137,7 +185,7 @@ def _load(a: argparse.Namespace, need_drafter: bool, need_ar: bool) -> Any:
 
 
 def _generate(argv: Sequence[str]) -> int:
-    ap = argparse.ArgumentParser(prog="specdiff generate",
+    ap = argparse.ArgumentParser(prog="specdiff generate", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                  description="Generate an answer, streamed as it is decoded.")
     ap.add_argument("prompt", help="the user message (or raw text with --no-chat-template)")
     ap.add_argument("--decoder", choices=["specdiff", "ar", "ar-spec", "pld"], default="specdiff")
@@ -152,6 +200,7 @@ def _generate(argv: Sequence[str]) -> int:
     ap.add_argument("--json", action="store_true",
                     help="print one JSON object {decoder, text, ids, stats} instead of streaming")
     a = ap.parse_args(argv)
+    _check(ap, a)
     ctl = _controls(ap, a)
     import torch
 
@@ -179,12 +228,21 @@ def _generate(argv: Sequence[str]) -> int:
         sys.stdout.flush()
         shown[0] = text
 
+    limit = getattr(getattr(tgt.model, "config", None), "max_position_embeddings", None)
+    if limit and ids.shape[1] + a.max_new_tokens > limit:
+        print(f"specdiff generate: warning: the prompt ({ids.shape[1]} tokens) plus "
+              f"--max-new-tokens {a.max_new_tokens} exceeds the target's context of {limit} "
+              "positions", file=sys.stderr)
     res = dec.generate(ids, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
                        seed=a.seed, stream=None if a.json else stream, **ctl)
     text = tgt.tokenizer.decode(res.ids, skip_special_tokens=True)
     st = res.stats
     if a.json:
-        print(json.dumps({"decoder": a.decoder, "text": text, "ids": res.ids, "stats": st}))
+        settings = {"gamma": gamma, "steps": a.steps, "commit": a.commit, "temperature": a.temperature,
+                    "dtype": str(tgt.dtype).replace("torch.", ""), "device": str(tgt.device),
+                    "controls": ctl}
+        print(json.dumps({"decoder": a.decoder, "text": text, "ids": res.ids, "stats": st,
+                          "settings": settings}))
         return 0
     if text[len(shown[0]):]:
         sys.stdout.write(text[len(shown[0]):])
@@ -202,7 +260,7 @@ def _generate(argv: Sequence[str]) -> int:
 
 def _bench(argv: Sequence[str]) -> int:
     ap = argparse.ArgumentParser(
-        prog="specdiff bench",
+        prog="specdiff bench", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Run decoders side by side, interleaved prompt by prompt, in one process.")
     ap.add_argument("--decoders", default="ar,specdiff,ar-spec,pld",
                     help="comma list of ar, specdiff, ar-spec, pld (prompt lookup), hf "
@@ -229,7 +287,13 @@ def _bench(argv: Sequence[str]) -> int:
     ap.add_argument("--plot", default=None, help="draw tokens/s and accepted lengths to this PNG")
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
+    _check(ap, a)
     ctl = _controls(ap, a)
+    if a.plot:  # before the run, not after it: the table must not be lost
+        import importlib.util
+
+        if importlib.util.find_spec("matplotlib") is None:
+            ap.error("--plot needs matplotlib (pip install matplotlib)")
     from .bench import build_decoders, format_table, plot_bench, run_bench
     from .prompts import default_prompts, read_prompts
 
@@ -262,7 +326,7 @@ def _bench(argv: Sequence[str]) -> int:
 
 def _eval_drafter(argv: Sequence[str]) -> int:
     ap = argparse.ArgumentParser(
-        prog="specdiff eval-drafter",
+        prog="specdiff eval-drafter", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Mean accepted draft tokens per round over block sizes, denoising steps, "
                     "commit modes and temperatures, on held-out ShareGPT and HumanEval prompts.")
     ap.add_argument("--sets", default="sharegpt,humaneval", help="prompt sets to use")
@@ -279,6 +343,7 @@ def _eval_drafter(argv: Sequence[str]) -> int:
     ap.add_argument("--out", default=None, help="also write the JSON rows to this file")
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
+    _check(ap, a)
     from .bench import eval_drafter, format_eval_table
     from .prompts import heldout_sharegpt_prompts, humaneval_prompts, read_prompts
 
@@ -346,11 +411,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not args or args[0] in ("-h", "--help"):
         print(_USAGE, end="")
         return 0
+    if args[0] in ("-V", "--version"):
+        from . import __version__
+
+        print(f"specdiff {__version__}")
+        return 0
     cmd = _COMMANDS.get(args[0])
     if cmd is None:
         print(f"specdiff: unknown command {args[0]!r}\n\n{_USAGE}", end="", file=sys.stderr)
         return 2
-    return int(cmd(args[1:]) or 0)
+    try:
+        return int(cmd(args[1:]) or 0)
+    except (ValueError, TypeError, OSError, KeyError) as exc:
+        # A bad value found past argument parsing (a file's contents, a prompt, a model that
+        # does not fit the drafter): one line, not a traceback.  SPECDIFF_DEBUG=1 re-raises.
+        if os.environ.get("SPECDIFF_DEBUG"):
+            raise
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"specdiff {args[0]}: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"specdiff {args[0]}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

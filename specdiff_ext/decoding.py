@@ -254,12 +254,15 @@ def pool_stats(stats: Sequence[dict]) -> dict:
 
 
 def evaluate_acceptance(decoder: Any, prompts: Sequence[Tensor], max_new_tokens: int,
-                        temperature: float = 0.0, seed: int = 0) -> dict:
-    """`decoder.generate` on every encoded prompt (1, T) with seed ``seed + i``, the statistics
-    pooled by `pool_stats` (mean_accepted, first_accept_rate, accepted_histogram, ...): the one
+                        temperature: float = 0.0, seed: int = 0,
+                        controls: Optional[dict] = None) -> dict:
+    """`decoder.generate` on every encoded prompt (1, T) with seed ``seed + i`` (and the
+    sampling `controls`: top_k / top_p / min_p / repetition_penalty), the statistics pooled by
+    `pool_stats` (mean_accepted, first_accept_rate, accepted_histogram, ...): the one
     acceptance measurement of the trainers' evals and ``specdiff eval-drafter``."""
     return pool_stats([decoder.generate(ids, max_new_tokens=max_new_tokens,
-                                        temperature=temperature, seed=seed + i).stats
+                                        temperature=temperature, seed=seed + i,
+                                        **(controls or {})).stats
                        for i, ids in enumerate(prompts)])
 
 
