@@ -265,3 +265,51 @@ def test_raw_verify_op_bounds_a_hostile_vocab_inverse() -> None:
         # every draft looks absent from the map (q = 0): accepted with certainty
         assert num.tolist() == [G, G] and valid.all()
         assert (out[:, :G] == ids).all()
+
+
+def test_frontend_scalars_byte_order_strides_and_output_kind() -> None:
+    """Scalars the docstrings promise (0-d tensors, numpy scalars, float64 numpy temperatures),
+    named errors for byte order and object arrays, negative strides read correctly, and the
+    logits (not a numpy seed) decide the output framework."""
+    import numpy as np
+
+    from specdiff_ext import ops
+
+    x = torch.randn(2, 3, 10, generator=torch.Generator().manual_seed(0))
+    d = torch.randint(0, 10, (2, 2), generator=torch.Generator().manual_seed(1))
+    want = ops.verify(x, d, temperature=0.7, seed=3)
+    for tau in (torch.tensor(0.7), np.float32(0.7), np.float64(0.7), np.array([0.7, 0.7]),
+                torch.tensor([0.7, 0.7], dtype=torch.float64)):
+        got = ops.verify(x, d, temperature=tau, seed=3)
+        assert torch.equal(got.ids, want.ids), type(tau)
+    got = ops.verify(x, d, temperature=0.7, seed=np.int64(3))
+    assert isinstance(got.ids, torch.Tensor) and torch.equal(got.ids, want.ids)
+    assert torch.equal(ops.verify(x, d, temperature=0.7, seed=torch.tensor(3)).ids, want.ids)
+    xn = x.numpy()
+    with pytest.raises(TypeError, match="target_logits must be in the machine's byte order"):
+        ops.verify(xn.astype(xn.dtype.newbyteorder(">")), d.numpy())
+    with pytest.raises(TypeError, match="draft_ids must be a numeric array"):
+        ops.verify(xn, d.numpy().astype(object))
+    rev = np.ascontiguousarray(xn[:, :, ::-1])[:, :, ::-1]  # negative last stride, same values
+    assert np.array_equal(ops.gather_logprobs(rev, d.numpy()[:, :1].repeat(3, 1)).lse,
+                          ops.gather_logprobs(xn, d.numpy()[:, :1].repeat(3, 1)).lse)
+
+
+def test_vocab_map_changed_in_place_is_seen() -> None:
+    import numpy as np
+
+    from specdiff_ext import ops
+
+    V = 6
+    tl = torch.full((1, 2, V), -5.0)
+    tl[0, :, 4] = 5.0
+    dl = torch.zeros(1, 1, 2)
+    dl[0, 0, 0] = 9.0
+    vm_np = np.array([1, 2], dtype=np.int64)
+    vm = torch.from_numpy(vm_np)  # shares memory: numpy writes do not bump torch's version
+    x = torch.tensor([[1]])  # the target gives it probability ~5e-5
+    r1 = ops.verify(tl, x, dl, vocab_map=vm, seed=0)
+    assert int(r1.num_accepted[0]) == 0  # q(1) ~ 1: rejected (probability 1 - 5e-5)
+    vm_np[:] = [4, 2]  # drafter column 0 now scores target id 4; id 1 is outside the map
+    r2 = ops.verify(tl, x, dl, vocab_map=vm, seed=0)
+    assert int(r2.num_accepted[0]) == 1  # q(1) = 0 now: always accepted (a stale map rejects)

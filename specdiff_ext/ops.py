@@ -52,18 +52,32 @@ _INT64_MOD = 1 << 64
 
 # --------------------------------------------------------------------------- conversions
 class _Frontend:
-    """Remembers which framework the caller used, to hand results back in it."""
+    """Remembers which framework the caller's primary array (the first one converted: logits)
+    came from, to hand results back in it; later arguments (a numpy seed with torch logits)
+    do not change it."""
 
     def __init__(self) -> None:
-        self.kind = "torch"
+        self.kind = ""
 
-    def tensor(self, x: Any, name: str) -> Tensor:
+    def _mark(self, kind: str) -> None:
+        if not self.kind:
+            self.kind = kind
+
+    def tensor(self, x: Any, name: str, allow_float64: bool = False) -> Tensor:
         if isinstance(x, Tensor):
+            self._mark("torch")
             return x.detach() if x.requires_grad else x
         if isinstance(x, np.ndarray):
-            self.kind = "numpy"
-            if x.dtype == np.float64:
+            self._mark("numpy")
+            if x.dtype == np.float64 and not allow_float64:
                 raise TypeError(f"{name} must be float32, bfloat16 or float16 logits or integer ids, got float64")
+            if x.dtype == object or x.dtype.kind not in "biuf":
+                raise TypeError(f"{name} must be a numeric array, got dtype {x.dtype}")
+            if not x.dtype.isnative:
+                raise TypeError(f"{name} must be in the machine's byte order, got dtype {x.dtype.str!r} "
+                                f"(use {name}.astype({name}.dtype.newbyteorder('=')))")
+            if any(st < 0 for st in x.strides):
+                x = np.ascontiguousarray(x)  # negative strides: torch cannot view them
             if not x.flags.writeable:
                 # Inputs are only read: wrap read-only arrays without a copy.
                 with warnings.catch_warnings():
@@ -72,14 +86,17 @@ class _Frontend:
             return torch.from_numpy(x)
         if hasattr(x, "__dlpack__"):
             mod = type(x).__module__.split(".")[0]
-            self.kind = "jax" if mod in ("jax", "jaxlib") else mod
-            return torch.from_dlpack(x)
+            self._mark("jax" if mod in ("jax", "jaxlib") else mod)
+            try:
+                return torch.from_dlpack(x)
+            except (RuntimeError, TypeError, BufferError) as exc:
+                raise TypeError(f"{name}: cannot read this array through DLPack ({exc})") from exc
         raise TypeError(
             f"{name} must be a torch tensor, a numpy array or a DLPack array, got {type(x).__name__}"
         )
 
     def out(self, t: Tensor) -> Any:
-        if self.kind == "torch":
+        if self.kind in ("torch", ""):
             return t
         if self.kind == "numpy":
             return t.numpy()
@@ -104,16 +121,18 @@ def _last_contiguous(x: Tensor) -> Tensor:
 
 def _row_scalar(front: _Frontend, value: Any, name: str, B: int, device: torch.device) -> Tuple[Optional[Tensor], float]:
     """A per-row float argument: (tensor or None, scalar)."""
-    if isinstance(value, bool):
+    if isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be a float or a (B,) tensor, got bool")
-    if isinstance(value, (int, float)):
+    if isinstance(value, (int, float, np.integer, np.floating)):
         v = float(value)
         if not math.isfinite(v) or v < 0:
             raise ValueError(f"{name} must be finite and >= 0, got {value}")
         return None, v
-    t = front.tensor(value, name)
+    t = front.tensor(value, name, allow_float64=True)
     if not t.is_floating_point():
         raise TypeError(f"{name} must be a floating tensor, got {t.dtype}")
+    if t.dim() == 0:
+        t = t.reshape(1).expand(B)
     if t.dim() != 1 or t.shape[0] != B:
         raise ValueError(f"{name} must have shape (B,) = ({B},), got {tuple(t.shape)}")
     if t.device != device:
@@ -130,6 +149,8 @@ def _seed_arg(front: _Frontend, seed: Any, B: int, device: torch.device) -> Tupl
     t = front.tensor(seed, "seed")
     if t.dtype != torch.int64:
         raise TypeError(f"seed must be an int or an int64 tensor, got {t.dtype}")
+    if t.dim() == 0:
+        return _seed_arg(front, int(t), B, device)
     if t.dim() != 1 or t.shape[0] != B:
         raise ValueError(f"seed must have shape (B,) = ({B},), got {tuple(t.shape)}")
     if t.device != device:
@@ -158,7 +179,7 @@ class _Filters(NamedTuple):
 
 def _per_row(front: _Frontend, value: Any, name: str, B: int, device: torch.device,
              integer: bool) -> Tensor:
-    t = front.tensor(value, name)
+    t = front.tensor(value, name, allow_float64=not integer)
     if integer and (t.is_floating_point() or t.dtype == torch.bool or t.is_complex()):
         raise TypeError(f"{name} must be an int or an integer (B,) tensor, got {t.dtype}")
     if not integer and not t.is_floating_point():
@@ -299,14 +320,25 @@ class _DeviceChecks:
                 raise ValueError(f"{name} in {int(a)} row(s) (sum of the bad values {b})")
 
 
-def _vocab_inverse(vocab_map: Tensor, V: int) -> Tensor:
+def _vocab_inverse(vocab_map: Tensor, V: int, cached: bool = False) -> Tensor:
     """(V,) int32: the drafter index of each target id, -1 outside the map.
 
-    Cached on the vocab_map tensor object itself (so the cache lives and dies with it) and
-    keyed by its version counter, which in-place writes through torch bump."""
-    cached = getattr(vocab_map, "_specdiff_vocab_inv", None)
-    if cached is not None and cached[0] == vocab_map._version and cached[1] == V:
-        return cached[2]
+    Checked calls build it every time (one scatter over V, checked): a cache on the caller's
+    tensor goes stale when the map is changed in place behind torch's version counter (numpy
+    views, DLPack). Unchecked calls (decode loops, no host sync) reuse the one cached on the
+    tensor, keyed by its data pointer and version counter; the kernels bound every index read
+    through it whatever it holds."""
+    if cached:
+        hit = getattr(vocab_map, "_specdiff_vocab_inv", None)
+        key = (vocab_map.data_ptr(), vocab_map._version, V)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        inv = _vocab_inverse(vocab_map, V)
+        try:
+            vocab_map._specdiff_vocab_inv = (key, inv)
+        except (AttributeError, RuntimeError):  # pragma: no cover - tensors without a __dict__
+            pass
+        return inv
     if vocab_map.dim() != 1:
         raise ValueError(f"vocab_map must have shape (Vd,), got {tuple(vocab_map.shape)}")
     if vocab_map.dtype not in (torch.int32, torch.int64):
@@ -321,10 +353,6 @@ def _vocab_inverse(vocab_map: Tensor, V: int) -> Tensor:
     inv[vocab_map.long()] = torch.arange(Vd, dtype=torch.int32, device=vocab_map.device)
     if int((inv >= 0).sum()) != Vd:
         raise ValueError("vocab_map must not repeat a target id")
-    try:
-        vocab_map._specdiff_vocab_inv = (vocab_map._version, V, inv)
-    except (AttributeError, RuntimeError):  # pragma: no cover - tensors without a __dict__
-        pass
     return inv
 
 
@@ -554,7 +582,7 @@ def _verify_common(
     if vm is not None:
         if vm.device != dev:
             raise ValueError(f"vocab_map must be on the same device as target_logits ({dev}), got {vm.device}")
-        vinv = _vocab_inverse(vm, V)
+        vinv = _vocab_inverse(vm, V, cached=not check_values)
     ta, tv = _row_scalar(f, temperature, "temperature", B, dev)
     dta, dtv = _row_scalar(f, draft_temperature, "draft_temperature", B, dev)
     sd, sv = _seed_arg(f, seed, B, dev)
