@@ -106,3 +106,20 @@ def test_numpy_zero_size_inputs_return_empty_results() -> None:
     rs = ops.rejection_sample(np_.zeros((0, 5, 10), f32), np_.zeros((0, 4), i64),
                               temperature=0.0, target_lse=np_.zeros((0, 5), f32))
     assert rs.ids.shape == (0, 5)
+
+
+def test_check_values_switch_is_verify_unchecked():
+    from specdiff_ext import ops
+
+    g = torch.Generator().manual_seed(3)
+    tl, dl = torch.randn(2, 4, 30, generator=g), torch.randn(2, 3, 30, generator=g)
+    ids = torch.randint(0, 30, (2, 3), generator=g)
+    a = ops.verify(tl, ids, dl, temperature=0.8, seed=9, check_values=False)
+    b = ops.verify_unchecked(tl, ids, dl, temperature=0.8, seed=9)
+    assert torch.equal(a.ids, b.ids) and torch.equal(a.num_accepted, b.num_accepted)
+    with pytest.raises(ValueError, match="draft_ids holds"):  # CPU values are checked anyway
+        ops.verify(tl, ids + 1000, dl, check_values=False)
+    cs = torch.full((2, 3), -1, dtype=torch.int32)
+    r1 = ops.denoise_step(dl, ids, cs, step=0, num_steps=1, seed=2, check_values=False)
+    r2 = ops.denoise_step(dl, ids, cs, step=0, num_steps=1, seed=2)
+    assert torch.equal(r1.tokens, r2.tokens)

@@ -456,10 +456,10 @@ class SpeculativeDecoder:
             g = d.ids.shape[1]
             with clock("verify"):
                 tout = tgt.forward(torch.cat([last, d.ids], dim=1), cache, hidden_layers=layers)
-                res = ops.verify_unchecked(ctl.penalize(tout.logits, seen, d.ids), d.ids, d.logits,
-                                           draft_point_mass=d.point_mass, temperature=tau,
-                                           draft_temperature=d.temperature, seed=vseed,
-                                           offset=rounds, vocab_map=d.vocab_map, **ctl.filters)
+                res = ops.verify(ctl.penalize(tout.logits, seen, d.ids), d.ids, d.logits,
+                                 draft_point_mass=d.point_mass, temperature=tau,
+                                 draft_temperature=d.temperature, seed=vseed, offset=rounds,
+                                 vocab_map=d.vocab_map, check_values=False, **ctl.filters)
                 # the one host sync of the round: ids, count and validity together
                 flat = torch.cat([res.ids[0], res.num_accepted, res.valid.long()]).tolist()
                 n_acc = flat[g + 1]

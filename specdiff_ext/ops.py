@@ -621,6 +621,7 @@ def verify(
     top_k: Union[int, ArrayLike, None] = None,
     top_p: Union[float, ArrayLike, None] = None,
     min_p: Union[float, ArrayLike, None] = None,
+    check_values: bool = True,
 ) -> VerifyResult:
     """Verify a block of drafts against the target: chain speculative sampling, fused with the
     normalisation of the target (and draft) rows it needs.
@@ -655,6 +656,11 @@ def verify(
         the ids come out distributed exactly as transformers' ``generate()`` samples with the
         same settings (temperature, then top-k, then top-p, then min-p), correction and bonus
         included. Ignored for greedy rows. See :func:`filter_logits`.
+    check_values : bool
+        False skips the value checks of GPU arrays (id ranges, temperatures, filter settings)
+        and so their host sync, for loops whose inputs are valid by construction (a decode
+        round). Types, shapes and devices are still checked, and CPU values always (no sync).
+        Unchecked, a bad GPU value never reads or writes out of bounds: its row is invalid.
 
     Returns
     -------
@@ -674,7 +680,8 @@ def verify(
     """
     return _verify_common(
         target_logits, draft_ids, draft_logits, draft_point_mass, temperature,
-        draft_temperature, seed, offset, vocab_map, None, None, True, top_k, top_p, min_p,
+        draft_temperature, seed, offset, vocab_map, None, None, bool(check_values), top_k, top_p,
+        min_p,
     )
 
 
@@ -693,12 +700,7 @@ def verify_unchecked(
     top_p: Union[float, ArrayLike, None] = None,
     min_p: Union[float, ArrayLike, None] = None,
 ) -> VerifyResult:
-    """:func:`verify` without the value checks of GPU tensors, so without their host sync.
-
-    For loops whose inputs are valid by construction (a decode round: drafts come from the
-    drafter). Types, shapes and devices are still checked, and CPU inputs are still checked in
-    full (that costs no sync). On a GPU an out-of-range id or a negative temperature is not
-    raised: the kernels never read or write out of bounds and mark that row invalid.
+    """``verify(..., check_values=False)``, kept for earlier callers.
 
     Parameters and result are those of :func:`verify`.
 
@@ -834,6 +836,7 @@ def denoise_step(
     top_k: Union[int, ArrayLike, None] = None,
     top_p: Union[float, ArrayLike, None] = None,
     min_p: Union[float, ArrayLike, None] = None,
+    check_values: bool = True,
 ) -> DenoiseResult:
     """One reverse step of the masked-diffusion drafter over a batch of draft blocks.
 
@@ -861,6 +864,9 @@ def denoise_step(
         Shape: (Vd,). Target id of each drafter entry; tokens are written as target ids.
     top_k, top_p, min_p : as in :func:`verify`: tokens are drawn from the filtered law, lse
         (and the confidence of ``confidence`` mode) is that law's.
+    check_values : bool
+        As in :func:`verify`: False skips the GPU value checks (vocab_map range, temperature)
+        and their host sync -- the sampler's denoising steps run without one.
 
     Returns
     -------
@@ -896,7 +902,8 @@ def denoise_step(
         checks.ids(vm, sys.maxsize, "vocab_map", "2^63")
     checks.temperature(ta, "temperature")
     flt = _filter_args(f, top_k, top_p, min_p, lg.shape[0], lg.device, checks)
-    checks.run()
+    if check_values:
+        checks.run()
     sd, sv = _seed_arg(f, seed, lg.shape[0], lg.device)
     off = _offset_arg(offset)
     if flt.any:

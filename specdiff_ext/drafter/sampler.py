@@ -146,7 +146,7 @@ def sample_block(
             logits = ops.filter_logits(logits, temperature=temperature, **filters)
         res = ops.denoise_step(logits, tokens, commit, step=s, num_steps=steps, mode=mode,
                                temperature=temperature, seed=seed, offset=offset * steps + s,
-                               vocab_map=vocab_map)
+                               vocab_map=vocab_map, check_values=False)
         newly = (res.commit_step >= 0) & (commit < 0)  # (B, G)
         kept = logits if kept is None else torch.where(newly[..., None], logits, kept)
         tokens, commit = res.tokens, res.commit_step
