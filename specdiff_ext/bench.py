@@ -103,28 +103,25 @@ class _HF:
 
 
 def build_decoders(names: Sequence[str], target: Any, drafter: Any, ar_drafter: Any, *,
-                   gamma: int = 8, steps: int = 1, commit: str = "left_to_right",
-                   ar_gamma: int = 4, hf_assistant_tokens: Optional[int] = None,
-                   pld_gamma: int = 4) -> Dict[str, Any]:
-    """Decoder objects by name (see the module doc)."""
-    from .decoding import ARDecoder, ARSpecDecoder, PLDDecoder, SpecDiffDecoder
+                   gamma: Optional[int] = None, steps: Optional[int] = None,
+                   commit: Optional[str] = None, ar_gamma: Optional[int] = None,
+                   hf_assistant_tokens: Optional[int] = None,
+                   pld_gamma: Optional[int] = None) -> Dict[str, Any]:
+    """Decoder objects by name (see the module doc): this package's through
+    `decoding.make_decoder` (defaults: `decoding.DEFAULTS`), transformers' peers here."""
+    from .decoding import DEFAULTS, DecoderKind, make_decoder
 
     out: Dict[str, Any] = {}
     for n in names:
-        if n == "ar":
-            out[n] = ARDecoder(target)
-        elif n == "specdiff":
-            out[n] = SpecDiffDecoder(target, drafter, gamma=gamma, steps=steps, commit=commit)
-        elif n == "ar-spec":
-            out[n] = ARSpecDecoder(target, ar_drafter, gamma=ar_gamma)
-        elif n == "hf":
+        if n == "hf":
             out[n] = _HF(target)
         elif n == "hf-assisted":
             out[n] = _HF(target, ar_drafter, hf_assistant_tokens)
-        elif n == "pld":
-            out[n] = PLDDecoder(target, gamma=pld_gamma)
         elif n == "hf-pld":
-            out[n] = _HF(target, prompt_lookup=pld_gamma)
+            out[n] = _HF(target, prompt_lookup=pld_gamma if pld_gamma is not None else DEFAULTS.pld_gamma)
+        elif n in {k.value for k in DecoderKind}:
+            g = {"specdiff": gamma, "ar-spec": ar_gamma, "pld": pld_gamma}.get(n)
+            out[n] = make_decoder(n, target, drafter, ar_drafter, gamma=g, steps=steps, commit=commit)
         else:
             raise ValueError(f"unknown decoder {n!r}; choose from {', '.join(DECODERS)}")
     return out

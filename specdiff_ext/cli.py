@@ -84,10 +84,14 @@ def _model_args(ap: argparse.ArgumentParser) -> None:
 
 
 def _spec_args(ap: argparse.ArgumentParser) -> None:
+    from .decoding import DEFAULTS
+
     ap.add_argument("--gamma", type=int, default=None,
-                    help=f"draft block size (default: specdiff {DEFAULT_GAMMA}, ar-spec 4)")
-    ap.add_argument("--steps", type=int, default=1, help="denoising steps per block (specdiff)")
-    ap.add_argument("--commit", default="left_to_right",
+                    help=f"drafts per round (default: specdiff {DEFAULT_GAMMA} with the embedded "
+                         f"drafter, ar-spec {DEFAULTS.ar_gamma}, pld {DEFAULTS.pld_gamma})")
+    ap.add_argument("--steps", type=int, default=DEFAULTS.steps,
+                    help="denoising steps per block (specdiff)")
+    ap.add_argument("--commit", default=DEFAULTS.commit,
                     choices=["left_to_right", "confidence", "random"], help="specdiff commit mode")
 
 
@@ -188,7 +192,9 @@ def _generate(argv: Sequence[str]) -> int:
     ap = argparse.ArgumentParser(prog="specdiff generate", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                  description="Generate an answer, streamed as it is decoded.")
     ap.add_argument("prompt", help="the user message (or raw text with --no-chat-template)")
-    ap.add_argument("--decoder", choices=["specdiff", "ar", "ar-spec", "pld"], default="specdiff")
+    ap.add_argument("--decoder", choices=["specdiff", "ar", "ar-spec", "pld"], default="specdiff",
+                    help="specdiff (diffusion drafter), ar (plain decoding), ar-spec (autoregressive "
+                         "drafter), pld (prompt lookup)")
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     ap.add_argument("--seed", type=int, default=None)
@@ -208,10 +214,10 @@ def _generate(argv: Sequence[str]) -> int:
 
     pair = _load(a, a.decoder == "specdiff", a.decoder == "ar-spec")
     tgt = pair.target
-    gamma = a.gamma if a.gamma is not None else (DEFAULT_GAMMA if a.decoder == "specdiff" else 4)
-    dec = build_decoders([a.decoder], tgt, pair.drafter, pair.ar_drafter, gamma=gamma,
-                         steps=a.steps, commit=a.commit, ar_gamma=gamma,
-                         pld_gamma=gamma)[a.decoder]
+    dec = build_decoders([a.decoder], tgt, pair.drafter, pair.ar_drafter, gamma=a.gamma,
+                         steps=a.steps, commit=a.commit, ar_gamma=a.gamma,
+                         pld_gamma=a.gamma)[a.decoder]
+    gamma = getattr(dec, "gamma", None)
     if a.no_chat_template:
         ids = torch.tensor([tgt.tokenizer.encode(a.prompt)], dtype=torch.int64, device=tgt.device)
     else:
@@ -275,8 +281,10 @@ def _bench(argv: Sequence[str]) -> int:
     ap.add_argument("--seed", type=int, default=0)
     _control_args(ap)
     _spec_args(ap)
-    ap.add_argument("--ar-gamma", type=int, default=4, help="ar-spec drafts per round")
-    ap.add_argument("--pld-gamma", type=int, default=4,
+    from .decoding import DEFAULTS
+
+    ap.add_argument("--ar-gamma", type=int, default=DEFAULTS.ar_gamma, help="ar-spec drafts per round")
+    ap.add_argument("--pld-gamma", type=int, default=DEFAULTS.pld_gamma,
                     help="pld / hf-pld: at most this many drafts per round")
     ap.add_argument("--hf-assistant-tokens", type=int, default=None,
                     help="hf-assisted: fixed drafts per round (default: transformers' schedule)")
@@ -302,15 +310,15 @@ def _bench(argv: Sequence[str]) -> int:
         names.insert(0, "ar")
     prompts = read_prompts(a.prompts) if a.prompts else default_prompts(a.num_prompts)
     pair = _load(a, "specdiff" in names, bool({"ar-spec", "hf-assisted"} & set(names)))
-    decs = build_decoders(names, pair.target, pair.drafter, pair.ar_drafter,
-                          gamma=a.gamma if a.gamma is not None else DEFAULT_GAMMA, steps=a.steps,
-                          commit=a.commit, ar_gamma=a.ar_gamma,
+    decs = build_decoders(names, pair.target, pair.drafter, pair.ar_drafter, gamma=a.gamma,
+                          steps=a.steps, commit=a.commit, ar_gamma=a.ar_gamma,
                           hf_assistant_tokens=a.hf_assistant_tokens, pld_gamma=a.pld_gamma)
     t0 = time.perf_counter()
     rep = run_bench(pair.target, decs, prompts, max_new_tokens=a.max_new_tokens,
                     temperature=a.temperature, seed=a.seed, chat_template=not a.no_chat_template,
                     progress=not a.no_progress, controls=ctl)
-    rep["settings"] = {"gamma": a.gamma if a.gamma is not None else DEFAULT_GAMMA, "steps": a.steps,
+    spec = decs.get("specdiff")
+    rep["settings"] = {"gamma": spec.gamma if spec is not None else a.gamma, "steps": a.steps,
                        "commit": a.commit, "ar_gamma": a.ar_gamma,
                        "hf_assistant_tokens": a.hf_assistant_tokens, "pld_gamma": a.pld_gamma,
                        "prompts": a.prompts or f"default({a.num_prompts})",

@@ -30,6 +30,7 @@ import contextlib
 import os
 import time
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any, Callable, Iterator, List, NamedTuple, Optional, Protocol, Sequence, Union
 
 import torch
@@ -42,7 +43,7 @@ from .drafter.model import DiffusionDrafter
 from .drafter.sampler import sample_block
 from .types import CommitMode
 
-__all__ = ["GenerateResult", "SamplingControls", "Draft", "Drafter", "ARDrafter", "SpeculativeDecoder",
+__all__ = ["GenerateResult", "SamplingControls", "DecoderKind", "DEFAULTS", "make_decoder", "Draft", "Drafter", "ARDrafter", "SpeculativeDecoder",
            "DiffusionDrafting", "ARDrafting", "PromptLookup", "ARDecoder", "ARSpecDecoder",
            "SpecDiffDecoder", "PLDDecoder", "pool_stats", "evaluate_acceptance", "lookup_ngram"]
 
@@ -724,3 +725,73 @@ def lookup_ngram(text: Sequence[int], gamma: int, max_ngram: int = 3,
             if list(text[start:start + n]) == suffix:
                 return list(text[start + n: start + n + gamma])
     return []
+
+
+# ----------------------------------------------------------------------- kinds and defaults
+
+
+class DecoderKind(str, Enum):
+    """The decoders of this package, by the names the CLI and `bench` use."""
+
+    AR = "ar"
+    SPECDIFF = "specdiff"
+    AR_SPEC = "ar-spec"
+    PLD = "pld"
+
+
+@dataclass(frozen=True)
+class DecoderDefaults:
+    """Every decoder default, written once.
+
+    specdiff_gamma None: the DFlash drafter's trained block minus one (3 for the embedded
+    drafter, `pretrained.DEFAULT_GAMMA`; the gamma sweep, `benchmarks/sweep_gamma.sh`, found
+    the smallest blocks fastest at this acceptance and 8 the slowest), 8 for the older drafters
+    without a block. steps 1 and left_to_right: the DFlash drafter is trained to fill a fully
+    masked block in one pass. ar_gamma and pld_gamma 4: the baselines' drafts per round, not
+    tuned (the README's end-to-end runs pass 2 and 4)."""
+
+    specdiff_gamma: Optional[int] = None
+    steps: int = 1
+    commit: str = "left_to_right"
+    ar_gamma: int = 4
+    pld_gamma: int = 4
+
+
+DEFAULTS = DecoderDefaults()
+
+
+def make_decoder(kind: Union[DecoderKind, str], target: Any, drafter: Any = None,
+                 ar_drafter: Any = None, *, gamma: Optional[int] = None,
+                 steps: Optional[int] = None, commit: Optional[str] = None,
+                 draft_filters: bool = False) -> Any:
+    """A decoder by kind, with `DEFAULTS` for whatever is not given.
+
+    Parameters
+    ----------
+    kind : DecoderKind or its name
+    target : TargetModel
+    drafter, ar_drafter : the diffusion drafter (specdiff) and the autoregressive one (ar-spec)
+    gamma : drafts per round (the kind's default when None)
+    steps, commit : specdiff's denoising steps and commit mode
+    draft_filters : draft with the target's top-k / top-p / min-p (specdiff, ar-spec)
+    """
+    try:
+        k = DecoderKind(kind)
+    except ValueError:
+        raise ValueError(f"unknown decoder {kind!r}; choose from "
+                         f"{', '.join(x.value for x in DecoderKind)}") from None
+    if k is DecoderKind.AR:
+        return ARDecoder(target)
+    if k is DecoderKind.SPECDIFF:
+        if drafter is None:
+            raise ValueError("the specdiff decoder needs a diffusion drafter")
+        return SpecDiffDecoder(target, drafter, gamma=gamma if gamma is not None else DEFAULTS.specdiff_gamma,
+                               steps=steps if steps is not None else DEFAULTS.steps,
+                               commit=commit if commit is not None else DEFAULTS.commit,
+                               draft_filters=draft_filters)
+    if k is DecoderKind.AR_SPEC:
+        if ar_drafter is None:
+            raise ValueError("the ar-spec decoder needs an autoregressive drafter")
+        return ARSpecDecoder(target, ar_drafter, gamma=gamma if gamma is not None else DEFAULTS.ar_gamma,
+                             draft_filters=draft_filters)
+    return PLDDecoder(target, gamma=gamma if gamma is not None else DEFAULTS.pld_gamma)

@@ -131,10 +131,28 @@ KeepRule filter_row(const T* row, int64_t V, float inv_tau, float xm, const RowS
     cand_weights(sc.buf.data(), m, xm);
     c.assign(sc.buf.begin(), sc.buf.begin() + m);
   };
+  // Count-only read at kCountD distances; returns the first whose count reaches k (else +inf).
+  auto count_search = [&](const float* Ds) {
+    int64_t got[kCountD] = {};
+    for_tiles(row, V, false, [&](int64_t, const float* x, int64_t n, int64_t) {
+      tile_count_at(x, n, inv_tau, xm, Ds, got);
+    });
+    for (int q = 0; q < kCountD; ++q)
+      if (got[q] >= rs.k) return Ds[q];
+    return static_cast<float>(INFINITY);
+  };
   if (rs.top_k_on()) {
     for (int q = 0; q < kWindows; ++q)
       if (cnt[q] >= rs.k) {
         D = kWindowD[q];
+        // Far more than k entries in the window: one count-only read narrows it first
+        // (a selection over thousands of candidates costs more than the read).
+        if (q > 0 && cnt[q] > 8 * rs.k + 1024) {
+          float Ds[kCountD];
+          const float lo = kWindowD[q - 1], step = (kWindowD[q] - lo) / kCountD;
+          for (int j = 0; j < kCountD; ++j) Ds[j] = j + 1 < kCountD ? lo + step * (j + 1) : kWindowD[q];
+          D = count_search(Ds);
+        }
         break;
       }
     if (D == INFINITY && rs.top_p_on()) {
@@ -166,16 +184,9 @@ KeepRule filter_row(const T* row, int64_t V, float inv_tau, float xm, const RowS
       D = INFINITY;  // undecided: the exact path below
     }
     if (D == INFINITY && (rs.top_p_on() || xm - kWindowD[kWindows - 1] > mcut)) {
-      // The k-th largest lies further down (a confident row): count the wider windows.
-      int64_t wide[kWide] = {};
-      for_tiles(row, V, false, [&](int64_t, const float* x, int64_t n, int64_t) {
-        tile_count_wide(x, n, inv_tau, xm, wide);
-      });
-      for (int q = 0; q < kWide; ++q)
-        if (wide[q] >= rs.k) {
-          D = kWideD[q];
-          break;
-        }
+      // The k-th largest lies further down (a confident row): count wider windows.
+      static constexpr float kWideD[kCountD] = {20.0f, 24.0f, 32.0f, 48.0f, 64.0f, 96.0f, 160.0f, INFINITY};
+      D = count_search(kWideD);
     }
     if (rs.top_p_on()) cut = kNegInf;
   } else if (rs.top_p_on()) {

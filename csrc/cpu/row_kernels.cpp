@@ -210,19 +210,22 @@ SD_CLONES void tile_windows(const float* x, int64_t n, float inv_tau, float xm, 
   *total += t;
 }
 
-SD_CLONES void tile_count_wide(const float* x, int64_t n, float inv_tau, float xm, int64_t* cnt) {
-  int32_t ac[kWide][kLanes] = {};
+SD_CLONES void tile_count_at(const float* x, int64_t n, float inv_tau, float xm, const float* Ds,
+                             int64_t* cnt) {
+  float D[kCountD];
+  for (int q = 0; q < kCountD; ++q) D[q] = Ds[q];
+  int32_t ac[kCountD][kLanes] = {};
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes)
     for (int j = 0; j < kLanes; ++j) {
       const float d = xm - sd_mul(x[i + j], inv_tau);
-      for (int q = 0; q < kWide; ++q) ac[q][j] += d < kWideD[q] ? 1 : 0;
+      for (int q = 0; q < kCountD; ++q) ac[q][j] += d < D[q] ? 1 : 0;
     }
-  for (int q = 0; q < kWide; ++q)
+  for (int q = 0; q < kCountD; ++q)
     for (int j = 0; j < kLanes; ++j) cnt[q] += ac[q][j];
   for (; i < n; ++i) {
     const float d = xm - sd_mul(x[i], inv_tau);
-    for (int q = 0; q < kWide; ++q) cnt[q] += d < kWideD[q] ? 1 : 0;
+    for (int q = 0; q < kCountD; ++q) cnt[q] += d < D[q] ? 1 : 0;
   }
 }
 

@@ -50,14 +50,13 @@ int64_t tile_gather(const float* x, int64_t n, int64_t base, float inv_tau, floa
 // Window statistics of the scaled entries a of x[0..n) below the scaled max xm: for each
 // distance kWindowD[q], the count and mass (sum of exp(a - xm)) of the entries with
 // xm - a < kWindowD[q]; *total gets the mass of every entry (in double).  Adds to the outputs.
-constexpr int kWindows = 5;
-constexpr float kWindowD[kWindows] = {1.5f, 3.0f, 6.0f, 10.0f, 16.0f};
+constexpr int kWindows = 7;
+constexpr float kWindowD[kWindows] = {1.5f, 3.0f, 4.5f, 6.0f, 8.0f, 11.0f, 16.0f};
 void tile_windows(const float* x, int64_t n, float inv_tau, float xm, int64_t* cnt, float* mass,
                   double* total);
-// Counts only, for the wider distances kWideD (entries with xm - a < kWideD[q]).
-constexpr int kWide = 6;
-constexpr float kWideD[kWide] = {20.0f, 24.0f, 32.0f, 48.0f, 64.0f, 96.0f};
-void tile_count_wide(const float* x, int64_t n, float inv_tau, float xm, int64_t* cnt);
+// Counts only: cnt[q] += #{xm - a < Ds[q]} for kCountD distances (pad with +inf).
+constexpr int kCountD = 8;
+void tile_count_at(const float* x, int64_t n, float inv_tau, float xm, const float* Ds, int64_t* cnt);
 // Appends the entries with xm - a < D and a >= cut (a = x * inv_tau; D = +inf: every finite
 // distance) to out in index order (w unset); returns how many.  out must have room for n.
 int64_t tile_gather_window(const float* x, int64_t n, int64_t base, float inv_tau, float xm,
