@@ -697,16 +697,19 @@ class ARSpecDecoder(SpeculativeDecoder):
     """Speculative decoding with a small autoregressive drafter: `SpeculativeDecoder` over
     `ARDrafting` (see there for `ar_drafter`, `draft_temperature` and `draft_filters`)."""
 
-    def __init__(self, target: Any, ar_drafter: Any, gamma: int = 4,
+    def __init__(self, target: Any, ar_drafter: Any, gamma: Optional[int] = None,
                  draft_temperature: Optional[float] = None, draft_filters: bool = True) -> None:
-        super().__init__(target, ARDrafting(ar_drafter, draft_temperature, draft_filters), gamma)
+        super().__init__(target, ARDrafting(ar_drafter, draft_temperature, draft_filters),
+                         DEFAULTS.ar_gamma if gamma is None else gamma)
 
 
 class PLDDecoder(SpeculativeDecoder):
     """Prompt-lookup decoding: `SpeculativeDecoder` over `PromptLookup` (at most `gamma`
     drafts per round copied from the text so far)."""
 
-    def __init__(self, target: Any, gamma: int = 4, max_ngram: int = 3, min_ngram: int = 1) -> None:
+    def __init__(self, target: Any, gamma: Optional[int] = None, max_ngram: int = 3,
+                 min_ngram: int = 1) -> None:
+        gamma = DEFAULTS.pld_gamma if gamma is None else gamma
         super().__init__(target, PromptLookup(max_ngram, min_ngram), gamma)
 
 
@@ -749,14 +752,14 @@ class DecoderDefaults:
     drafter, `pretrained.DEFAULT_GAMMA`; the gamma sweep, `benchmarks/sweep_gamma.sh`, found
     the smallest blocks fastest at this acceptance and 8 the slowest), 8 for the older drafters
     without a block. steps 1 and left_to_right: the DFlash drafter is trained to fill a fully
-    masked block in one pass. ar_gamma and pld_gamma 4: the baselines' drafts per round, not
-    tuned (the README's end-to-end runs pass 2 and 4). draft_filters: drafters sample with the
+    masked block in one pass. ar_gamma 2 and pld_gamma 4: the baselines' drafts per round that
+    the same sweep found fastest (on other held-out prompts than the benchmarks'). draft_filters: drafters sample with the
     target's top-k / top-p / min-p (more accepted, `benchmarks/results/draft_filters_cpu.md`)."""
 
     specdiff_gamma: Optional[int] = None
     steps: int = 1
     commit: str = "left_to_right"
-    ar_gamma: int = 4
+    ar_gamma: int = 2
     pld_gamma: int = 4
     draft_filters: bool = True
 
