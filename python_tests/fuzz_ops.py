@@ -30,7 +30,10 @@ from typing import Any, Callable, Dict, List
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+try:  # the package the caller runs (test_fuzz.py passes its location), else this checkout
+    import specdiff_ext  # noqa: F401
+except ImportError:
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from specdiff_ext import ops  # noqa: E402
 from specdiff_ext import reference as R  # noqa: E402

@@ -15,8 +15,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
+    import specdiff_ext
+
+    # the child imports the very package this test imported (installed, or an in-tree build)
+    pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(specdiff_ext.__file__)))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
-        [os.path.dirname(HERE)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+        [pkg_parent] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
     return subprocess.run([sys.executable, os.path.join(HERE, "fuzz_ops.py"), *args],
                           capture_output=True, text=True, timeout=300, env=env)
 
