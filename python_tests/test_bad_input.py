@@ -313,3 +313,81 @@ def test_vocab_map_changed_in_place_is_seen() -> None:
     vm_np[:] = [4, 2]  # drafter column 0 now scores target id 4; id 1 is outside the map
     r2 = ops.verify(tl, x, dl, vocab_map=vm, seed=0)
     assert int(r2.num_accepted[0]) == 1  # q(1) = 0 now: always accepted (a stale map rejects)
+
+
+# ------------------------------------------------------------------ checkpoint and data files
+def _tiny_dflash(tmp_path):
+    from specdiff_ext.drafter.checkpoint import save_dflash
+    from specdiff_ext.drafter.dflash import DFlashConfig, DFlashDrafter
+
+    cfg = DFlashConfig(vocab_size=50, hidden_size=32, n_heads=4, n_kv_heads=2, head_dim=8,
+                       intermediate_size=64, num_target_layers=6, mask_token_id=3, target_name="tiny")
+    emb, head = torch.randn(50, 32), torch.randn(50, 32)
+    folder = tmp_path / "d"
+    save_dflash(DFlashDrafter(cfg, emb, head), folder)
+    return folder, emb, head
+
+
+@pytest.mark.parametrize("damage, match", [
+    (lambda f: (f / "model.safetensors").write_bytes(b"garbage"), "model.safetensors: not a readable safetensors"),
+    (lambda f: (f / "model.safetensors").unlink(), "model.safetensors: no such file"),
+    (lambda f: (f / "config.json").write_text("{not json"), "config.json: not readable JSON"),
+    (lambda f: (f / "config.json").write_text("[1, 2]"), "config.json: expected a JSON object"),
+    (lambda f: _edit(f, num_hidden_layers="three"), "config.json: invalid DFlash config"),
+    (lambda f: _edit(f, num_hidden_layers=[3]), "config.json: a DFlash config field has the wrong type"),
+    (lambda f: _edit(f, num_hidden_layers=10**9), "num_hidden_layers = 1000000000 is outside"),
+    (lambda f: _edit(f, intermediate_size=10**9), "intermediate_size = 1000000000 is outside"),
+    (lambda f: _edit(f, intermediate_size=96), "weights do not fit the config"),
+    (lambda f: _edit(f, vocab_size=None), "wrong type"),
+    (lambda f: _edit(f, dflash_config={"mask_token_id": 3, "target_layer_ids": [0, 99]}), "target_layer_ids must lie in"),
+])
+def test_bad_drafter_folders_are_named_errors(tmp_path, damage, match) -> None:
+    from specdiff_ext.drafter.checkpoint import load_drafter
+
+    folder, emb, head = _tiny_dflash(tmp_path)
+    damage(folder)
+    with pytest.raises(ValueError, match=match):
+        load_drafter(folder, emb, head, target_name="tiny")
+
+
+def _edit(folder, **kw):
+    import json
+
+    p = folder / "config.json"
+    c = json.loads(p.read_text())
+    c.update(kw)
+    p.write_text(json.dumps(c))
+
+
+def test_bad_data_folders_are_named_errors(tmp_path) -> None:
+    import json
+
+    import safetensors.torch as st
+
+    from specdiff_ext.training.data import load_shards
+
+    d = tmp_path / "data"
+    d.mkdir()
+    st.save_file({"tokens": torch.arange(10, dtype=torch.int32), "lengths": torch.tensor([6, 4], dtype=torch.int32),
+                  "prompt_lens": torch.tensor([2, 1], dtype=torch.int32)}, str(d / "s0.safetensors"))
+    good = {"shards": [{"file": "s0.safetensors", "temperature": 0.0}]}
+    (d / "manifest.json").write_text(json.dumps(good))
+    data, _ = load_shards(d)
+    assert data.tokens.numel() == 10
+    outside = tmp_path / "elsewhere.safetensors"
+    outside.write_bytes((d / "s0.safetensors").read_bytes())
+    for shards, match in (([{"file": "../elsewhere.safetensors", "temperature": 0.0}], "outside the dataset folder"),
+                          ([{"file": str(outside), "temperature": 0.0}], "outside the dataset folder"),
+                          ([{"temperature": 0.0}], "shard 0 has no valid file"),
+                          ("nope", "not a valid manifest")):
+        (d / "manifest.json").write_text(json.dumps({"shards": shards}))
+        with pytest.raises(ValueError, match=match):
+            load_shards(d)
+    st.save_file({"tokens": torch.arange(10, dtype=torch.int32), "lengths": torch.tensor([12, -2], dtype=torch.int32),
+                  "prompt_lens": torch.tensor([2, 1], dtype=torch.int32)}, str(d / "s0.safetensors"))
+    (d / "manifest.json").write_text(json.dumps(good))
+    with pytest.raises(ValueError, match="must be non-negative"):
+        load_shards(d)
+    (d / "manifest.json").unlink()
+    with pytest.raises(ValueError, match="manifest.json: no such file"):
+        load_shards(d)

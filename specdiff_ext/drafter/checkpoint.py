@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Optional, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -130,11 +130,45 @@ def is_dflash_folder(folder: Union[str, os.PathLike]) -> bool:
     return isinstance(meta, dict) and "DFlashDraftModel" in (meta.get("architectures") or [])
 
 
+def _read_json(path: str) -> dict:
+    """A config file as a dict; a clear ValueError naming the file otherwise."""
+    try:
+        with open(path) as fh:
+            meta = json.load(fh)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file (not a drafter folder)") from None
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: not readable JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(meta).__name__}")
+    return meta
+
+
+# Bounds of a drafter config relative to its target: a malformed or hostile config.json must
+# not allocate without limit (sizes beyond these are no drafter of that target).
+MAX_LAYERS = 64
+MAX_FFN_RATIO = 64
+
+
+def _check_bounds(path: str, n_layers: int, hidden: int, n_heads: int, n_kv: int, head_dim: int,
+                  inter: int, extra: Sequence[tuple] = ()) -> None:
+    rules = (("num_hidden_layers", n_layers, 1, MAX_LAYERS),
+             ("num_attention_heads", n_heads, 1, 4 * hidden),
+             ("num_key_value_heads", n_kv, 1, n_heads),
+             ("head_dim", head_dim, 1, 4 * hidden),
+             ("intermediate_size", inter, 1, MAX_FFN_RATIO * hidden)) + tuple(extra)
+    for name, v, lo, hi in rules:
+        if not lo <= v <= hi:
+            raise ValueError(f"{path}: {name} = {v} is outside [{lo}, {hi}]")
+    if n_heads % n_kv:
+        raise ValueError(f"{path}: num_attention_heads {n_heads} is not a multiple of "
+                         f"num_key_value_heads {n_kv}")
+
+
 def read_dflash_config(folder: Union[str, os.PathLike]) -> tuple[DFlashConfig, dict]:
     """The DFlashConfig of a DFlash folder (published or written here) and its config dict."""
     path = os.path.join(folder, CONFIG_NAME)
-    with open(path) as fh:
-        hf = json.load(fh)
+    hf = _read_json(path)
     try:
         dcfg = hf.get("dflash_config") or {}
         rope = hf.get("rope_theta")
@@ -162,6 +196,19 @@ def read_dflash_config(folder: Union[str, os.PathLike]) -> tuple[DFlashConfig, d
         )
     except KeyError as exc:
         raise ValueError(f"{path}: DFlash config field {exc.args[0]!r} is missing") from None
+    except (TypeError, AttributeError) as exc:
+        raise ValueError(f"{path}: a DFlash config field has the wrong type ({exc})") from None
+    except ValueError as exc:
+        if str(exc).startswith(path):
+            raise
+        raise ValueError(f"{path}: invalid DFlash config ({exc})") from None
+    nt = cfg.num_target_layers
+    _check_bounds(path, cfg.n_layers, cfg.hidden_size, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim,
+                  cfg.intermediate_size, (("num_target_layers", nt, 1, 4096),
+                                          ("block_size", cfg.block_size, 2, 4096)))
+    for i in cfg.target_layer_ids or []:
+        if not 0 <= int(i) < nt:
+            raise ValueError(f"{path}: dflash_config.target_layer_ids holds {i}, outside [0, {nt})")
     return cfg, hf
 
 
@@ -197,8 +244,18 @@ def save_dflash(model: DFlashDrafter, folder: Union[str, os.PathLike],
 def _load_weights(model: nn.Module, folder: Union[str, os.PathLike], kind: str,
                   device: Any, dtype: Optional[torch.dtype], fallback_device: Any) -> Any:
     """Strictly load folder/model.safetensors into `model`, then place it (eval mode)."""
-    state = _safetensors().load_file(os.path.join(folder, WEIGHTS_NAME))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    path = os.path.join(folder, WEIGHTS_NAME)
+    try:
+        state = _safetensors().load_file(path)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file") from None
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+        raise ValueError(f"{path}: not a readable safetensors file ({type(exc).__name__}: {exc})") from None
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # size mismatches
+        first = str(exc).strip().splitlines()
+        raise ValueError(f"{path}: weights do not fit the config ({' '.join(first[1:3]) or first[0]})") from None
     if missing or unexpected:
         raise ValueError(f"{kind} checkpoint {os.fspath(folder)!r} does not match its config: "
                          f"missing {sorted(missing)}, unexpected {sorted(unexpected)}")
@@ -229,12 +286,19 @@ def _load_dflash(folder: Union[str, os.PathLike], emb: Tensor, target_head: Tens
 def read_drafter_config(folder: Union[str, os.PathLike]) -> tuple[DrafterConfig, dict]:
     """The DrafterConfig of a checkpoint and its full config.json dict."""
     path = os.path.join(folder, CONFIG_NAME)
-    with open(path) as fh:
-        meta = json.load(fh)
+    meta = _read_json(path)
     version = meta.get("format_version")
     if version != FORMAT_VERSION:
         raise ValueError(f"{path}: format_version {version!r}, this code reads {FORMAT_VERSION}")
-    return DrafterConfig.from_dict(meta["drafter"]), meta
+    try:
+        cfg = DrafterConfig.from_dict(meta["drafter"])
+    except KeyError as exc:
+        raise ValueError(f"{path}: drafter config field {exc.args[0]!r} is missing") from None
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise ValueError(f"{path}: a drafter config field has the wrong type or value ({exc})") from None
+    _check_bounds(path, cfg.n_layers, cfg.hidden_size, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim,
+                  cfg.intermediate_size)
+    return cfg, meta
 
 
 def load_drafter(

@@ -347,15 +347,40 @@ def load_shards(folder: Union[str, os.PathLike], temperatures: Optional[Sequence
     import safetensors.torch as st
 
     folder = Path(folder)
-    manifest = json.loads((folder / MANIFEST).read_text())
+    mpath = folder / MANIFEST
+    try:
+        manifest = json.loads(mpath.read_text())
+        shards = manifest["shards"]
+        if not isinstance(shards, list):
+            raise TypeError("shards is not a list")
+    except FileNotFoundError:
+        raise ValueError(f"{mpath}: no such file (not a dataset folder written by make-data)") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{mpath}: not a valid manifest ({type(exc).__name__}: {exc})") from None
     toks, lens, plens, tids, tlog = [], [], [], [], []
-    for s in manifest["shards"]:
-        if temperatures is not None and float(s["temperature"]) not in [float(t) for t in temperatures]:
+    root = folder.resolve()
+    for i, s in enumerate(shards):
+        try:
+            name, temp = str(s["file"]), float(s["temperature"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{mpath}: shard {i} has no valid file / temperature ({exc})") from None
+        if temperatures is not None and temp not in [float(t) for t in temperatures]:
             continue
-        d = st.load_file(str(folder / s["file"]))
-        toks.append(d["tokens"].long())
-        lens.append(d["lengths"].long())
-        plens.append(d["prompt_lens"].long())
+        path = (folder / name).resolve()
+        if os.path.isabs(name) or root not in path.parents:
+            raise ValueError(f"{mpath}: shard {i} names {name!r}, outside the dataset folder")
+        try:
+            d = st.load_file(str(path))
+            t, ln, pl = d["tokens"].long(), d["lengths"].long(), d["prompt_lens"].long()
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+            raise ValueError(f"{path}: not a readable token shard ({type(exc).__name__}: {exc})") from None
+        if ln.dim() != 1 or pl.shape != ln.shape or bool((ln < 0).any()) or bool((pl < 0).any()) \
+                or bool((pl > ln).any()) or int(ln.sum()) != t.numel():
+            raise ValueError(f"{path}: lengths / prompt_lens must be non-negative, prompt_lens <= "
+                             f"lengths, and the lengths must add up to the {t.numel()} tokens")
+        toks.append(t)
+        lens.append(ln)
+        plens.append(pl)
         if "topk_ids" in d:
             tids.append(d["topk_ids"].long())
             tlog.append(d["topk_logits"].float())
