@@ -29,8 +29,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-__all__ = ["DECODERS", "run_bench", "format_table", "plot_bench", "eval_drafter",
-           "format_eval_table"]
+__all__ = ["DECODERS", "build_decoders", "run_bench", "eval_drafter"]
 
 DECODERS = ("ar", "specdiff", "ar-spec", "pld", "hf", "hf-assisted", "hf-pld")
 
@@ -66,7 +65,7 @@ class _HF:
                  min_p: Optional[float] = None, repetition_penalty: Optional[float] = None) -> Any:
         from transformers import GenerationConfig
 
-        from .decoding import GenerateResult, SamplingControls
+        from ..decoding import GenerateResult, SamplingControls
 
         tgt = self.target
         eos = tgt.eos_token_id if eos_token_id is None else eos_token_id
@@ -109,7 +108,7 @@ def build_decoders(names: Sequence[str], target: Any, drafter: Any, ar_drafter: 
                    pld_gamma: Optional[int] = None) -> Dict[str, Any]:
     """Decoder objects by name (see the module doc): this package's through
     `decoding.make_decoder` (defaults: `decoding.DEFAULTS`), transformers' peers here."""
-    from .decoding import DEFAULTS, DecoderKind, make_decoder
+    from ..decoding import DEFAULTS, DecoderKind, make_decoder
 
     out: Dict[str, Any] = {}
     for n in names:
@@ -164,7 +163,7 @@ def run_bench(target: Any, decoders: Dict[str, Any], prompts: Sequence[str], *,
         "max_new_tokens": max_new_tokens, "temperature": temperature, "prompts": len(encoded),
         "controls": ctl,
         "torch": torch.__version__, "decoders": {}}
-    from .decoding import pool_stats
+    from ..decoding import pool_stats
 
     for name, rs in runs.items():
         d = pool_stats([r.stats for r in rs])
@@ -182,58 +181,6 @@ def run_bench(target: Any, decoders: Dict[str, Any], prompts: Sequence[str], *,
     return report
 
 
-def format_table(report: dict) -> str:
-    """A markdown table of a `run_bench` report."""
-    head = (f"device: {report['device']}, dtype {report['dtype']}, temperature "
-            f"{report['temperature']}, max_new_tokens {report['max_new_tokens']}, "
-            f"{report['prompts']} prompts"
-            + "".join(f", {k} {v}" for k, v in (report.get("controls") or {}).items()) + "\n\n")
-    greedy = report["temperature"] == 0.0
-    cols = ["decoder", "tok/s", "x ar", "accepted/round", "tokens/round", "draft s", "verify s",
-            "other s"] + (["matches ar"] if greedy else [])
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for name, d in report["decoders"].items():
-        def f(k: str, fmt: str) -> str:
-            return format(d[k], fmt) if k in d else "-"
-        row = [name, f("tokens_per_second", ".1f"), f("speedup_vs_ar", ".2f"),
-               f("mean_accepted", ".2f"), f("tokens_per_round", ".2f"), f("draft_seconds", ".1f"),
-               f("verify_seconds", ".1f"), f("other_seconds", ".1f")]
-        if greedy:
-            row.append(f"{d['matches_ar']}/{d['prompts']}")
-        lines.append("| " + " | ".join(row) + " |")
-    return head + "\n".join(lines) + "\n"
-
-
-def plot_bench(report: dict, path: str) -> None:
-    """tokens/s per decoder and the histograms of accepted lengths, as an image."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        raise ModuleNotFoundError("--plot needs matplotlib: `pip install matplotlib`",
-                                  name="matplotlib") from exc
-    decs = report["decoders"]
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
-    names = list(decs)
-    a1.bar(names, [decs[n]["tokens_per_second"] for n in names], color="tab:blue")
-    a1.set_ylabel("tokens / s")
-    a1.set_title(f"{report['device']}\n{report['dtype']}, T={report['temperature']}", fontsize=8)
-    for n in names:
-        h = decs[n].get("accepted_histogram")
-        if h:
-            tot = sum(h) or 1
-            a2.plot(range(len(h)), [c / tot for c in h], marker="o", label=n)
-    a2.set_xlabel("draft tokens accepted in a round")
-    a2.set_ylabel("fraction of rounds")
-    a2.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-# ------------------------------------------------------------------------------ eval-drafter
-
 def eval_drafter(target: Any, drafter: Any, prompt_sets: Dict[str, Sequence[str]], *,
                  gammas: Sequence[int] = (4, 8, 16), steps: Sequence[int] = (1, 2, 4, 8),
                  commits: Sequence[str] = ("left_to_right", "confidence", "random"),
@@ -244,7 +191,7 @@ def eval_drafter(target: Any, drafter: Any, prompt_sets: Dict[str, Sequence[str]
     Each configuration decodes every prompt of the set for `max_new_tokens` tokens with
     `decoding.SpecDiffDecoder` and pools the rounds. Returns one dict per configuration.
     """
-    from .decoding import SpecDiffDecoder, evaluate_acceptance
+    from ..decoding import SpecDiffDecoder, evaluate_acceptance
 
     encoded = {k: [target.chat_prompt(p) for p in v] for k, v in prompt_sets.items()}
     grid = [(s, t, g, T, c) for s in encoded for t in temperatures for g in gammas
@@ -268,46 +215,3 @@ def eval_drafter(target: Any, drafter: Any, prompt_sets: Dict[str, Sequence[str]
     if bar is not None:
         bar.close()
     return rows
-
-
-def format_eval_table(rows: List[dict]) -> str:
-    """Markdown: one table per (prompt set, temperature, commit), rows G, columns T."""
-    out = []
-    keys = sorted({(r["prompts"], r["temperature"], r["commit"]) for r in rows},
-                  key=lambda k: (k[0], k[1], k[2]))
-    for s, t, c in keys:
-        sub = [r for r in rows if (r["prompts"], r["temperature"], r["commit"]) == (s, t, c)]
-        Ts = sorted({r["steps"] for r in sub})
-        Gs = sorted({r["gamma"] for r in sub})
-        out.append(f"**{s}, temperature {t}, commit {c}**: mean accepted draft tokens per round\n")
-        out.append("| G \\ T | " + " | ".join(str(T) for T in Ts) + " |")
-        out.append("|---|" + "---|" * len(Ts))
-        for g in Gs:
-            cells = []
-            for T in Ts:
-                r = next((r for r in sub if r["gamma"] == g and r["steps"] == T), None)
-                cells.append(f"{r['mean_accepted']:.2f}" if r else "-")
-            out.append(f"| {g} | " + " | ".join(cells) + " |")
-        out.append("")
-    out.append("| prompts | temperature | G | T | commit | accepted/round | first draft accepted "
-               "| rounds | accepted-length histogram |")
-    out.append("|---|---|---|---|---|---|---|---|---|")
-    groups: Dict[tuple, List[dict]] = {}
-    for r in rows:
-        groups.setdefault((r["temperature"], r["gamma"], r["steps"], r["commit"]), []).append(r)
-    listed = list(rows)
-    for (t, g, T, c), sub in groups.items():
-        if len(sub) > 1:  # all prompt sets pooled
-            n = sum(r["rounds"] for r in sub)
-            hist = [sum(r["accepted_histogram"][j] for r in sub if j < len(r["accepted_histogram"]))
-                    for j in range(max(len(r["accepted_histogram"]) for r in sub))]
-            listed.append({"prompts": "all", "temperature": t, "gamma": g, "steps": T, "commit": c,
-                           "rounds": n, "accepted_histogram": hist,
-                           "mean_accepted": sum(j * h for j, h in enumerate(hist)) / max(n, 1),
-                           "first_accept_rate": (n - hist[0]) / max(n, 1)})
-    for r in listed:
-        out.append(f"| {r['prompts']} | {r['temperature']} | {r['gamma']} | {r['steps']} | "
-                   f"{r['commit']} | {r['mean_accepted']:.2f} | "
-                   f"{r.get('first_accept_rate', float('nan')):.2f} | {r['rounds']} | "
-                   f"{r['accepted_histogram']} |")
-    return "\n".join(out)
