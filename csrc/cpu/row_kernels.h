@@ -129,11 +129,11 @@ inline int64_t merge_race(const std::vector<float>& key, const std::vector<int64
   return win;
 }
 
-// Statistics of one row at inverse temperature inv_tau: two reads (max, then sum of exp).
+// Per-tile maxima of a row (raw values) and whether a NaN or +inf was seen; returns the row max.
 template <typename T>
-RowStats row_stats(const T* row, int64_t V, float inv_tau, bool parallel = false) {
+float row_tile_max(const T* row, int64_t V, bool parallel, std::vector<float>& tmax, bool* bad_out) {
   const int64_t nt = num_tiles(V);
-  std::vector<float> tmax(static_cast<size_t>(nt)), tsum(static_cast<size_t>(nt));
+  tmax.assign(static_cast<size_t>(nt), kNegInf);
   std::vector<char> tbad(static_cast<size_t>(nt));
   for_tiles(row, V, parallel, [&](int64_t t, const float* x, int64_t n, int64_t) {
     bool b;
@@ -146,6 +146,17 @@ RowStats row_stats(const T* row, int64_t V, float inv_tau, bool parallel = false
     m = std::max(m, tmax[static_cast<size_t>(t)]);
     bad = bad || tbad[static_cast<size_t>(t)];
   }
+  *bad_out = bad;
+  return m;
+}
+
+// Statistics of one row at inverse temperature inv_tau: two reads (max, then sum of exp).
+template <typename T>
+RowStats row_stats(const T* row, int64_t V, float inv_tau, bool parallel = false) {
+  const int64_t nt = num_tiles(V);
+  std::vector<float> tmax, tsum(static_cast<size_t>(nt));
+  bool bad;
+  const float m = row_tile_max(row, V, parallel, tmax, &bad);
   RowStats s;
   s.bad = bad;
   if (bad || m == kNegInf) return s;
@@ -170,24 +181,12 @@ RowStats row_stats(const T* row, int64_t V, float inv_tau, bool parallel = false
   return s;
 }
 
-// Max of row * inv_tau (scaled) and whether a NaN or +inf was seen (one read).
+// Max of row * inv_tau (scaled); *bad_out: a NaN or +inf was seen, or no finite entry (one read).
 template <typename T>
 float row_max(const T* row, int64_t V, float inv_tau, bool* bad_out, bool parallel = false) {
-  const int64_t nt = num_tiles(V);
-  std::vector<float> tmax(static_cast<size_t>(nt));
-  std::vector<char> tbad(static_cast<size_t>(nt));
-  for_tiles(row, V, parallel, [&](int64_t t, const float* x, int64_t n, int64_t) {
-    bool b;
-    tile_max(x, n, &tmax[static_cast<size_t>(t)], &b);
-    tbad[static_cast<size_t>(t)] = b;
-  });
-  float m = kNegInf;
-  bool bad = false;
-  for (int64_t t = 0; t < nt; ++t) {
-    m = std::max(m, tmax[static_cast<size_t>(t)]);
-    bad = bad || tbad[static_cast<size_t>(t)];
-  }
-  *bad_out = bad || m == kNegInf;
+  std::vector<float> tmax;
+  const float m = row_tile_max(row, V, parallel, tmax, bad_out);
+  *bad_out = *bad_out || m == kNegInf;
   return sd_mul(m, inv_tau);
 }
 

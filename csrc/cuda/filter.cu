@@ -28,63 +28,39 @@ __device__ __forceinline__ float from_order_key(uint32_t u) {
   return bits_to_float((u & 0x80000000u) ? (u & 0x7FFFFFFFu) : ~u);
 }
 
-// Block-wide sums and maxima, broadcast to every thread (fixed order for a fixed block size).
-__device__ double block_sum_d(double v) {
-  __shared__ double part[32];
-  __shared__ double total;
+// Block-wide reduction (sum or max), broadcast to every thread; a fixed order for a fixed
+// block size, so the result does not depend on timing.
+template <typename V, typename Op>
+__device__ V block_reduce(V v, V identity, Op op) {
+  __shared__ V part[32];
+  __shared__ V total;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  for (int d = 16; d > 0; d >>= 1) v += __shfl_down_sync(0xffffffffu, v, d);
+  for (int d = 16; d > 0; d >>= 1) v = op(v, __shfl_down_sync(0xffffffffu, v, d));
   if (lane == 0) part[warp] = v;
   __syncthreads();
   if (warp == 0) {
     const int nw = (blockDim.x + 31) >> 5;
-    v = lane < nw ? part[lane] : 0.0;
-    for (int d = 16; d > 0; d >>= 1) v += __shfl_down_sync(0xffffffffu, v, d);
+    v = lane < nw ? part[lane] : identity;
+    for (int d = 16; d > 0; d >>= 1) v = op(v, __shfl_down_sync(0xffffffffu, v, d));
     if (lane == 0) total = v;
   }
   __syncthreads();
-  const double r = total;
+  const V r = total;
   __syncthreads();
   return r;
 }
 
-__device__ long long block_count(long long v) {
-  __shared__ long long part[32];
-  __shared__ long long total;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  for (int d = 16; d > 0; d >>= 1) v += __shfl_down_sync(0xffffffffu, v, d);
-  if (lane == 0) part[warp] = v;
-  __syncthreads();
-  if (warp == 0) {
-    const int nw = (blockDim.x + 31) >> 5;
-    v = lane < nw ? part[lane] : 0;
-    for (int d = 16; d > 0; d >>= 1) v += __shfl_down_sync(0xffffffffu, v, d);
-    if (lane == 0) total = v;
-  }
-  __syncthreads();
-  const long long r = total;
-  __syncthreads();
-  return r;
-}
+struct AddOp {
+  template <typename V>
+  __device__ V operator()(V a, V b) const { return a + b; }
+};
+struct MaxOp {
+  __device__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
 
-__device__ float block_max(float v) {
-  __shared__ float part[32];
-  __shared__ float total;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  for (int d = 16; d > 0; d >>= 1) v = fmaxf(v, __shfl_down_sync(0xffffffffu, v, d));
-  if (lane == 0) part[warp] = v;
-  __syncthreads();
-  if (warp == 0) {
-    const int nw = (blockDim.x + 31) >> 5;
-    v = lane < nw ? part[lane] : kNegInf;
-    for (int d = 16; d > 0; d >>= 1) v = fmaxf(v, __shfl_down_sync(0xffffffffu, v, d));
-    if (lane == 0) total = v;
-  }
-  __syncthreads();
-  const float r = total;
-  __syncthreads();
-  return r;
-}
+__device__ double block_sum_d(double v) { return block_reduce(v, 0.0, AddOp{}); }
+__device__ long long block_count(long long v) { return block_reduce(v, 0LL, AddOp{}); }
+__device__ float block_max(float v) { return block_reduce(v, kNegInf, MaxOp{}); }
 
 template <typename T>
 __device__ __forceinline__ T neg_inf_of();
