@@ -19,18 +19,8 @@ void gather_logprobs(const GatherParams& p) {
       const bool greedy = tau == 0.0f;
       const RowStats s = row_stats(row, p.V, greedy ? 1.0f : 1.0f / tau);
       const int64_t id = p.ids.at(b, n);
-      float lse = NAN, lp = NAN;
-      if (s.valid() && id >= 0 && id < p.V) {
-        if (greedy) {
-          lse = s.m;
-          lp = id == s.arg ? 0.0f : kNegInf;
-        } else {
-          lse = s.lse();
-          lp = sd_mul(to_float(row[id]), 1.0f / tau) - lse;
-        }
-      }
-      p.out_lse[r] = lse;
-      p.out_logprobs[r] = lp;
+      const float logit = id >= 0 && id < p.V ? to_float(row[id]) : 0.0f;
+      gather_finish(s, tau, id, p.V, logit, &p.out_lse[r], &p.out_logprobs[r]);
     }
   });
 }

@@ -113,7 +113,7 @@ void verify_row(const VerifyParams& p, int64_t b, Scratch& scr, bool par) {
     const float sx = sd_mul(to_float(trow[x]), inv_tau);
     const float px = (!filtered || rule.keep(sx, x)) ? fast_exp(sx - lse_p) : 0.0f;
     const float u = uniform_from_bits(st.word(static_cast<uint32_t>(i), 0, kTagAccept));
-    if (u * qx < px) {
+    if (accept_draft(u, qx, px)) {
       out[i] = x;
       continue;
     }

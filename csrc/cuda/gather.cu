@@ -21,18 +21,8 @@ gather_finalize_kernel(GatherParams p, int64_t S, const Partial* __restrict__ pa
   for (int64_t s = 1; s < S; ++s) rs.merge(to_stats(part[r * S + s]));
   const float tau = p.tau.at(b);
   const int64_t id = p.ids.at(b, n);
-  float lse = NAN, lp = NAN;
-  if (rs.valid() && id >= 0 && id < p.V) {
-    if (tau == 0.0f) {
-      lse = rs.m;
-      lp = id == rs.arg ? 0.0f : kNegInf;
-    } else {
-      lse = rs.lse();
-      lp = sd_mul(to_float(p.logits.row<T>(b, n)[id]), 1.0f / tau) - lse;
-    }
-  }
-  p.out_lse[r] = lse;
-  p.out_logprobs[r] = lp;
+  const float logit = id >= 0 && id < p.V ? to_float(p.logits.row<T>(b, n)[id]) : 0.0f;
+  gather_finish(rs, tau, id, p.V, logit, &p.out_lse[r], &p.out_logprobs[r]);
 }
 
 template <typename T>

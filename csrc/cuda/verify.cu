@@ -130,7 +130,7 @@ chain_kernel(VerifyParams p, int64_t St, int64_t Sd, const Partial* __restrict__
           } else {
             const float px = fast_exp(sd_mul(to_float(p.target.row<TT>(b, i)[x]), inv_tau) - lse_p);
             const float u = uniform_from_bits(st.word(static_cast<uint32_t>(i), 0, kTagAccept));
-            stop = !(u * qx < px);
+            stop = !accept_draft(u, qx, px);
           }
         }
       }

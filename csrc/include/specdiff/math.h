@@ -128,4 +128,26 @@ struct RowStats {
   SD_HD float lse() const { return m + fast_log(s); }
 };
 
+// The acceptance test of chain speculative sampling at one position: accept the draft x when
+// u * q(x) < p(x), u uniform in (0, 1) (so a draft q cannot propose, q(x) = 0, is accepted
+// whenever p(x) > 0).
+SD_HD bool accept_draft(float u, float qx, float px) { return u * qx < px; }
+
+// gather_logprobs' result for one row from its statistics at tau (logit_id: the id's logit):
+// at tau = 0 the max and 0 / -inf for the argmax / any other id; else lse and the id's
+// log-probability; NaN for an invalid row or an id outside [0, V).
+SD_HD void gather_finish(const RowStats& s, float tau, int64_t id, int64_t V, float logit_id,
+                         float* lse, float* logprob) {
+  *lse = NAN;
+  *logprob = NAN;
+  if (!s.valid() || id < 0 || id >= V) return;
+  if (tau == 0.0f) {
+    *lse = s.m;
+    *logprob = id == s.arg ? 0.0f : kNegInf;
+  } else {
+    *lse = s.lse();
+    *logprob = sd_mul(logit_id, 1.0f / tau) - *lse;
+  }
+}
+
 }  // namespace specdiff
