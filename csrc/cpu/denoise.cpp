@@ -21,6 +21,7 @@ void denoise_row(const DenoiseParams& p, int64_t b, std::vector<float>& conf,
   bool valid = true;
   int64_t masked = 0;
   conf.assign(static_cast<size_t>(G), kNegInf);
+  std::vector<float> inv_g(static_cast<size_t>(G), inv_te);
   commit.assign(static_cast<size_t>(G), 0);
   arg.assign(static_cast<size_t>(G), -1);
 
@@ -31,7 +32,10 @@ void denoise_row(const DenoiseParams& p, int64_t b, std::vector<float>& conf,
     p.out_lse[b * G + g] = NAN;
     if (cs >= 0) continue;
     ++masked;
-    const RowStats s = row_stats(p.logits.row<T>(b, g), p.Vd, inv_te, par);
+    float inv = inv_te;
+    const RowStats s = tau > 0.0f ? row_stats_safe(p.logits.row<T>(b, g), p.Vd, &inv, par)
+                                  : row_stats(p.logits.row<T>(b, g), p.Vd, inv, par);
+    inv_g[static_cast<size_t>(g)] = inv;
     if (!s.valid()) {
       valid = false;
       continue;
@@ -74,7 +78,7 @@ void denoise_row(const DenoiseParams& p, int64_t b, std::vector<float>& conf,
     if (!commit[static_cast<size_t>(g)]) continue;
     int64_t j = arg[static_cast<size_t>(g)];
     if (tau > 0.0f) {
-      j = row_race(p.logits.row<T>(b, g), p.Vd, inv_te, st, static_cast<uint32_t>(g),
+      j = row_race(p.logits.row<T>(b, g), p.Vd, inv_g[static_cast<size_t>(g)], st, static_cast<uint32_t>(g),
                    kTagDenoiseToken, -1, par);
     }
     p.out_tokens[b * G + g] = p.vocab_map.data != nullptr ? p.vocab_map.at(j) : j;

@@ -28,11 +28,11 @@ void filter_one(const FilterParams& p, int64_t r, FilterScratch& sc, bool par) {
   const float tau = p.tau.at(b);
   const RowSettings rs = row_settings(p.filter, b, V);
   bool copy = !(tau > 0.0f) || !rs.on();  // greedy rows and rows without filters pass through
-  const float inv_tau = copy ? 1.0f : 1.0f / tau;
+  float inv_tau = copy ? 1.0f : 1.0f / tau;
   float xm = 0.0f;
   if (!copy) {
     bool bad;
-    xm = row_max(row, V, inv_tau, &bad, par);
+    xm = row_max_safe(row, V, &inv_tau, &bad, par);
     copy = bad;  // NaN / +inf / all -inf rows stay as they are (invalid downstream)
   }
   if (copy) {

@@ -17,10 +17,12 @@ void gather_logprobs(const GatherParams& p) {
       const T* row = p.logits.row<T>(b, n);
       const float tau = p.tau.at(b);
       const bool greedy = tau == 0.0f;
-      const RowStats s = row_stats(row, p.V, greedy ? 1.0f : 1.0f / tau);
+      float inv = greedy ? 1.0f : 1.0f / tau;
+      const RowStats s = greedy ? row_stats(row, p.V, inv) : row_stats_safe(row, p.V, &inv);
       const int64_t id = p.ids.at(b, n);
       const float logit = id >= 0 && id < p.V ? to_float(row[id]) : 0.0f;
-      gather_finish(s, tau, id, p.V, logit, &p.out_lse[r], &p.out_logprobs[r]);
+      const float raw_max = s.arg >= 0 ? to_float(row[s.arg]) : 0.0f;
+      gather_finish(s, tau, inv, raw_max, id, p.V, logit, &p.out_lse[r], &p.out_logprobs[r]);
     }
   });
 }

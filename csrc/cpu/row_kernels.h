@@ -181,6 +181,31 @@ RowStats row_stats(const T* row, int64_t V, float inv_tau, bool parallel = false
   return s;
 }
 
+// The largest |scaled max| a row is read at: room for Gumbel keys and logs above it.
+constexpr float kMaxScaled = 1e37f;
+
+// The inverse temperature to read a row whose raw max is raw_max at: inv_tau, unless
+// |raw_max| * inv_tau would pass kMaxScaled (a vanishing temperature, or logits near the float
+// range), then kMaxScaled / |raw_max|.  The law is the same in float32 either way: every entry
+// below the max is at least ulp(max) * inv below it, so its weight is exactly 0, and tied
+// maxima stay tied.
+inline float safe_inv_tau(float raw_max, float inv_tau) {
+  const float a = std::fabs(raw_max);
+  if (!(a > 0.0f) || !std::isfinite(a)) return inv_tau;
+  return a * inv_tau > kMaxScaled ? kMaxScaled / a : inv_tau;
+}
+
+// row_stats at safe_inv_tau(row max, *inv); *inv becomes the inverse temperature used.
+template <typename T>
+RowStats row_stats_safe(const T* row, int64_t V, float* inv, bool parallel = false) {
+  RowStats s = row_stats(row, V, *inv, parallel);
+  if (!s.bad && s.arg >= 0 && !std::isfinite(s.m)) {
+    *inv = safe_inv_tau(to_float(row[s.arg]), *inv);
+    s = row_stats(row, V, *inv, parallel);
+  }
+  return s;
+}
+
 // Max of row * inv_tau (scaled); *bad_out: a NaN or +inf was seen, or no finite entry (one read).
 template <typename T>
 float row_max(const T* row, int64_t V, float inv_tau, bool* bad_out, bool parallel = false) {
@@ -188,6 +213,16 @@ float row_max(const T* row, int64_t V, float inv_tau, bool* bad_out, bool parall
   const float m = row_tile_max(row, V, parallel, tmax, bad_out);
   *bad_out = *bad_out || m == kNegInf;
   return sd_mul(m, inv_tau);
+}
+
+// row_max at safe_inv_tau(row max, *inv); *inv becomes the inverse temperature used.
+template <typename T>
+float row_max_safe(const T* row, int64_t V, float* inv, bool* bad_out, bool parallel = false) {
+  std::vector<float> tmax;
+  const float m = row_tile_max(row, V, parallel, tmax, bad_out);
+  *bad_out = *bad_out || m == kNegInf;
+  if (!*bad_out) *inv = safe_inv_tau(m, *inv);
+  return sd_mul(m, *inv);
 }
 
 // Categorical draw from softmax(row * inv_tau) by race; -1 when no entry can win.

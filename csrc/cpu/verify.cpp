@@ -33,10 +33,10 @@ void verify_row(const VerifyParams& p, int64_t b, Scratch& scr, bool par) {
 
   const float tau = p.tau.at(b);
   const bool greedy = tau == 0.0f;
-  const float inv_tau = greedy ? 1.0f : 1.0f / tau;
+  const float inv_tau0 = greedy ? 1.0f : 1.0f / tau;
   const float dtau = p.draft_tau.at(b);
   const bool soft_drafts = p.draft.data != nullptr && dtau > 0.0f;
-  const float inv_dtau = soft_drafts ? 1.0f / dtau : 1.0f;
+  const float inv_dtau0 = soft_drafts ? 1.0f / dtau : 1.0f;
   const RowStream st = make_stream(p.seed, b, p.offset);
   // Top-k / top-p / min-p of the target law: every target row read below is reduced to its
   // kept entries (scr.filter.cand), and all draws run over that list.
@@ -52,17 +52,18 @@ void verify_row(const VerifyParams& p, int64_t b, Scratch& scr, bool par) {
 
   for (int64_t i = 0; i <= G; ++i) {
     const TT* trow = p.target.row<TT>(b, i);
+    float inv_tau = inv_tau0;  // this position's (row_stats_safe may lower it)
     // Target statistics of position i (lse given by the caller, or one pass over the row).
     RowStats sp;
     if (filtered) {  // the max only: the filter's histogram read replaces the sum of exps
-      sp.m = row_max(trow, V, inv_tau, &sp.bad, par);
+      sp.m = row_max_safe(trow, V, &inv_tau, &sp.bad, par);
       sp.s = 1.0f;
     } else if (p.target_lse != nullptr && !greedy) {
       sp.m = p.target_lse[b * (G + 1) + i];
       sp.s = 1.0f;
       sp.bad = !std::isfinite(sp.m);
     } else {
-      sp = row_stats(trow, V, inv_tau, par);
+      sp = greedy ? row_stats(trow, V, inv_tau, par) : row_stats_safe(trow, V, &inv_tau, par);
     }
     if (!sp.valid()) return invalid();
     float lse_p = sp.lse();
@@ -95,6 +96,7 @@ void verify_row(const VerifyParams& p, int64_t b, Scratch& scr, bool par) {
     const bool soft =
         soft_drafts && !(p.point_mass != nullptr && p.point_mass[b * p.pm_s0 + i * p.pm_s1]);
     float lse_q = 0.0f, qx = 1.0f;
+    float inv_dtau = inv_dtau0;
     const TD* drow = soft ? p.draft.row<TD>(b, i) : nullptr;
     if (soft) {
       RowStats sq;
@@ -103,7 +105,7 @@ void verify_row(const VerifyParams& p, int64_t b, Scratch& scr, bool par) {
         sq.s = 1.0f;
         sq.bad = !std::isfinite(sq.m);
       } else {
-        sq = row_stats(drow, p.Vd, inv_dtau, par);
+        sq = row_stats_safe(drow, p.Vd, &inv_dtau, par);
       }
       if (!sq.valid()) return invalid();
       lse_q = sq.lse();

@@ -22,7 +22,9 @@ gather_finalize_kernel(GatherParams p, int64_t S, const Partial* __restrict__ pa
   const float tau = p.tau.at(b);
   const int64_t id = p.ids.at(b, n);
   const float logit = id >= 0 && id < p.V ? to_float(p.logits.row<T>(b, n)[id]) : 0.0f;
-  gather_finish(rs, tau, id, p.V, logit, &p.out_lse[r], &p.out_logprobs[r]);
+  // CUDA reads every row at 1 / tau (no vanishing-temperature rescue yet: docs/ops.md)
+  const float inv = tau == 0.0f ? 1.0f : 1.0f / tau;
+  gather_finish(rs, tau, inv, 0.0f, id, p.V, logit, &p.out_lse[r], &p.out_logprobs[r]);
 }
 
 template <typename T>

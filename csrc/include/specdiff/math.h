@@ -133,11 +133,12 @@ struct RowStats {
 // whenever p(x) > 0).
 SD_HD bool accept_draft(float u, float qx, float px) { return u * qx < px; }
 
-// gather_logprobs' result for one row from its statistics at tau (logit_id: the id's logit):
-// at tau = 0 the max and 0 / -inf for the argmax / any other id; else lse and the id's
-// log-probability; NaN for an invalid row or an id outside [0, V).
-SD_HD void gather_finish(const RowStats& s, float tau, int64_t id, int64_t V, float logit_id,
-                         float* lse, float* logprob) {
+// gather_logprobs' result for one row from its statistics read at inverse temperature inv
+// (logit_id: the id's logit): at tau = 0 the max and 0 / -inf for the argmax / any other id;
+// else the id's log-probability and lse -- reported at 1 / tau: where the row was read at a
+// lower inv (a vanishing temperature), the true lse is beyond float32 and comes out +-inf.
+SD_HD void gather_finish(const RowStats& s, float tau, float inv, float raw_max, int64_t id,
+                         int64_t V, float logit_id, float* lse, float* logprob) {
   *lse = NAN;
   *logprob = NAN;
   if (!s.valid() || id < 0 || id >= V) return;
@@ -145,8 +146,13 @@ SD_HD void gather_finish(const RowStats& s, float tau, int64_t id, int64_t V, fl
     *lse = s.m;
     *logprob = id == s.arg ? 0.0f : kNegInf;
   } else {
-    *lse = s.lse();
-    *logprob = sd_mul(logit_id, 1.0f / tau) - *lse;
+    if (inv == 1.0f / tau) {
+      *lse = s.lse();
+      *logprob = sd_mul(logit_id, inv) - *lse;
+    } else {  // read at a lower inv: differences first (the max's magnitude would absorb log s)
+      *lse = sd_mul(raw_max, 1.0f / tau);
+      *logprob = (sd_mul(logit_id, inv) - s.m) - fast_log(s.s);
+    }
   }
 }
 
