@@ -408,7 +408,7 @@ def read_heldout(folder: Union[str, os.PathLike]) -> list[str]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m specdiff_ext.training.data",
+    ap = argparse.ArgumentParser(prog="python -m specdiff_ext.training.data", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                  description="Generate target continuations of ShareGPT prompts.")
     ap.add_argument("--out", required=True, help="dataset folder (resumed if it exists)")
     ap.add_argument("--target", default=None, help="model folder (default: SmolLM2-135M-Instruct)")

@@ -39,7 +39,7 @@ STATE_NAME = "trainer_state.pt"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="specdiff train-dflash", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="specdiff train-dflash", formatter_class=argparse.ArgumentDefaultsHelpFormatter, description=__doc__.split("\n")[0])
     ap.add_argument("--data", action="append", required=True,
                     help="dataset folder (make-data format); repeat for several")
     ap.add_argument("--out", required=True, help="checkpoint folder (DFlash layout)")
@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--target-layer-ids", default=None,
                     help="comma list of 0-based target layers (default: DFlash's spread)")
     ap.add_argument("--block-size", type=int, default=8, help="last token + drafts")
-    ap.add_argument("--steps", type=int, default=4000)
+    ap.add_argument("--train-steps", "--steps", dest="steps", type=int, default=4000,
+                    help="optimizer steps (--steps: the older name; generate's --steps are denoising steps)")
     ap.add_argument("--batch", type=int, default=4, help="sequences per step")
     ap.add_argument("--anchors", type=int, default=48, help="anchors per sequence")
     ap.add_argument("--max-len", type=int, default=384, help="tokens per sequence window")

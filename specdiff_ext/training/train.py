@@ -42,7 +42,7 @@ STATE_NAME = "trainer_state.pt"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="specdiff train-drafter",
+    ap = argparse.ArgumentParser(prog="specdiff train-drafter", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                  description="Distil the masked-diffusion drafter from the target.")
     ap.add_argument("--data", required=True, help="dataset folder (specdiff_ext.training.data)")
     ap.add_argument("--out", required=True, help="checkpoint folder")
@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--generate", type=int, default=0,
                     help="first generate (or resume) this many prompts into --data (greedy and t=1)")
     ap.add_argument("--temperatures", default=None, help="train only on shards of these temperatures")
-    ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--train-steps", "--steps", dest="steps", type=int, default=2000,
+                    help="optimizer steps (--steps: the older name; generate's --steps are denoising steps)")
     ap.add_argument("--batch", type=int, default=8, help="sequences per step")
     ap.add_argument("--blocks", type=int, default=16, help="anchor blocks per sequence (K)")
     ap.add_argument("--gamma", type=int, default=8, help="block size G")
