@@ -256,6 +256,12 @@ timeout -k 10 "$(limit 300 12)" $PY benchmarks/bench_ops.py --device cuda --json
   --flashinfer-timeout 120 --warmup-ms 10 --rep-ms 40 $FI_ARG ${BENCH_ARGS:-} >"$W/bench.log" 2>&1
 echo $? >"$W/bench.rc"
 keep "bench_ops.py" "$W/bench.log"
+say "== 6a sampling controls: verify with top-k / top-p / min-p vs plain, FlashInfer's sampler at $(elapsed) s"
+# shellcheck disable=SC2086
+timeout -k 10 "$(limit 120 8)" $PY benchmarks/bench_ops.py --filters --device cuda --B 1,8,32 \
+  --json "$RES/filters_cuda.json" --warmup-ms 5 --rep-ms 20 $FI_ARG >"$W/filters.log" 2>&1
+echo $? >"$W/filters.rc"
+keep "bench_ops.py --filters" "$W/filters.log"
 say "== 6b kernel profile at $(elapsed) s"
 timeout -k 5 "$(limit 90 8)" $PY benchmarks/profile_ops.py --json "$RES/profile_cuda.json" >"$W/profile.log" 2>&1
 echo $? >"$W/profile.rc"

@@ -155,6 +155,29 @@ def main() -> int:
                 lambda: ops.denoise_step(logits_d, tokens, cs, step=3, num_steps=4, mode=mode,
                                          seed=seeds), denoise_chk)
 
+        # sampling controls: the filter kernel (per-row settings, ties) and the penalty kernel
+        kk = torch.tensor([0, 5, V + 3, 1][:B] + [2] * max(0, B - 4), device=dev)
+        pp = torch.full((B,), 0.8, device=dev)
+
+        def filt_chk(r: Any) -> None:
+            assert r.shape == tl.shape and torch.isfinite(r.float()).any(-1).all()
+
+        run(f"filter_logits {tag}",
+            lambda: ops.filter_logits(tl, temperature=tau_rows, top_k=kk, top_p=pp, min_p=0.01),
+            filt_chk)
+        run(f"filter_logits ties {tag}",
+            lambda: ops.filter_logits(tl.round(), top_k=3, top_p=0.5), filt_chk)
+        run(f"verify filtered {tag}",
+            lambda: ops.verify(tl, ids, dl, seed=7, top_k=kk, top_p=pp, min_p=0.02), chk)
+        run(f"gather filtered {tag}",
+            lambda: ops.gather_logprobs(tl, all_ids, 1.0, top_k=4, top_p=0.9), lambda r: None)
+        hist = torch.randint(0, V, (B, 40), device=dev, generator=gen)
+        run(f"apply_penalties {tag}",
+            lambda: ops.apply_penalties(tl, hist, torch.full((B,), 30, device=dev),
+                                        repetition_penalty=1.3, presence_penalty=0.2,
+                                        frequency_penalty=0.1),
+            lambda r: None)
+
     # one large vocabulary row set: multi-block paths of the kernels
     Vbig = 151936
     tl = randn(2, 4, Vbig, dtype=torch.bfloat16)
