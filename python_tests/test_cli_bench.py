@@ -484,3 +484,24 @@ def test_cli_errors_past_parsing_are_one_line(tmp_path: Path, capsys) -> None:
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("specdiff bench: error:") and len(err.strip().splitlines()) == 1
     assert main(["--version"]) == 0 and capsys.readouterr().out.startswith("specdiff ")
+
+
+def test_every_subpackage_is_packaged() -> None:
+    """pyproject's package list names every folder of specdiff_ext that holds Python code (a
+    missing one is absent from an installed copy)."""
+    import os
+    import tomllib
+
+    import specdiff_ext
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    pyproject = os.path.join(root, "pyproject.toml")
+    if not os.path.isfile(pyproject):
+        pytest.skip("no pyproject.toml next to the tests")
+    with open(pyproject, "rb") as fh:
+        listed = set(tomllib.load(fh)["tool"]["setuptools"]["packages"])
+    src = os.path.join(root, "specdiff_ext")
+    found = {"specdiff_ext." + os.path.relpath(d, src).replace(os.sep, ".") if d != src else "specdiff_ext"
+             for d, _, files in os.walk(src) if "__init__.py" in files}
+    assert found <= listed, sorted(found - listed)
+    assert specdiff_ext.bench.run_bench  # importable from the package under test
