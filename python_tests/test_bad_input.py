@@ -247,24 +247,30 @@ def test_source_tree_without_compiled_core_says_what_to_do(tmp_path) -> None:
     assert "compiled core (_C)" in r.stderr and "pip install -e ." in r.stderr
 
 
-def test_raw_verify_op_bounds_a_hostile_vocab_inverse() -> None:
-    """The raw custom op takes the (V,) inverse of vocab_map from its caller: entries outside
-    [0, Vd) count as 'not in the map' (q = 0) instead of indexing outside the draft row."""
+def test_raw_verify_op_takes_no_derived_index_table() -> None:
+    """The raw custom op derives the inverse of vocab_map itself (no caller-supplied index
+    table): a map with repeated ids runs (one entry kept), out-of-range ids are named errors,
+    and nothing reads outside the draft rows."""
     import specdiff_ext.ops  # noqa: F401  (registers torch.ops.specdiff)
 
+    schema = str(torch.ops.specdiff.verify.default._schema)
+    assert "vocab_inv" not in schema and "vocab_map" in schema
     g = torch.Generator().manual_seed(0)
     B, G, V, Vd = 2, 3, 50, 10
     tl = torch.randn(B, G + 1, V, generator=g)
     dl = torch.randn(B, G, Vd, generator=g)
     vmap = torch.arange(Vd, dtype=torch.int64) * 5
+    vmap[3] = vmap[2]  # a repeat
     ids = vmap[torch.randint(0, Vd, (B, G), generator=g)]
-    for bad in (10**8, -(10**8), Vd):
-        inv = torch.full((V,), bad, dtype=torch.int32)
-        out, num, valid = torch.ops.specdiff.verify(
-            tl, ids, dl, None, vmap, inv, None, 1.0, None, 1.0, None, 7, 0, None, None)
-        # every draft looks absent from the map (q = 0): accepted with certainty
-        assert num.tolist() == [G, G] and valid.all()
-        assert (out[:, :G] == ids).all()
+    out, num, valid = torch.ops.specdiff.verify(
+        tl, ids, dl, None, vmap, None, 1.0, None, 1.0, None, 7, 0, None, None)
+    assert valid.all() and ((out >= -1) & (out < V)).all()
+    for bad in (V, -1, 10**8):
+        hostile = vmap.clone()
+        hostile[0] = bad
+        with pytest.raises(ValueError, match="vocab_map holds"):
+            torch.ops.specdiff.verify(tl, ids, dl, None, hostile, None, 1.0, None, 1.0, None, 7,
+                                      0, None, None)
 
 
 def test_frontend_scalars_byte_order_strides_and_output_kind() -> None:

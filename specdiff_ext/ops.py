@@ -320,25 +320,8 @@ class _DeviceChecks:
                 raise ValueError(f"{name} in {int(a)} row(s) (sum of the bad values {b})")
 
 
-def _vocab_inverse(vocab_map: Tensor, V: int, cached: bool = False) -> Tensor:
-    """(V,) int32: the drafter index of each target id, -1 outside the map.
-
-    Checked calls build it every time (one scatter over V, checked): a cache on the caller's
-    tensor goes stale when the map is changed in place behind torch's version counter (numpy
-    views, DLPack). Unchecked calls (decode loops, no host sync) reuse the one cached on the
-    tensor, keyed by its data pointer and version counter; the kernels bound every index read
-    through it whatever it holds."""
-    if cached:
-        hit = getattr(vocab_map, "_specdiff_vocab_inv", None)
-        key = (vocab_map.data_ptr(), vocab_map._version, V)
-        if hit is not None and hit[0] == key:
-            return hit[1]
-        inv = _vocab_inverse(vocab_map, V)
-        try:
-            vocab_map._specdiff_vocab_inv = (key, inv)
-        except (AttributeError, RuntimeError):  # pragma: no cover - tensors without a __dict__
-            pass
-        return inv
+def _check_vocab_map(vocab_map: Tensor, V: int) -> None:
+    """The checks of a vocab_map (checked calls; one host sync on a GPU)."""
     if vocab_map.dim() != 1:
         raise ValueError(f"vocab_map must have shape (Vd,), got {tuple(vocab_map.shape)}")
     if vocab_map.dtype not in (torch.int32, torch.int64):
@@ -349,11 +332,22 @@ def _vocab_inverse(vocab_map: Tensor, V: int, cached: bool = False) -> Tensor:
     lo, hi = torch.stack([vocab_map.min(), vocab_map.max()]).tolist()
     if lo < 0 or hi >= V:
         raise ValueError(f"vocab_map holds {lo if lo < 0 else hi}, outside [0, V) = [0, {V})")
-    inv = torch.full((V,), -1, dtype=torch.int32, device=vocab_map.device)
-    inv[vocab_map.long()] = torch.arange(Vd, dtype=torch.int32, device=vocab_map.device)
-    if int((inv >= 0).sum()) != Vd:
+    if int(torch.unique(vocab_map).numel()) != Vd:
         raise ValueError("vocab_map must not repeat a target id")
-    return inv
+
+
+def _vocab_inverse(vocab_map: Tensor, V: int) -> Tensor:
+    """(V,) int32: the drafter index of each target id, -1 outside the map.
+
+    Derived inside the op from the map itself on every call (one scatter over V, no host
+    sync), so no caller ever hands the kernels an index table: map entries outside [0, V)
+    are dropped, and of repeated ids one entry is kept (checked calls refuse both first)."""
+    vm = vocab_map.to(torch.int64)
+    Vd = vm.shape[0]
+    pos = torch.where((vm >= 0) & (vm < V), vm, V)  # out-of-range entries land in a spare slot
+    inv = torch.full((V + 1,), -1, dtype=torch.int32, device=vm.device)
+    inv.scatter_(0, pos, torch.arange(Vd, dtype=torch.int32, device=vm.device))
+    return inv[:V].contiguous()
 
 
 def _dl(t: Optional[Tensor]) -> Any:
@@ -380,7 +374,6 @@ def _verify_op(
     draft_logits: Optional[Tensor],
     draft_point_mass: Optional[Tensor],
     vocab_map: Optional[Tensor],
-    vocab_inv: Optional[Tensor],
     temperature: Optional[Tensor],
     temperature_value: float,
     draft_temperature: Optional[Tensor],
@@ -403,6 +396,7 @@ def _verify_op(
     num = torch.empty((B,), dtype=torch.int64, device=dev)
     valid = torch.empty((B,), dtype=torch.bool, device=dev)
     Vd = vocab_map.shape[0] if vocab_map is not None else V
+    vocab_inv = _vocab_inverse(vocab_map, V) if vocab_map is not None else None
     _C.verify(
         _dl(target_logits), _dl(draft_ids), _dl(draft_logits), _dl(draft_point_mass),
         _dl(vocab_map), _dl(vocab_inv), _dl(temperature), temperature_value,
@@ -578,11 +572,11 @@ def _verify_common(
     dl = _last_contiguous(dl) if dl is not None else None
     pm = _opt(f, draft_point_mass, "draft_point_mass")
     vm = _opt(f, vocab_map, "vocab_map")
-    vinv = None
     if vm is not None:
         if vm.device != dev:
             raise ValueError(f"vocab_map must be on the same device as target_logits ({dev}), got {vm.device}")
-        vinv = _vocab_inverse(vm, V, cached=not check_values)
+        if check_values or vm.device.type == "cpu":
+            _check_vocab_map(vm, V)
     ta, tv = _row_scalar(f, temperature, "temperature", B, dev)
     dta, dtv = _row_scalar(f, draft_temperature, "draft_temperature", B, dev)
     sd, sv = _seed_arg(f, seed, B, dev)
@@ -600,7 +594,7 @@ def _verify_common(
         tl = _call(_filter_op, tl, ta, tv, *flt.args())
         flt = _NO_FILTER
     ids, num, valid = _call(
-        _verify_op, tl, di, dl, pm, vm, vinv, ta, tv, dta, dtv, sd, sv, off, tlse, dlse, *flt.args()
+        _verify_op, tl, di, dl, pm, vm, ta, tv, dta, dtv, sd, sv, off, tlse, dlse, *flt.args()
     )
     if check_values:
         checks.run()

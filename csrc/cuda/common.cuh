@@ -125,11 +125,11 @@ struct ThreadStats {
     bad |= sd_isnan(l) || l == INFINITY;
     const float x = sd_mul(l, inv_tau);
     if (x > m) {
-      s = (m == kNegInf ? 0.0f : s * __expf(m - x)) + 1.0f;
+      s = (m == kNegInf ? 0.0f : s * fast_exp(m - x)) + 1.0f;
       m = x;
       arg = idx;
     } else if (x != kNegInf) {
-      s += __expf(x - m);
+      s += fast_exp(x - m);
     }
   }
 };
@@ -289,13 +289,13 @@ row_stats_kernel(LogitsView lv, int64_t N, int64_t V, int64_t S, RowFloat tau, R
           int first = 0;
 #pragma unroll
           for (int i = VEC - 1; i >= 0; --i) first = x[i] == vm ? i : first;
-          ts.s = ts.m == kNegInf ? 0.0f : ts.s * __expf(ts.m - vm);
+          ts.s = ts.m == kNegInf ? 0.0f : ts.s * fast_exp(ts.m - vm);
           ts.m = vm;
           ts.arg = base + first;
         }
         if (ts.m != kNegInf) {
 #pragma unroll
-          for (int i = 0; i < VEC; ++i) ts.s += __expf(x[i] - ts.m);
+          for (int i = 0; i < VEC; ++i) ts.s += fast_exp(x[i] - ts.m);
         }
       } else {
         for (int64_t v = base; v < c1; ++v) ts.add(v, to_float(row[v]), inv_te);
