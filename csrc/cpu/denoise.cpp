@@ -47,35 +47,11 @@ void denoise_row(const DenoiseParams& p, int64_t b, std::vector<float>& conf,
     commit[static_cast<size_t>(g)] = 1;  // candidate
   }
 
-  // Which candidates commit at this step.
-  if (R > 1) {
-    if (p.mode == CommitMode::kRandom) {
-      const float prob = 1.0f / static_cast<float>(R);
-      for (int64_t g = 0; g < G; ++g) {
-        if (!commit[static_cast<size_t>(g)]) continue;
-        const float u = uniform_from_bits(st.word(static_cast<uint32_t>(g), 0, kTagDenoiseCommit));
-        commit[static_cast<size_t>(g)] = u < prob;
-      }
-    } else {
-      int64_t n = (masked + R - 1) / R;
-      std::vector<char> chosen(static_cast<size_t>(G), 0);
-      while (n-- > 0) {
-        int64_t best = -1;
-        for (int64_t g = 0; g < G; ++g) {
-          if (!commit[static_cast<size_t>(g)] || chosen[static_cast<size_t>(g)]) continue;
-          if (best < 0 || (p.mode == CommitMode::kConfidence &&
-                           conf[static_cast<size_t>(g)] > conf[static_cast<size_t>(best)]))
-            best = g;
-        }
-        if (best < 0) break;
-        chosen[static_cast<size_t>(best)] = 1;
-      }
-      commit.swap(chosen);
-    }
-  }
-
+  // Which candidates commit at this step (commit: 1 = candidate, then 3 = commits).
+  select_commits(reinterpret_cast<unsigned char*>(commit.data()), conf.data(), G, masked, R,
+                 p.mode, st);
   for (int64_t g = 0; g < G; ++g) {
-    if (!commit[static_cast<size_t>(g)]) continue;
+    if (commit[static_cast<size_t>(g)] != 3) continue;
     int64_t j = arg[static_cast<size_t>(g)];
     if (tau > 0.0f) {
       j = row_race(p.logits.row<T>(b, g), p.Vd, inv_g[static_cast<size_t>(g)], st, static_cast<uint32_t>(g),

@@ -71,27 +71,7 @@ commit_kernel(DenoiseParams p, int64_t S, const Partial* __restrict__ part,
     const int64_t R = p.num_steps - p.step;
     int64_t masked = 0;
     for (int64_t g = 0; g < G; ++g) masked += state[g] != 0;
-    if (R <= 1) {
-      for (int64_t g = 0; g < G; ++g) state[g] = state[g] == 1 ? 3 : state[g];
-    } else if (p.mode == CommitMode::kRandom) {
-      const RowStream st = make_stream(p.seed, b, p.offset);
-      const float prob = 1.0f / static_cast<float>(R);
-      for (int64_t g = 0; g < G; ++g) {
-        if (state[g] != 1) continue;
-        if (uniform_from_bits(st.word(static_cast<uint32_t>(g), 0, kTagDenoiseCommit)) < prob) state[g] = 3;
-      }
-    } else {
-      int64_t n = (masked + R - 1) / R;
-      while (n-- > 0) {
-        int64_t best = -1;
-        for (int64_t g = 0; g < G; ++g) {
-          if (state[g] != 1) continue;
-          if (best < 0 || (p.mode == CommitMode::kConfidence && conf[g] > conf[best])) best = g;
-        }
-        if (best < 0) break;
-        state[best] = 3;
-      }
-    }
+    select_commits(state, conf, G, masked, R, p.mode, make_stream(p.seed, b, p.offset));
     p.out_valid[b] = any_bad == 0;
   }
   __syncthreads();

@@ -7,6 +7,7 @@
 
 #include "common.h"
 #include "filter.h"
+#include "philox.h"
 
 namespace specdiff {
 
@@ -81,6 +82,39 @@ struct DenoiseParams {
   float* out_lse = nullptr;            // (B, G)
   bool* out_valid = nullptr;           // (B,)
 };
+
+// Which masked positions of a block commit at this step (docs/ops.md, denoise_step): state[g]
+// is 1 for a candidate (a masked position with a valid row) and becomes 3 where it commits;
+// other values are left alone.  masked: the masked positions (candidates and invalid rows);
+// R = num_steps - step.  The last step commits every candidate; random mode commits each with
+// probability 1 / R (coin: position g, tag kTagDenoiseCommit); confidence / left_to_right
+// commit the ceil(masked / R) most confident / leftmost candidates (ties: the leftmost).
+// Shared by the CPU loop and the CUDA kernel.
+SD_HD void select_commits(unsigned char* state, const float* conf, int64_t G, int64_t masked,
+                          int64_t R, CommitMode mode, const RowStream& st) {
+  if (R <= 1) {
+    for (int64_t g = 0; g < G; ++g) state[g] = state[g] == 1 ? 3 : state[g];
+    return;
+  }
+  if (mode == CommitMode::kRandom) {
+    const float prob = 1.0f / static_cast<float>(R);
+    for (int64_t g = 0; g < G; ++g)
+      if (state[g] == 1 &&
+          uniform_from_bits(st.word(static_cast<uint32_t>(g), 0, kTagDenoiseCommit)) < prob)
+        state[g] = 3;
+    return;
+  }
+  int64_t n = (masked + R - 1) / R;
+  while (n-- > 0) {
+    int64_t best = -1;
+    for (int64_t g = 0; g < G; ++g) {
+      if (state[g] != 1) continue;
+      if (best < 0 || (mode == CommitMode::kConfidence && conf[g] > conf[best])) best = g;
+    }
+    if (best < 0) break;
+    state[best] = 3;
+  }
+}
 
 namespace cpu {
 void verify(const VerifyParams& p);
