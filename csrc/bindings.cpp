@@ -271,59 +271,47 @@ RowSeed row_seed_arg(py::handle arr, int64_t value, int64_t B, DeviceCheck& dev,
   return s;
 }
 
+// A checked per-row setting: a (B,) array of `kind` (CPU values checked by `ok`), or the
+// scalar `value`; `rule` is the message's description of the valid values.
+template <typename T, typename Ok>
+const T* per_row_setting(py::handle arr, T value, const char* name, Kind kind, int64_t B,
+                         DeviceCheck& dev, Array& holder, Ok ok, const char* rule, T* value_out) {
+  auto fail = [&](T v, const std::string& where) {
+    std::ostringstream os;
+    os << name << " must be " << rule << ", got " << v << where;
+    value_error(os.str());
+  };
+  *value_out = value;
+  if (arr.is_none()) {
+    if (!ok(value)) fail(value, "");
+    return nullptr;
+  }
+  holder.take(arr, name);
+  holder.check_kinds({kind}, kind_name(kind));
+  holder.check_shape({B}, "(B,)");
+  holder.check_contiguous();
+  dev.add(holder);
+  const T* data = static_cast<const T*>(holder.data());
+  if (!holder.is_cuda())
+    for (int64_t b = 0; b < B; ++b)
+      if (!ok(data[b])) fail(data[b], " at row " + std::to_string(b));
+  return data;
+}
+
 // Top-k / top-p / min-p: (B,) arrays or scalars; CPU values are checked here.
 RowFilter row_filter(py::handle top_k, int64_t top_k_value, py::handle top_p, double top_p_value,
                      py::handle min_p, double min_p_value, int64_t B, DeviceCheck& dev,
                      Array& hk, Array& hp, Array& hm) {
   RowFilter f;
-  auto bad_k = [](int64_t k) { return k < 0; };
-  auto bad_p = [](double p) { return !(p > 0.0 && p <= 1.0); };
-  auto bad_mp = [](double m) { return !(m >= 0.0 && m <= 1.0); };
-  if (!top_k.is_none()) {
-    hk.take(top_k, "top_k");
-    hk.check_kinds({Kind::kInt64}, "int64");
-    hk.check_shape({B}, "(B,)");
-    hk.check_contiguous();
-    dev.add(hk);
-    f.top_k = static_cast<const int64_t*>(hk.data());
-    if (!hk.is_cuda())
-      for (int64_t b = 0; b < B; ++b)
-        if (bad_k(f.top_k[b]))
-          value_error("top_k must be >= 0 (0 = off), got " + std::to_string(f.top_k[b]) + " at row " + std::to_string(b));
-  } else {
-    if (bad_k(top_k_value)) value_error("top_k must be >= 0 (0 = off), got " + std::to_string(top_k_value));
-    f.top_k_value = top_k_value;
-  }
-  if (!top_p.is_none()) {
-    hp.take(top_p, "top_p");
-    hp.check_kinds({Kind::kFloat32}, "float32");
-    hp.check_shape({B}, "(B,)");
-    hp.check_contiguous();
-    dev.add(hp);
-    f.top_p = static_cast<const float*>(hp.data());
-    if (!hp.is_cuda())
-      for (int64_t b = 0; b < B; ++b)
-        if (bad_p(f.top_p[b]))
-          value_error("top_p must be in (0, 1] (1 = off), got " + std::to_string(f.top_p[b]) + " at row " + std::to_string(b));
-  } else {
-    if (bad_p(top_p_value)) value_error("top_p must be in (0, 1] (1 = off), got " + std::to_string(top_p_value));
-    f.top_p_value = static_cast<float>(top_p_value);
-  }
-  if (!min_p.is_none()) {
-    hm.take(min_p, "min_p");
-    hm.check_kinds({Kind::kFloat32}, "float32");
-    hm.check_shape({B}, "(B,)");
-    hm.check_contiguous();
-    dev.add(hm);
-    f.min_p = static_cast<const float*>(hm.data());
-    if (!hm.is_cuda())
-      for (int64_t b = 0; b < B; ++b)
-        if (bad_mp(f.min_p[b]))
-          value_error("min_p must be in [0, 1] (0 = off), got " + std::to_string(f.min_p[b]) + " at row " + std::to_string(b));
-  } else {
-    if (bad_mp(min_p_value)) value_error("min_p must be in [0, 1] (0 = off), got " + std::to_string(min_p_value));
-    f.min_p_value = static_cast<float>(min_p_value);
-  }
+  f.top_k = per_row_setting<int64_t>(top_k, top_k_value, "top_k", Kind::kInt64, B, dev, hk,
+                                     [](int64_t k) { return k >= 0; }, ">= 0 (0 = off)",
+                                     &f.top_k_value);
+  f.top_p = per_row_setting<float>(top_p, static_cast<float>(top_p_value), "top_p", Kind::kFloat32,
+                                   B, dev, hp, [](float p) { return p > 0.0f && p <= 1.0f; },
+                                   "in (0, 1] (1 = off)", &f.top_p_value);
+  f.min_p = per_row_setting<float>(min_p, static_cast<float>(min_p_value), "min_p", Kind::kFloat32,
+                                   B, dev, hm, [](float m) { return m >= 0.0f && m <= 1.0f; },
+                                   "in [0, 1] (0 = off)", &f.min_p_value);
   return f;
 }
 
