@@ -331,6 +331,19 @@ void check_output(Array& a, py::handle obj, const char* name, Kind kind,
   dev.add(a);
 }
 
+// A (B, N, V) logits input (V >= 1, last dimension contiguous); fills B, N, V.
+LogitsView take_logits(Array& a, py::handle obj, const char* name, DeviceCheck& dev, int64_t* B,
+                       int64_t* N, int64_t* V) {
+  a.take(obj, name);
+  a.check_ndim(3, "(B, N, V)");
+  dev.add(a);
+  *B = a.size(0);
+  *N = a.size(1);
+  *V = a.size(2);
+  if (*V < 1) value_error(std::string(name) + " must have a vocabulary of at least 1, got V = 0");
+  return logits_view(a);
+}
+
 #if defined(SPECDIFF_WITH_CUDA)
 void check_cuda(int err, const char* what) {
   const std::string where = cuda::take_error_where();
@@ -471,14 +484,7 @@ void gather_py(py::handle logits, py::handle ids, py::handle temperature, double
   DeviceCheck dev;
   Array lg, id, ta, ol, op, ws;
   GatherParams p;
-  lg.take(logits, "logits");
-  lg.check_ndim(3, "(B, N, V)");  // logits: (B, N, V)
-  dev.add(lg);
-  p.B = lg.size(0);
-  p.N = lg.size(1);
-  p.V = lg.size(2);
-  if (p.V < 1) value_error("logits must have a vocabulary of at least 1, got V = 0");
-  p.logits = logits_view(lg);
+  p.logits = take_logits(lg, logits, "logits", dev, &p.B, &p.N, &p.V);  // logits: (B, N, V)
   id.take(ids, "ids");
   p.ids = id_view(id);
   id.check_shape({p.B, p.N}, "(B, N)");  // ids: (B, N)
@@ -584,14 +590,7 @@ void filter_py(py::handle logits, py::handle temperature, double temperature_val
   DeviceCheck dev;
   Array lg, ta, hk, hp, hm, o;
   FilterParams p;
-  lg.take(logits, "logits");
-  lg.check_ndim(3, "(B, N, V)");  // logits: (B, N, V)
-  dev.add(lg);
-  p.B = lg.size(0);
-  p.N = lg.size(1);
-  p.V = lg.size(2);
-  if (p.V < 1) value_error("logits must have a vocabulary of at least 1, got V = 0");
-  p.logits = logits_view(lg);
+  p.logits = take_logits(lg, logits, "logits", dev, &p.B, &p.N, &p.V);  // logits: (B, N, V)
   p.tau = row_float(temperature, temperature_value, "temperature", p.B, dev, ta);
   p.filter = row_filter(top_k, top_k_value, top_p, top_p_value, min_p, min_p_value, p.B, dev, hk, hp, hm);
   o.take(out, "out");
@@ -623,14 +622,7 @@ void penalties_py(py::handle logits, py::handle ids, py::handle lengths, py::han
   DeviceCheck dev;
   Array lg, id, ln, hr, hpr, hf, o, ws;
   PenaltyParams p;
-  lg.take(logits, "logits");
-  lg.check_ndim(3, "(B, N, V)");  // logits: (B, N, V)
-  dev.add(lg);
-  p.B = lg.size(0);
-  p.N = lg.size(1);
-  p.V = lg.size(2);
-  if (p.V < 1) value_error("logits must have a vocabulary of at least 1, got V = 0");
-  p.logits = logits_view(lg);
+  p.logits = take_logits(lg, logits, "logits", dev, &p.B, &p.N, &p.V);  // logits: (B, N, V)
   id.take(ids, "ids");
   id.check_ndim(2, "(B, L)");  // ids: (B, L)
   p.ids = id_view(id);

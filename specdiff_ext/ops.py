@@ -128,16 +128,7 @@ def _row_scalar(front: _Frontend, value: Any, name: str, B: int, device: torch.d
         if not math.isfinite(v) or v < 0:
             raise ValueError(f"{name} must be finite and >= 0, got {value}")
         return None, v
-    t = front.tensor(value, name, allow_float64=True)
-    if not t.is_floating_point():
-        raise TypeError(f"{name} must be a floating tensor, got {t.dtype}")
-    if t.dim() == 0:
-        t = t.reshape(1).expand(B)
-    if t.dim() != 1 or t.shape[0] != B:
-        raise ValueError(f"{name} must have shape (B,) = ({B},), got {tuple(t.shape)}")
-    if t.device != device:
-        raise ValueError(f"{name} must be on the same device as the logits ({device}), got {t.device}")
-    return t.to(torch.float32).contiguous(), 0.0
+    return _per_row(front, value, name, B, device, integer=False), 0.0
 
 
 def _seed_arg(front: _Frontend, seed: Any, B: int, device: torch.device) -> Tuple[Optional[Tensor], int]:
