@@ -31,13 +31,10 @@ void verify_row(const VerifyParams& p, int64_t b, Scratch& scr, bool par) {
   p.out_num_accepted[b] = 0;
   p.out_valid[b] = false;
 
-  const float tau = p.tau.at(b);
-  const bool greedy = tau == 0.0f;
-  const float inv_tau0 = greedy ? 1.0f : 1.0f / tau;
-  const float dtau = p.draft_tau.at(b);
-  const bool soft_drafts = p.draft.data != nullptr && dtau > 0.0f;
-  const float inv_dtau0 = soft_drafts ? 1.0f / dtau : 1.0f;
-  const RowStream st = make_stream(p.seed, b, p.offset);
+  const VerifyRow row(p, b);
+  const bool greedy = row.greedy, soft_drafts = row.soft_drafts;
+  const float inv_tau0 = row.inv_tau, inv_dtau0 = row.inv_dtau;
+  const RowStream& st = row.st;
   // Top-k / top-p / min-p of the target law: every target row read below is reduced to its
   // kept entries (scr.filter.cand), and all draws run over that list.
   const RowSettings rs = row_settings(p.filter, b, V);

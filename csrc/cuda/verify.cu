@@ -68,13 +68,10 @@ chain_kernel(VerifyParams p, int64_t St, int64_t Sd, const Partial* __restrict__
   int64_t* out = p.out_ids + b * (G + 1);
   for (int64_t i = lane; i <= G; i += 32) out[i] = -1;
 
-  const float tau = p.tau.at(b);
-  const bool greedy = tau == 0.0f;
-  const float inv_tau = greedy ? 1.0f : 1.0f / tau;
-  const float dtau = p.draft_tau.at(b);
-  const bool soft_drafts = p.draft.data != nullptr && dtau > 0.0f;
-  const float inv_dtau = soft_drafts ? 1.0f / dtau : 1.0f;
-  const RowStream st = make_stream(p.seed, b, p.offset);
+  const VerifyRow row(p, b);
+  const float tau = row.tau, dtau = row.dtau, inv_tau = row.inv_tau, inv_dtau = row.inv_dtau;
+  const bool greedy = row.greedy, soft_drafts = row.soft_drafts;
+  const RowStream& st = row.st;
   if (!(tau >= 0.0f) || !(dtau >= 0.0f)) {  // negative or NaN temperature: the row is invalid
     if (lane == 0) {
       p.out_num_accepted[b] = 0;

@@ -33,6 +33,20 @@ struct VerifyParams {
   bool* out_valid = nullptr;          // (B,)
 };
 
+// The per-row setup of verify on both devices: temperatures, whether drafts are soft, stream.
+struct VerifyRow {
+  float tau, inv_tau, dtau, inv_dtau;
+  bool greedy, soft_drafts;
+  RowStream st;
+  SD_HD VerifyRow(const VerifyParams& p, int64_t b)
+      : tau(p.tau.at(b)), dtau(p.draft_tau.at(b)), st(make_stream(p.seed, b, p.offset)) {
+    greedy = tau == 0.0f;
+    inv_tau = greedy ? 1.0f : 1.0f / tau;
+    soft_drafts = p.draft.data != nullptr && dtau > 0.0f;
+    inv_dtau = soft_drafts ? 1.0f / dtau : 1.0f;
+  }
+};
+
 // gather_logprobs.
 struct GatherParams {
   int64_t B = 0, N = 0, V = 0;
