@@ -240,9 +240,10 @@ SD_CLONES int64_t tile_gather_window(const float* x, int64_t n, int64_t base, fl
       any |= (xm - a < D) & (a >= cut);
     }
     if (!any) continue;
-    for (int64_t j = 0; j < len; ++j) {
+    for (int64_t j = 0; j < len; ++j) {  // branch-free: the slot only advances past a keeper
       const float a = sd_mul(x[i0 + j], inv_tau);
-      if ((xm - a < D) & (a >= cut)) out[m++] = Cand{a, 0.0f, base + i0 + j};
+      out[m] = Cand{a, 0.0f, base + i0 + j};
+      m += (xm - a < D) & (a >= cut);
     }
   }
   return m;
