@@ -7,6 +7,7 @@
 #include <cstdint>
 
 #include "specdiff/common.h"
+#include "specdiff/dispatch.h"
 #include "specdiff/math.h"
 #include "specdiff/ops.h"
 #include "specdiff/philox.h"
@@ -333,16 +334,14 @@ cudaError_t launch_row_stats(const LogitsView& lv, int64_t B, int64_t N, int64_t
   return cudaSuccess;
 }
 
+// The launchers' dtype dispatch (specdiff/dispatch.h): an unknown dtype is an error that says
+// so (never run as float32).
 template <typename F>
 auto dispatch_dtype(DType dtype, F&& f) {
-  switch (dtype) {
-    case DType::kFloat32: return f(float{});
-    case DType::kBFloat16: return f(bf16_t{});
-    case DType::kFloat16: return f(f16_t{});
-  }
-  // an unknown dtype never runs as float32: it is an error that says so
-  note_error_where(__FILE__, __LINE__, "dispatch_dtype: unknown logits dtype");
-  return decltype(f(float{}))(cudaErrorInvalidValue);
+  return dispatch_dtype_or(dtype, f, [&] {
+    note_error_where(__FILE__, __LINE__, "dispatch_dtype: unknown logits dtype");
+    return decltype(f(float{}))(cudaErrorInvalidValue);
+  });
 }
 
 }  // namespace cuda
