@@ -33,8 +33,7 @@ void denoise_row(const DenoiseParams& p, int64_t b, std::vector<float>& conf,
     if (cs >= 0) continue;
     ++masked;
     float inv = inv_te;
-    const RowStats s = tau > 0.0f ? row_stats_safe(p.logits.row<T>(b, g), p.Vd, &inv, par)
-                                  : row_stats(p.logits.row<T>(b, g), p.Vd, inv, par);
+    const RowStats s = row_stats_safe(p.logits.row<T>(b, g), p.Vd, &inv, par);
     inv_g[static_cast<size_t>(g)] = inv;
     if (!s.valid()) {
       valid = false;

@@ -1,9 +1,10 @@
 // CPU top-k / top-p / min-p of one row without sorting the vocabulary: one read counts the
 // entries and their mass within a few distances below the max (the pivots), the narrowest that
 // provably holds the boundaries is gathered in a second, compare-only read, then top-k is a
-// selection (nth_element) and top-p a weighted quickselect over that short list.  The result is the keep rule, the kept entries and the
-// log-sum-exp of the kept set, summed exactly as row_stats sums the masked row, so verifying
-// with the fused filter and verifying the output of filter_logits give the same bits.
+// selection (nth_element) and top-p a weighted quickselect over that short list.  The result
+// is the keep rule, the kept entries and the log-sum-exp of the kept set, summed exactly as
+// row_stats sums the masked row, so verifying with the fused filter and verifying the output
+// of filter_logits give the same bits.
 #pragma once
 
 #include <algorithm>
@@ -81,7 +82,6 @@ inline KeepRule top_p_rule(Cand* c, int64_t n, double P, bool* reached) {
 // row_stats adds up the row with every other entry at -inf: per kTile tile, kLanes running
 // sums over the full lanes, then the tail, then the tiles in order (adding zeros is exact).
 inline float kept_lse(const std::vector<Cand>& kept, int64_t V, float xm) {
-  constexpr int kLanes = 16;  // tile_sumexp's accumulators
   float total = 0.0f;
   size_t i = 0;
   while (i < kept.size()) {
@@ -101,11 +101,11 @@ inline float kept_lse(const std::vector<Cand>& kept, int64_t V, float xm) {
   return xm + fast_log(total);
 }
 
-// Keep rule of one row at inv_tau whose scaled max is xm (row_max).  A histogram of the row by
-// distance below the max (count and mass per bucket, one read) locates the top-k, top-p and
-// min-p boundaries to within a bucket; only the entries in the buckets up to there are gathered
-// (a second, compare-only read) and selected among.  On return sc.cand holds the kept entries
-// in index order; *lse is their log-sum-exp.
+// Keep rule of one row at inv_tau whose scaled max is xm (row_max).  Counts and masses within
+// kWindowD below the max (one read) locate the top-k, top-p and min-p boundaries to within a
+// window; only the entries of that window are gathered (a second, compare-only read) and
+// selected among.  On return sc.cand holds the kept entries in index order; *lse is their
+// log-sum-exp.
 template <typename T>
 KeepRule filter_row(const T* row, int64_t V, float inv_tau, float xm, const RowSettings& rs,
                     FilterScratch& sc, float* lse) {
@@ -122,6 +122,14 @@ KeepRule filter_row(const T* row, int64_t V, float inv_tau, float xm, const RowS
   // dropped anyway, except that top-p's total needs the whole top-k set.
   float D = INFINITY, cut = mcut;
   std::vector<Cand>& c = sc.cand;
+  auto finish = [&](const KeepRule& rule) {  // keep rule's entries of c, and their lse
+    size_t n = 0;
+    for (size_t i = 0; i < c.size(); ++i)
+      if (rule.keep(c[i].x, c[i].v)) c[n++] = c[i];
+    c.resize(n);
+    *lse = kept_lse(c, V, xm);
+    return rule;
+  };
   auto gather = [&] {  // the entries with xm - a < D and a >= cut, into c
     if (sc.buf.size() < static_cast<size_t>(V)) sc.buf.resize(static_cast<size_t>(V));
     int64_t m = 0;
@@ -171,16 +179,8 @@ KeepRule filter_row(const T* row, int64_t V, float inv_tau, float xm, const RowS
       const KeepRule a = top_p_rule(sc.work.data(), static_cast<int64_t>(c.size()), rs.p * lo, &r1);
       sc.work.assign(c.begin(), c.end());
       const KeepRule b = top_p_rule(sc.work.data(), static_cast<int64_t>(c.size()), rs.p * hi, &r2);
-      if (r1 && r2 && a.t == b.t && a.c == b.c) {
-        KeepRule rule = a;
-        if (rs.min_p_on()) rule = rule.tighter(KeepRule{mcut, 0});
-        size_t n = 0;
-        for (size_t i = 0; i < c.size(); ++i)
-          if (rule.keep(c[i].x, c[i].v)) c[n++] = c[i];
-        c.resize(n);
-        *lse = kept_lse(c, V, xm);
-        return rule;
-      }
+      if (r1 && r2 && a.t == b.t && a.c == b.c)
+        return finish(rs.min_p_on() ? a.tighter(KeepRule{mcut, 0}) : a);
       D = INFINITY;  // undecided: the exact path below
     }
     if (D == INFINITY && (rs.top_p_on() || xm - kWindowD[kWindows - 1] > mcut)) {
@@ -238,12 +238,7 @@ KeepRule filter_row(const T* row, int64_t V, float inv_tau, float xm, const RowS
     }
     rule = rule.tighter(pr);
   }
-  size_t n = 0;
-  for (size_t i = 0; i < c.size(); ++i)
-    if (rule.keep(c[i].x, c[i].v)) c[n++] = c[i];
-  c.resize(n);
-  *lse = kept_lse(c, V, xm);
-  return rule;
+  return finish(rule);
 }
 
 }  // namespace cpu

@@ -18,7 +18,7 @@ void gather_logprobs(const GatherParams& p) {
       const float tau = p.tau.at(b);
       const bool greedy = tau == 0.0f;
       float inv = greedy ? 1.0f : 1.0f / tau;
-      const RowStats s = greedy ? row_stats(row, p.V, inv) : row_stats_safe(row, p.V, &inv);
+      const RowStats s = row_stats_safe(row, p.V, &inv);
       const int64_t id = p.ids.at(b, n);
       const float logit = id >= 0 && id < p.V ? to_float(row[id]) : 0.0f;
       const float raw_max = s.arg >= 0 ? to_float(row[s.arg]) : 0.0f;

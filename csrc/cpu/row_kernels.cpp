@@ -15,7 +15,6 @@ namespace specdiff {
 namespace cpu {
 
 namespace {
-constexpr int kLanes = 16;
 constexpr int64_t kChunk = 256;  // entries per race block (a multiple of 4 * kLanes)
 }  // namespace
 
@@ -149,19 +148,6 @@ SD_CLONES void tile_race_residual(const float* x, const float* qx, int64_t n, in
     block_argmax(key, m, base + c, best_key, best_idx);
     block_argmax(fkey, m, base + c, fb_key, fb_idx);
   }
-}
-
-SD_CLONES int64_t tile_gather(const float* x, int64_t n, int64_t base, float inv_tau, float cut,
-                              Cand* out) {
-  // Branch-free compaction: every entry is written at the next free slot, which only advances
-  // past kept ones (out has room for n entries).
-  int64_t m = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    const float a = sd_mul(x[i], inv_tau);
-    out[m] = Cand{a, 0.0f, base + i};
-    m += a >= cut ? 1 : 0;
-  }
-  return m;
 }
 
 SD_CLONES void tile_windows(const float* x, int64_t n, float inv_tau, float xm, int64_t* cnt,

@@ -20,6 +20,8 @@ namespace specdiff {
 namespace cpu {
 
 constexpr int64_t kTile = 2048;
+// Independent running sums per reduction (tile_sumexp and the sums that must match it).
+constexpr int kLanes = 16;
 
 // An entry of a row kept by the sampling filters (filter_row.h).
 struct Cand {
@@ -44,9 +46,6 @@ void tile_race_residual(const float* x, const float* qx, int64_t n, int64_t base
                         float lse_p, float lse_q, const RowStream& st, uint32_t position,
                         float* best_key, int64_t* best_idx, float* fb_key, int64_t* fb_idx);
 
-// Appends the entries of x[0..n) (indices base..) whose scaled value is >= cut to out (index
-// order, w unset); returns how many.  out must have room for n entries.
-int64_t tile_gather(const float* x, int64_t n, int64_t base, float inv_tau, float cut, Cand* out);
 // Window statistics of the scaled entries a of x[0..n) below the scaled max xm: for each
 // distance kWindowD[q], the count and mass (sum of exp(a - xm)) of the entries with
 // xm - a < kWindowD[q]; *total gets the mass of every entry (in double).  Adds to the outputs.
@@ -206,16 +205,8 @@ RowStats row_stats_safe(const T* row, int64_t V, float* inv, bool parallel = fal
   return s;
 }
 
-// Max of row * inv_tau (scaled); *bad_out: a NaN or +inf was seen, or no finite entry (one read).
-template <typename T>
-float row_max(const T* row, int64_t V, float inv_tau, bool* bad_out, bool parallel = false) {
-  std::vector<float> tmax;
-  const float m = row_tile_max(row, V, parallel, tmax, bad_out);
-  *bad_out = *bad_out || m == kNegInf;
-  return sd_mul(m, inv_tau);
-}
-
-// row_max at safe_inv_tau(row max, *inv); *inv becomes the inverse temperature used.
+// Max of the row read at safe_inv_tau(row max, *inv) (one read); *inv becomes the inverse
+// temperature used; *bad_out: a NaN or +inf was seen, or no finite entry.
 template <typename T>
 float row_max_safe(const T* row, int64_t V, float* inv, bool* bad_out, bool parallel = false) {
   std::vector<float> tmax;

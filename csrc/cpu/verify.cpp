@@ -17,6 +17,12 @@ inline int64_t list_race(const std::vector<Cand>& kept, const RowStream& st, uin
   return cand_race(kept.data(), static_cast<int64_t>(kept.size()), st, position, exclude);
 }
 
+// Drafter column of target id v (-1 when the drafter cannot propose it).
+inline int64_t draft_column(const VerifyParams& p, int64_t v) {
+  const int64_t j = p.vocab_inv != nullptr ? p.vocab_inv[v] : v;
+  return j >= 0 && j < p.Vd ? j : -1;
+}
+
 struct Scratch {
   std::vector<float> qbuf, qk;
   FilterScratch filter;
@@ -52,7 +58,7 @@ void verify_row(const VerifyParams& p, int64_t b, Scratch& scr, bool par) {
     float inv_tau = inv_tau0;  // this position's (row_stats_safe may lower it)
     // Target statistics of position i (lse given by the caller, or one pass over the row).
     RowStats sp;
-    if (filtered) {  // the max only: the filter's histogram read replaces the sum of exps
+    if (filtered) {  // the max only: the filter's window read replaces the sum of exps
       sp.m = row_max_safe(trow, V, &inv_tau, &sp.bad, par);
       sp.s = 1.0f;
     } else if (p.target_lse != nullptr && !greedy) {
@@ -60,7 +66,7 @@ void verify_row(const VerifyParams& p, int64_t b, Scratch& scr, bool par) {
       sp.s = 1.0f;
       sp.bad = !std::isfinite(sp.m);
     } else {
-      sp = greedy ? row_stats(trow, V, inv_tau, par) : row_stats_safe(trow, V, &inv_tau, par);
+      sp = row_stats_safe(trow, V, &inv_tau, par);
     }
     if (!sp.valid()) return invalid();
     float lse_p = sp.lse();
@@ -106,8 +112,8 @@ void verify_row(const VerifyParams& p, int64_t b, Scratch& scr, bool par) {
       }
       if (!sq.valid()) return invalid();
       lse_q = sq.lse();
-      const int64_t j = p.vocab_inv != nullptr ? p.vocab_inv[x] : x;
-      qx = (j >= 0 && j < p.Vd) ? fast_exp(sd_mul(to_float(drow[j]), inv_dtau) - lse_q) : 0.0f;
+      const int64_t j = draft_column(p, x);
+      qx = j >= 0 ? fast_exp(sd_mul(to_float(drow[j]), inv_dtau) - lse_q) : 0.0f;
     }
     const float sx = sd_mul(to_float(trow[x]), inv_tau);
     const float px = (!filtered || rule.keep(sx, x)) ? fast_exp(sx - lse_p) : 0.0f;
@@ -127,9 +133,8 @@ void verify_row(const VerifyParams& p, int64_t b, Scratch& scr, bool par) {
         // race over p: the keys of tile_race_residual.
         scr.qk.resize(kept.size());
         for (size_t t = 0; t < kept.size(); ++t) {
-          int64_t j = kept[t].v;
-          if (p.vocab_map.data != nullptr) j = p.vocab_inv[kept[t].v];
-          scr.qk[t] = (j >= 0 && j < p.Vd) ? sd_mul(to_float(drow[j]), inv_dtau) : kNegInf;
+          const int64_t j = draft_column(p, kept[t].v);
+          scr.qk[t] = j >= 0 ? sd_mul(to_float(drow[j]), inv_dtau) : kNegInf;
         }
         int64_t fc = -1;
         cand_race_residual(kept.data(), scr.qk.data(), static_cast<int64_t>(kept.size()), lse_p,
