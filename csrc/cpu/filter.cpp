@@ -2,7 +2,7 @@
 #include <cmath>
 #include <vector>
 
-#include "dispatch.h"
+#include "dtype_or_throw.h"
 #include "filter_row.h"
 #include "row_kernels.h"
 #include "specdiff/ops.h"

@@ -1,7 +1,7 @@
 // CPU gather_logprobs: log-sum-exp of each row and the log-probability of one id.
 #include <cmath>
 
-#include "dispatch.h"
+#include "dtype_or_throw.h"
 #include "row_kernels.h"
 #include "specdiff/ops.h"
 

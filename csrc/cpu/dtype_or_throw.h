@@ -1,4 +1,4 @@
-// The CPU ops' dtype dispatch (specdiff/dispatch.h): an unknown dtype code throws.
+// The CPU ops' dtype dispatch: specdiff/dispatch.h with an unknown dtype code thrown as an error.
 #pragma once
 
 #include <stdexcept>
