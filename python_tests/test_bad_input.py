@@ -339,7 +339,7 @@ def _tiny_dflash(tmp_path):
     (lambda f: (f / "model.safetensors").unlink(), "model.safetensors: no such file"),
     (lambda f: (f / "config.json").write_text("{not json"), "config.json: not readable JSON"),
     (lambda f: (f / "config.json").write_text("[1, 2]"), "config.json: expected a JSON object"),
-    (lambda f: _edit(f, num_hidden_layers="three"), "config.json: invalid DFlash config"),
+    (lambda f: _edit(f, num_hidden_layers="three"), "config.json: a DFlash config field has the wrong type: num_hidden_layers"),
     (lambda f: _edit(f, num_hidden_layers=[3]), "config.json: a DFlash config field has the wrong type"),
     (lambda f: _edit(f, num_hidden_layers=10**9), "num_hidden_layers = 1000000000 is outside"),
     (lambda f: _edit(f, intermediate_size=10**9), "intermediate_size = 1000000000 is outside"),

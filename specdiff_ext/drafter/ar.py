@@ -24,8 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .config import FieldError, check_field, check_hf_layers, require
+
 __all__ = ["build_ar_drafter", "ar_loss", "save_ar_drafter", "load_ar_drafter", "load_ar_weights",
-           "is_ar_checkpoint", "FORMAT"]
+           "is_ar_checkpoint", "read_ar_config", "FORMAT"]
 
 FORMAT = "specdiff-ar-drafter-1"
 WEIGHTS = "model.safetensors"
@@ -145,9 +147,46 @@ def is_ar_checkpoint(folder: Union[str, os.PathLike]) -> bool:
     if not p.is_file():
         return False
     try:
-        return json.loads(p.read_text()).get("specdiff", {}).get("format") == FORMAT
+        meta = json.loads(p.read_text())
     except (OSError, ValueError):
         return False
+    own = meta.get("specdiff") if isinstance(meta, dict) else None
+    return isinstance(own, dict) and own.get("format") == FORMAT
+
+
+def read_ar_config(folder: Union[str, os.PathLike]) -> tuple[dict, dict]:
+    """(the Hugging Face config dict, the ``specdiff`` metadata) of an ar drafter folder.
+
+    Every field the loader reads is type- and range-checked by `config.check_field` under its
+    JSON name (the layer fields, ``model_type``, ``specdiff.target.vocab_size``, ...), and the
+    config's vocab_size / hidden_size must be those of the target it names: a ValueError naming
+    the file and the field otherwise.
+    """
+    from .checkpoint import _read_json
+
+    path = os.path.join(folder, CONFIG)
+    raw = _read_json(path)
+    try:
+        meta = check_field("specdiff", require(raw, "specdiff"), "dict")
+        want = check_field("specdiff.target", require(meta, "target", "specdiff."), "dict")
+        check_field("specdiff.target.name", require(want, "name", "specdiff.target."), "str")
+        for key in ("vocab_size", "hidden_size"):
+            check_field(f"specdiff.target.{key}", require(want, key, "specdiff.target."), "int",
+                        lo=1)
+        check_field("specdiff.extra", meta.get("extra", {}), "dict")
+        layers = check_hf_layers(raw)
+        for key in ("vocab_size", "hidden_size"):
+            if layers[key] != want[key]:
+                raise FieldError(key, f"{key} = {layers[key]} differs from specdiff.target."
+                                      f"{key} = {want[key]} (the drafter shares the target's "
+                                      "embedding)")
+        check_field("model_type", require(raw, "model_type"), "str")
+        check_field("tie_word_embeddings", raw.get("tie_word_embeddings", True), "bool")
+        check_field("max_position_embeddings", raw.get("max_position_embeddings"), "int", lo=1,
+                    optional=True)
+    except FieldError as exc:
+        raise exc.located(path, "ar drafter") from None
+    return raw, meta
 
 
 def load_ar_weights(model: Any, folder: Union[str, os.PathLike]) -> Any:
@@ -158,9 +197,21 @@ def load_ar_weights(model: Any, folder: Union[str, os.PathLike]) -> Any:
     """
     from safetensors.torch import load_file
 
-    state = load_file(str(Path(folder) / WEIGHTS))
+    path = os.path.join(folder, WEIGHTS)
+    try:
+        state = load_file(path)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file") from None
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+        raise ValueError(f"{path}: not a readable safetensors file ({type(exc).__name__}: "
+                         f"{exc})") from None
     shared = _shared_names(model)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # size mismatches
+        lines = str(exc).strip().splitlines()
+        raise ValueError(f"{path}: weights do not fit the config "
+                         f"({' '.join(lines[1:3]) or lines[0]})") from None
     missing = [m for m in missing if m not in shared]
     if missing or unexpected:
         raise ValueError(f"ar drafter {os.fspath(folder)!r} does not match its config: missing "
@@ -183,15 +234,23 @@ def load_ar_drafter(folder: Union[str, os.PathLike], target: Any) -> Any:
     if not is_ar_checkpoint(folder):
         raise ValueError(f"{os.fspath(folder)!r} does not hold an ar drafter ({CONFIG} with "
                          f"specdiff format {FORMAT!r})")
-    raw = json.loads((folder / CONFIG).read_text())
-    meta = raw.pop("specdiff")
+    raw, meta = read_ar_config(folder)
+    raw = dict(raw)
+    raw.pop("specdiff")
     want = meta["target"]
     given = {"name": target.name, "vocab_size": target.vocab_size, "hidden_size": target.hidden_size}
     for k, v in want.items():
         if given.get(k) != v:
             raise ValueError(f"ar drafter {os.fspath(folder)!r} was distilled from a target with "
                              f"{k} {v!r}, but the target given has {k} {given.get(k)!r}")
-    cfg = AutoConfig.for_model(raw.pop("model_type"), **raw)
+    model_type = raw.pop("model_type")
+    try:
+        cfg = AutoConfig.for_model(model_type, **raw)
+    except (ValueError, TypeError, KeyError) as exc:  # an unknown model_type, a field it refuses
+        why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        why = why if len(why) <= 120 else why[:120] + "..."
+        raise ValueError(f"{os.fspath(folder / CONFIG)}: invalid ar drafter config: model_type "
+                         f"{model_type!r} is not a config transformers builds ({why})") from None
     model = AutoModelForCausalLM.from_config(cfg, dtype=target.dtype)
     load_ar_weights(model, folder)
     model.to(device=target.device)

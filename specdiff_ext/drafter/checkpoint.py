@@ -14,7 +14,8 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from .config import DrafterConfig
+from .config import (MAX_BLOCK, MAX_FFN_RATIO, MAX_LAYERS, MAX_TARGET_LAYERS, DrafterConfig,
+                     FieldError, check_field, check_hf_layers, require)
 from .dflash import DFlashConfig, DFlashDrafter
 from .model import DiffusionDrafter
 
@@ -144,71 +145,47 @@ def _read_json(path: str) -> dict:
     return meta
 
 
-# Bounds of a drafter config relative to its target: a malformed or hostile config.json must
-# not allocate without limit (sizes beyond these are no drafter of that target).
-MAX_LAYERS = 64
-MAX_FFN_RATIO = 64
-
-
-def _check_bounds(path: str, n_layers: int, hidden: int, n_heads: int, n_kv: int, head_dim: int,
-                  inter: int, extra: Sequence[tuple] = ()) -> None:
-    rules = (("num_hidden_layers", n_layers, 1, MAX_LAYERS),
-             ("num_attention_heads", n_heads, 1, 4 * hidden),
-             ("num_key_value_heads", n_kv, 1, n_heads),
-             ("head_dim", head_dim, 1, 4 * hidden),
-             ("intermediate_size", inter, 1, MAX_FFN_RATIO * hidden)) + tuple(extra)
-    for name, v, lo, hi in rules:
-        if not lo <= v <= hi:
-            raise ValueError(f"{path}: {name} = {v} is outside [{lo}, {hi}]")
-    if n_heads % n_kv:
-        raise ValueError(f"{path}: num_attention_heads {n_heads} is not a multiple of "
-                         f"num_key_value_heads {n_kv}")
-
-
 def read_dflash_config(folder: Union[str, os.PathLike]) -> tuple[DFlashConfig, dict]:
-    """The DFlashConfig of a DFlash folder (published or written here) and its config dict."""
+    """The DFlashConfig of a DFlash folder (published or written here) and its config dict.
+
+    Every field read is type- and range-checked by `config.check_field` under its JSON name
+    (``num_hidden_layers``, ``dflash_config.target_layer_ids``, ``specdiff.target_hidden_size``):
+    a ValueError naming the file and the field otherwise.
+    """
     path = os.path.join(folder, CONFIG_NAME)
     hf = _read_json(path)
     try:
-        dcfg = hf.get("dflash_config") or {}
-        rope = hf.get("rope_theta")
-        if rope is None:
-            rope = (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0)
-        n_heads = int(hf["num_attention_heads"])
-        if hf.get("layer_types") and any(t != "full_attention" for t in hf["layer_types"]):
-            raise ValueError(f"{path}: sliding-window drafter layers are not supported")
-        if dcfg.get("mask_token_id") is None:
-            raise ValueError(f"{path}: dflash_config.mask_token_id is missing")
-        own = hf.get("specdiff") or {}
-        cfg = DFlashConfig(
-            vocab_size=int(hf["vocab_size"]), hidden_size=int(hf["hidden_size"]),
-            n_layers=int(hf["num_hidden_layers"]), n_heads=n_heads,
-            n_kv_heads=int(hf.get("num_key_value_heads") or n_heads),
-            head_dim=int(hf.get("head_dim") or int(hf["hidden_size"]) // n_heads),
-            intermediate_size=int(hf["intermediate_size"]), rope_theta=float(rope),
-            rms_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            num_target_layers=int(hf["num_target_layers"]),
-            target_layer_ids=list(dcfg.get("target_layer_ids") or []),
-            target_hidden_size=own.get("target_hidden_size"),
-            mask_token_id=int(dcfg["mask_token_id"]), block_size=int(hf.get("block_size", 16)),
-            attention_bias=bool(hf.get("attention_bias", False)),
-            target_name=str(own.get("target_name", "")),
-        )
-    except KeyError as exc:
-        raise ValueError(f"{path}: DFlash config field {exc.args[0]!r} is missing") from None
-    except (TypeError, AttributeError) as exc:
-        raise ValueError(f"{path}: a DFlash config field has the wrong type ({exc})") from None
-    except ValueError as exc:
-        if str(exc).startswith(path):
-            raise
-        raise ValueError(f"{path}: invalid DFlash config ({exc})") from None
-    nt = cfg.num_target_layers
-    _check_bounds(path, cfg.n_layers, cfg.hidden_size, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim,
-                  cfg.intermediate_size, (("num_target_layers", nt, 1, 4096),
-                                          ("block_size", cfg.block_size, 2, 4096)))
-    for i in cfg.target_layer_ids or []:
-        if not 0 <= int(i) < nt:
-            raise ValueError(f"{path}: dflash_config.target_layer_ids holds {i}, outside [0, {nt})")
+        layers = check_hf_layers(hf)
+        if any(t != "full_attention" for t in hf.get("layer_types") or []):
+            raise FieldError("layer_types", "layer_types: sliding-window drafter layers are "
+                                            "not supported")
+        for key in ("rope_scaling", "rope_parameters"):  # the drafter rotates by plain RoPE
+            rs = check_field(key, hf.get(key), "dict", optional=True) or {}
+            rtype = rs.get("rope_type", rs.get("type", "default"))
+            if rtype != "default":
+                raise FieldError(key, f"{key}.rope_type must be 'default' (plain RoPE), got "
+                                      f"{rtype!r}")
+        nt = check_field("num_target_layers", require(hf, "num_target_layers"), "int", lo=1,
+                         hi=MAX_TARGET_LAYERS)
+        block = check_field("block_size", hf.get("block_size", 16), "int", lo=2, hi=MAX_BLOCK)
+        dcfg = check_field("dflash_config", require(hf, "dflash_config"), "dict")
+        mask = check_field("dflash_config.mask_token_id",
+                           require(dcfg, "mask_token_id", "dflash_config."), "int", lo=0,
+                           hi=layers["vocab_size"] - 1)
+        # the target layers whose states are the drafter's only context: never empty
+        ids = check_field("dflash_config.target_layer_ids",
+                          require(dcfg, "target_layer_ids", "dflash_config."), "ints", lo=0,
+                          hi=nt - 1, nonempty=True, max_len=MAX_LAYERS)
+        own = check_field("specdiff", hf.get("specdiff", {}), "dict")
+        h_t = check_field("specdiff.target_hidden_size", own.get("target_hidden_size"), "int",
+                          lo=1, hi=MAX_FFN_RATIO * layers["hidden_size"], optional=True)
+        name = check_field("specdiff.target_name", own.get("target_name", ""), "str")
+        check_field("specdiff.extra", own.get("extra", {}), "dict")
+        cfg = DFlashConfig(**layers, num_target_layers=nt, target_layer_ids=ids,
+                           target_hidden_size=h_t, mask_token_id=mask, block_size=block,
+                           target_name=name)
+    except FieldError as exc:
+        raise exc.located(path, "DFlash") from None
     return cfg, hf
 
 
@@ -291,13 +268,20 @@ def read_drafter_config(folder: Union[str, os.PathLike]) -> tuple[DrafterConfig,
     if version != FORMAT_VERSION:
         raise ValueError(f"{path}: format_version {version!r}, this code reads {FORMAT_VERSION}")
     try:
-        cfg = DrafterConfig.from_dict(meta["drafter"])
-    except KeyError as exc:
-        raise ValueError(f"{path}: drafter config field {exc.args[0]!r} is missing") from None
-    except (TypeError, ValueError, AttributeError) as exc:
-        raise ValueError(f"{path}: a drafter config field has the wrong type or value ({exc})") from None
-    _check_bounds(path, cfg.n_layers, cfg.hidden_size, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim,
-                  cfg.intermediate_size)
+        d = check_field("drafter", require(meta, "drafter"), "dict")
+        cfg = DrafterConfig.from_dict(d)
+        hidden = cfg.hidden_size
+        for name, v, hi in (("n_layers", cfg.n_layers, MAX_LAYERS),
+                            ("n_heads", cfg.n_heads, 4 * hidden),
+                            ("head_dim", cfg.head_dim, 4 * hidden),
+                            ("intermediate_size", cfg.intermediate_size, MAX_FFN_RATIO * hidden),
+                            ("target_feature_size", cfg.target_feature_size,
+                             MAX_FFN_RATIO * hidden)):
+            check_field(name, v, "int", lo=1, hi=hi, optional=True)
+    except FieldError as exc:
+        raise exc.located(path, "drafter") from None
+    except (TypeError, ValueError) as exc:  # context_mode, fields of another version
+        raise ValueError(f"{path}: invalid drafter config ({exc})") from None
     return cfg, meta
 
 

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .config import FieldError, check_field
 from .model import (Attention, RMSNorm, SwiGLU, _apply_rope, _rope_cos_sin,
                     frozen_target_weights, init_weights)
 
@@ -83,29 +84,32 @@ class DFlashConfig:
     target_name: str = ""  # the target it was distilled from (checked when loading)
 
     def __post_init__(self) -> None:
+        """Every field type- and range-checked by `config.check_field` (an int must be an int:
+        never a bool, float or string); FieldError (a ValueError) naming the field otherwise."""
         for name in ("vocab_size", "hidden_size", "n_layers", "n_heads", "n_kv_heads", "head_dim",
-                     "intermediate_size", "num_target_layers", "block_size"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
+                     "intermediate_size", "num_target_layers"):
+            setattr(self, name, check_field(name, getattr(self, name), "int", lo=1))
         if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"n_kv_heads must divide n_heads, got {self.n_heads} and "
-                             f"{self.n_kv_heads}")
+            raise FieldError("n_kv_heads", f"n_kv_heads must divide n_heads, got {self.n_heads} "
+                                           f"and {self.n_kv_heads}")
         if self.head_dim % 2:
-            raise ValueError(f"head_dim must be even (RoPE rotates pairs), got {self.head_dim}")
-        if self.block_size < 2:
-            raise ValueError(f"block_size must be >= 2 (the last token and a draft), got "
-                             f"{self.block_size}")
-        if not self.target_layer_ids:
-            self.target_layer_ids = build_target_layer_ids(self.num_target_layers, self.n_layers)
-        self.target_layer_ids = [int(i) for i in self.target_layer_ids]
-        for i in self.target_layer_ids:
-            if not 0 <= i < self.num_target_layers:
-                raise ValueError(f"target_layer_ids must lie in [0, {self.num_target_layers}), "
-                                 f"got {self.target_layer_ids}")
-        if not 0 <= self.mask_token_id < self.vocab_size:
-            raise ValueError(f"mask_token_id must be a target id in [0, {self.vocab_size}), "
-                             f"got {self.mask_token_id}")
+            raise FieldError("head_dim",
+                             f"head_dim must be even (RoPE rotates pairs), got {self.head_dim}")
+        self.block_size = check_field("block_size", self.block_size, "int", lo=2)  # last + a draft
+        self.rope_theta = check_field("rope_theta", self.rope_theta, "real", above=0)
+        self.rms_eps = check_field("rms_eps", self.rms_eps, "real", above=0)
+        self.init_std = check_field("init_std", self.init_std, "real", lo=0)
+        # empty: DFlash's default layers (a drafter always reads some context)
+        ids = check_field("target_layer_ids", self.target_layer_ids, "ints", lo=0,
+                          hi=self.num_target_layers - 1)
+        self.target_layer_ids = ids or build_target_layer_ids(self.num_target_layers,
+                                                              self.n_layers)
+        self.target_hidden_size = check_field("target_hidden_size", self.target_hidden_size,
+                                              "int", lo=1, optional=True)
+        self.mask_token_id = check_field("mask_token_id", self.mask_token_id, "int", lo=0,
+                                         hi=self.vocab_size - 1)
+        check_field("attention_bias", self.attention_bias, "bool")
+        check_field("target_name", self.target_name, "str")
 
     @property
     def mask_id(self) -> int:
