@@ -30,6 +30,8 @@ from typing import Any, Iterator, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+from ..drafter.config import FieldError, check_field
+
 __all__ = ["read_sharegpt", "is_heldout", "split_prompts", "generate_dataset", "load_shards",
            "TokenData", "MANIFEST"]
 
@@ -185,6 +187,19 @@ def generate_batch(target: Any, prompts: Sequence[Sequence[int]], max_new_tokens
     return res
 
 
+MAX_TOKENS = 1 << 16  # max_prompt_tokens, max_new_tokens
+MAX_SEED = (1 << 32) - 1
+# generate_dataset's numeric parameters (and make-data's flags): kind and bounds for check_field
+_LIMITS = {"num_prompts": ("int", dict(lo=1)),
+           "max_prompt_tokens": ("int", dict(lo=1, hi=MAX_TOKENS)),
+           "max_new_tokens": ("int", dict(lo=1, hi=MAX_TOKENS)),
+           "shard_size": ("int", dict(lo=1)),
+           "batch_size": ("int", dict(lo=1)),
+           "heldout_fraction": ("real", dict(lo=0, below=1)),
+           "topk": ("int", dict(lo=0)),
+           "seed": ("int", dict(lo=0, hi=MAX_SEED))}
+
+
 def _settings(args_like: dict) -> dict:
     keys = ("target", "num_prompts", "max_prompt_tokens", "max_new_tokens", "temperatures",
             "shard_size", "heldout_fraction", "topk", "seed", "source")
@@ -212,6 +227,16 @@ def generate_dataset(target: Any, out_dir: Union[str, os.PathLike], *,
     """
     import safetensors.torch as st
 
+    given = dict(num_prompts=num_prompts, max_prompt_tokens=max_prompt_tokens,
+                 max_new_tokens=max_new_tokens, shard_size=shard_size, batch_size=batch_size,
+                 heldout_fraction=heldout_fraction, topk=topk, seed=seed)
+    for name, (kind, kw) in _LIMITS.items():
+        check_field(name, given[name], kind, **kw)
+    temperatures = [check_field("temperatures", t, "real", lo=0) for t in temperatures]
+    if not temperatures or len({f"{t:g}" for t in temperatures}) != len(temperatures):
+        raise FieldError("temperatures", f"temperatures must be one or more distinct values, "
+                                         f"got {temperatures}")
+    check_field("max_shards", max_shards, "int", lo=0, optional=True)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     settings = _settings(dict(target=target.name, num_prompts=num_prompts,
@@ -341,9 +366,23 @@ class TokenData:
         return self.offsets[1:] - self.offsets[:-1]
 
 
+def _check_ids(path: Path, name: str, ids: Tensor, vocab: Optional[int]) -> None:
+    """Token ids of a shard lie in [0, vocab) (the manifest's vocab_size; >= 0 without one)."""
+    if not ids.numel():
+        return
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or (vocab is not None and hi >= vocab):
+        rng = f"[0, {vocab}) (the manifest's vocab_size)" if vocab is not None else ">= 0"
+        raise ValueError(f"{path}: {name} must be token ids in {rng}, got ids from {lo} to {hi}")
+
+
 def load_shards(folder: Union[str, os.PathLike], temperatures: Optional[Sequence[float]] = None
                 ) -> tuple[TokenData, dict]:
-    """Every recorded shard of a dataset (optionally only some temperatures), and the manifest."""
+    """Every recorded shard of a dataset (optionally only some temperatures), and the manifest.
+
+    Raises ValueError naming the file: a manifest or shard that does not parse, lengths that do
+    not add up, token ids (or top-k ids) outside [0, vocab_size) of the manifest.
+    """
     import safetensors.torch as st
 
     folder = Path(folder)
@@ -357,6 +396,10 @@ def load_shards(folder: Union[str, os.PathLike], temperatures: Optional[Sequence
         raise ValueError(f"{mpath}: no such file (not a dataset folder written by make-data)") from None
     except (ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"{mpath}: not a valid manifest ({type(exc).__name__}: {exc})") from None
+    try:
+        vocab = check_field("vocab_size", manifest.get("vocab_size"), "int", lo=1, optional=True)
+    except FieldError as exc:
+        raise ValueError(f"{mpath}: not a valid manifest ({exc})") from None
     toks, lens, plens, tids, tlog = [], [], [], [], []
     root = folder.resolve()
     for i, s in enumerate(shards):
@@ -378,12 +421,22 @@ def load_shards(folder: Union[str, os.PathLike], temperatures: Optional[Sequence
                 or bool((pl > ln).any()) or int(ln.sum()) != t.numel():
             raise ValueError(f"{path}: lengths / prompt_lens must be non-negative, prompt_lens <= "
                              f"lengths, and the lengths must add up to the {t.numel()} tokens")
+        _check_ids(path, "tokens", t, vocab)
         toks.append(t)
         lens.append(ln)
         plens.append(pl)
-        if "topk_ids" in d:
-            tids.append(d["topk_ids"].long())
-            tlog.append(d["topk_logits"].float())
+        if "topk_ids" in d or "topk_logits" in d:
+            ti, tl = d.get("topk_ids"), d.get("topk_logits")
+            n_gen = int((ln - pl).sum())
+            if ti is None or tl is None or ti.dim() != 2 or tuple(tl.shape) != tuple(ti.shape) \
+                    or ti.shape[0] != n_gen:
+                raise ValueError(f"{path}: topk_ids and topk_logits must both be there, of one "
+                                 f"shape (generated positions = {n_gen}, k), got "
+                                 f"{None if ti is None else tuple(ti.shape)} and "
+                                 f"{None if tl is None else tuple(tl.shape)}")
+            _check_ids(path, "topk_ids", ti.long(), vocab)
+            tids.append(ti.long())
+            tlog.append(tl.float())
     if not toks:
         raise ValueError(f"no shards in {folder}")
     lengths = torch.cat(lens)
@@ -407,6 +460,56 @@ def read_heldout(folder: Union[str, os.PathLike]) -> list[str]:
     return [json.loads(line)["prompt"] for line in path.read_text().splitlines() if line.strip()]
 
 
+
+
+def _check_args(ap: argparse.ArgumentParser, a: argparse.Namespace) -> list[float]:
+    """Usage errors of make-data's flags, by `drafter.config.check_field` (the one field
+    checker), as `ap.error` (one line on stderr, exit status 2) naming the flag; returns the
+    temperatures."""
+
+    def check(flag: str, value: Any, kind: str = "int", **kw: Any) -> Any:
+        try:
+            return check_field(flag, value, kind, **kw)
+        except FieldError as exc:
+            ap.error(str(exc))
+
+    for name, (kind, kw) in _LIMITS.items():
+        flag = "--batch" if name == "batch_size" else "--" + name.replace("_", "-")
+        check(flag, getattr(a, "batch" if name == "batch_size" else name), kind, **kw)
+    check("--threads", a.threads, lo=1, optional=True)
+    temps = []
+    entries = [x for x in a.temperatures.split(",") if x.strip()]
+    if not entries:
+        ap.error(f"--temperatures must list at least one temperature, got {a.temperatures!r}")
+    for x in entries:
+        try:
+            t = float(x)
+        except ValueError:
+            ap.error(f"--temperatures must be a comma list of numbers, got {a.temperatures!r}")
+        temps.append(check("--temperatures", t, "real", lo=0))
+    names = [f"{t:g}" for t in temps]  # shard files are named t{temperature:g}_...
+    if len(set(names)) != len(names):
+        ap.error(f"--temperatures must not repeat a temperature, got {a.temperatures!r}")
+    if a.device is not None:
+        try:
+            dev = torch.device(a.device)
+        except (RuntimeError, ValueError):
+            ap.error(f"--device must be cpu, cuda or cuda:N, got {a.device!r}")
+        if dev.type not in ("cpu", "cuda"):
+            ap.error(f"--device must be cpu, cuda or cuda:N, got {a.device!r}")
+        if dev.type == "cuda":
+            n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            if n == 0:
+                ap.error(f"--device {a.device}: no CUDA device is available here")
+            if dev.index is not None and dev.index >= n:
+                ap.error(f"--device {a.device}: there are {n} CUDA devices (cuda:0..cuda:{n - 1})")
+    if a.target is not None and not os.path.isdir(a.target):
+        ap.error(f"--target: no such model folder: {a.target}")
+    if os.path.exists(a.out) and not os.path.isdir(a.out):
+        ap.error(f"--out: {a.out} exists and is not a folder")
+    return temps
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m specdiff_ext.training.data", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                  description="Generate target continuations of ShareGPT prompts.")
@@ -425,15 +528,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     ap.add_argument("--threads", type=int, default=None)
     a = ap.parse_args(argv)
+    temperatures = _check_args(ap, a)  # usage errors before any model loads
     if a.threads:
         torch.set_num_threads(a.threads)
     from ..target import load_target
 
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     target = load_target(a.target, dtype=getattr(torch, a.dtype), device=device)
+    if a.topk > target.vocab_size:
+        ap.error(f"--topk must be at most the target's vocabulary ({target.vocab_size}), "
+                 f"got {a.topk}")
     m = generate_dataset(target, a.out, num_prompts=a.num_prompts,
                          max_prompt_tokens=a.max_prompt_tokens, max_new_tokens=a.max_new_tokens,
-                         temperatures=[float(x) for x in a.temperatures.split(",") if x.strip()],
+                         temperatures=temperatures,
                          shard_size=a.shard_size, batch_size=a.batch,
                          heldout_fraction=a.heldout_fraction, topk=a.topk, seed=a.seed)
     print(json.dumps({"shards": len(m["shards"]), "totals": m.get("totals"),
