@@ -3,7 +3,7 @@
 sees the law each draft was drawn from); this measures which accepts more.
 
 For each setting of top-k / top-p / min-p at temperature 1, the default pair (SmolLM2-135M-
-Instruct + the embedded drafter, bfloat16, G = DEFAULT_GAMMA) decodes the same held-out prompts
+Instruct + the embedded drafter, bfloat16, G = the drafter's trained block minus one) decodes the same held-out prompts
 with the same seeds twice: drafts from the drafter's plain tempered law (draft_filters=False)
 and from its filtered law (draft_filters=True). Prints mean accepted drafts per round and
 tokens/s; writes benchmarks/results/draft_filters_cpu.{md,json}.
@@ -21,8 +21,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from specdiff_ext.decoding import SpecDiffDecoder, evaluate_acceptance  # noqa: E402
-from specdiff_ext.pretrained import DEFAULT_GAMMA, load_pair  # noqa: E402
+from specdiff_ext.bench.evals import evaluate_acceptance  # noqa: E402
+from specdiff_ext.decoding import SpecDiffDecoder  # noqa: E402
+from specdiff_ext.pretrained import load_pair  # noqa: E402
 from specdiff_ext.prompts import default_prompts  # noqa: E402
 
 SETTINGS = [
@@ -45,13 +46,13 @@ def main() -> int:
     tgt = pair.target
     prompts = [tgt.chat_prompt(p) for p in default_prompts(a.prompts)]
     rows = []
-    lines = [f"Default pair, bfloat16, CPU ({a.threads} thread), G = {DEFAULT_GAMMA}, temperature 1, "
+    lines = [f"Default pair, bfloat16, CPU ({a.threads} thread), G = {pair.drafter.config.block_size - 1}, temperature 1, "
              f"{a.prompts} held-out prompts, {a.max_new_tokens} new tokens, seeds 0..{a.prompts - 1}\n",
              "| controls | drafts from | accepted/round | first draft accepted | tok/s |",
              "| --- | --- | --- | --- | --- |"]
     for label, ctl in SETTINGS:
         for df in (False, True):
-            dec = SpecDiffDecoder(tgt, pair.drafter, gamma=DEFAULT_GAMMA, draft_filters=df)
+            dec = SpecDiffDecoder(tgt, pair.drafter, draft_filters=df)
             st = evaluate_acceptance(dec, prompts, a.max_new_tokens, temperature=1.0, seed=0,
                                      controls=ctl)
             row = {"controls": label, "draft_filters": df, "mean_accepted": st["mean_accepted"],

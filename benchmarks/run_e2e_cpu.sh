@@ -5,12 +5,12 @@
 #
 #   bash benchmarks/run_e2e_cpu.sh [GAMMA] [AR_GAMMA] [PLD_GAMMA]
 #
-# GAMMA (default: the package's DEFAULT_GAMMA) / AR_GAMMA / PLD_GAMMA were chosen by
+# GAMMA (default: the drafter's trained block minus one) / AR_GAMMA / PLD_GAMMA were chosen by
 # benchmarks/sweep_gamma.sh on other held-out prompts.
 # Writes benchmarks/results/e2e_cpu_bf16_t*.{json,md,png}.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-G=${1:-$(python3 -c "from specdiff_ext.pretrained import DEFAULT_GAMMA; print(DEFAULT_GAMMA)")}
+G=${1:-}
 AG=${2:-2}
 PG=${3:-4}
 out=benchmarks/results
@@ -20,7 +20,7 @@ for T in 0 1; do
   [ "$T" = 0 ] && decs=$decs,hf-pld
   python3 -m specdiff_ext bench --decoders "$decs" --temperature "$T" \
       --max-new-tokens 128 --num-prompts 16 --dtype bfloat16 --threads "${THREADS:-2}" \
-      --gamma "$G" --ar-gamma "$AG" --pld-gamma "$PG" --no-progress \
+      ${G:+--gamma "$G"} --ar-gamma "$AG" --pld-gamma "$PG" --no-progress \
       --out "$out/e2e_cpu_bf16_t$T.json" --plot "$out/e2e_cpu_bf16_t$T.png" \
       | tee "$out/e2e_cpu_bf16_t$T.md"
 done

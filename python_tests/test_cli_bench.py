@@ -126,7 +126,7 @@ def test_ar_spec_with_the_ar_drafter_equals_plain_decoding(tied) -> None:
 
 
 def test_pool_stats_pools_totals() -> None:
-    from specdiff_ext.decoding import pool_stats
+    from specdiff_ext.bench.stats import pool_stats
 
     a = {"new_tokens": 10, "seconds": 2.0, "rounds": 4, "accepted": 6,
          "accepted_histogram": [1, 1, 1, 1], "draft_seconds": 0.5, "verify_seconds": 1.5,

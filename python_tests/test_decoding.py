@@ -15,13 +15,15 @@ import pytest
 import torch
 from torch import Tensor
 
-from specdiff_ext.decoding import (ARDecoder, ARSpecDecoder, DiffusionDrafting, Draft,
-                                   PLDDecoder, SpecDiffDecoder, SpeculativeDecoder)
+from specdiff_ext.decoding import (ARDecoder, ARSpecDecoder, Draft, PLDDecoder, SpecDiffDecoder,
+                                   SpeculativeDecoder)
+from specdiff_ext.drafting import DiffusionDrafting
 from specdiff_ext.drafter import sample_block
 from specdiff_ext.drafter import DiffusionDrafter, DrafterConfig
 from specdiff_ext import reference as R
 from specdiff_ext.target import TargetModel
 
+from sd_testutil import filtered_law
 from test_distribution import chi_square
 
 transformers = pytest.importorskip("transformers")
@@ -260,7 +262,8 @@ def test_soft_q_with_out_of_order_commits_is_rejected(law_world: tuple) -> None:
 
 
 def test_pld_drafts_from_the_text_and_is_exact() -> None:
-    from specdiff_ext.decoding import PLDDecoder, lookup_ngram
+    from specdiff_ext.decoding import PLDDecoder
+    from specdiff_ext.drafting import lookup_ngram
 
     assert lookup_ngram([1, 2, 3, 9, 1, 2], 3) == [3, 9, 1]
     assert lookup_ngram([1, 2, 3, 9, 1, 2], 1, max_ngram=1) == [3]  # most recent "2" -> 3
@@ -291,12 +294,15 @@ def _controlled_law(target: TargetModel, prompt: Tensor, controls: dict) -> Tens
     filt = {k: v for k, v in controls.items() if k != "repetition_penalty"}
     rep = controls.get("repetition_penalty", 1.0)
     hist = prompt[0].tolist()
-    l1 = R.penalized_logits(target.forward(prompt).logits[0, -1], hist, rep)
-    p1 = R.filtered_probs(l1, 1.0, **filt)
+    def penalized(row: Tensor, seen: list) -> Tensor:
+        return R.apply_penalties(row.double()[None, None], torch.tensor([seen]), len(seen),
+                                 repetition_penalty=rep)[0, 0]
+
+    l1 = penalized(target.forward(prompt).logits[0, -1], hist)
+    p1 = filtered_law(l1, 1.0, **filt)
     both = torch.cat([prompt.expand(V, -1), torch.arange(V)[:, None]], dim=1)
     l2 = target.forward(both).logits[:, -1]
-    p2 = torch.stack([R.filtered_probs(R.penalized_logits(l2[t], hist + [t], rep), 1.0, **filt)
-                      for t in range(V)])
+    p2 = torch.stack([filtered_law(penalized(l2[t], hist + [t]), 1.0, **filt) for t in range(V)])
     return (p1[:, None] * p2).reshape(-1)
 
 

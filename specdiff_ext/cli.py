@@ -10,13 +10,13 @@ prompts, as token shards) and ``train-drafter`` (distil a drafter from them).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import re
 import sys
 import time
-from typing import Any, Callable, Dict, Optional, Sequence
-
-from .pretrained import DEFAULT_GAMMA
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 
 def _make_data(argv: Sequence[str]) -> int:
@@ -87,8 +87,8 @@ def _spec_args(ap: argparse.ArgumentParser) -> None:
     from .decoding import DEFAULTS
 
     ap.add_argument("--gamma", type=int, default=None,
-                    help=f"drafts per round (default: specdiff {DEFAULT_GAMMA} with the embedded "
-                         f"drafter, ar-spec {DEFAULTS.ar_gamma}, pld {DEFAULTS.pld_gamma})")
+                    help=f"drafts per round (default: specdiff the drafter's trained block minus "
+                         f"one, ar-spec {DEFAULTS.ar_gamma}, pld {DEFAULTS.pld_gamma})")
     ap.add_argument("--steps", type=int, default=DEFAULTS.steps,
                     help="denoising steps per block (specdiff)")
     ap.add_argument("--commit", default=DEFAULTS.commit,
@@ -104,48 +104,51 @@ def _control_args(ap: argparse.ArgumentParser) -> None:
                    help="transformers' repetition penalty over prompt and output (1: off)")
 
 
-def _controls(ap: argparse.ArgumentParser, a: argparse.Namespace) -> dict:
-    """The controls as generate() keywords; a bad value is a usage error."""
-    from .decoding import SamplingControls
+# Each value is checked by its one owner (the ops' validators for sampling settings, the
+# decoders' and drafters' checks for theirs); the CLI only maps an error to its flag.
+_FLAGS = {"max_new_tokens": "--max-new-tokens", "temperature": "--temperature",
+          "top_k": "--top-k", "top_p": "--top-p", "min_p": "--min-p",
+          "repetition_penalty": "--repetition-penalty", "gamma": "--gamma", "steps": "--steps"}
 
-    kw = dict(top_k=a.top_k, top_p=a.top_p, min_p=a.min_p, repetition_penalty=a.repetition_penalty)
+
+@contextlib.contextmanager
+def _as_usage(ap: argparse.ArgumentParser, flags: Optional[Dict[str, str]] = None) -> Iterator[None]:
+    """Turn a ValueError / TypeError of a check into a usage error (one line, exit 2) that
+    names the flag instead of the argument."""
     try:
-        SamplingControls.make(**kw)
-    except ValueError as exc:
-        ap.error(str(exc).replace("top_k", "--top-k").replace("top_p", "--top-p")
-                 .replace("min_p", "--min-p").replace("repetition_penalty", "--repetition-penalty"))
-    return {k: v for k, v in kw.items() if v is not None}
+        yield
+    except (ValueError, TypeError) as exc:
+        msg = str(exc)
+        for name, flag in (flags or _FLAGS).items():
+            msg = re.sub(rf"(?<![-\w]){name}(?!\w)", flag, msg)
+        ap.error(msg)
 
 
-MAX_STEPS = 64  # denoising steps per block: more than the block's positions buys nothing
-MAX_NEW_TOKENS = 1 << 16
+def _check(ap: argparse.ArgumentParser, a: argparse.Namespace) -> dict:
+    """Usage errors of the shared arguments, as one line on stderr and exit status 2, before
+    any model loads. Returns the sampling controls that are set, as generate() keywords."""
+    from .decoding import check_gamma, check_max_new_tokens
+    from .drafting import check_steps
+    from .ops import check_sampling
 
-
-def _check(ap: argparse.ArgumentParser, a: argparse.Namespace) -> None:
-    """Usage errors of the shared arguments, as one line on stderr and exit status 2."""
-    import math
-
-    def bad(flag: str, rule: str, value: Any) -> None:
-        ap.error(f"{flag} must be {rule}, got {value}")
-
-    if getattr(a, "max_new_tokens", None) is not None and not 0 <= a.max_new_tokens <= MAX_NEW_TOKENS:
-        bad("--max-new-tokens", f"in [0, {MAX_NEW_TOKENS}]", a.max_new_tokens)
-    t = getattr(a, "temperature", None)
-    if isinstance(t, float) and not (math.isfinite(t) and t >= 0):
-        bad("--temperature", "finite and >= 0", t)
-    if getattr(a, "gamma", None) is not None and not 1 <= a.gamma <= 256:
-        bad("--gamma", "in [1, 256]", a.gamma)
-    st = getattr(a, "steps", None)
-    if isinstance(st, int) and not 1 <= st <= MAX_STEPS:
-        bad("--steps", f"in [1, {MAX_STEPS}] (denoising steps per block)", st)
-    for flag in ("ar_gamma", "pld_gamma"):
-        v = getattr(a, flag, None)
-        if v is not None and not 1 <= v <= 256:
-            bad("--" + flag.replace("_", "-"), "in [1, 256]", v)
+    if getattr(a, "max_new_tokens", None) is not None:
+        with _as_usage(ap):
+            check_max_new_tokens(a.max_new_tokens)
+    kw = {k: getattr(a, k, None) for k in ("temperature", "top_k", "top_p", "min_p",
+                                           "repetition_penalty")}
+    with _as_usage(ap):
+        check_sampling(**{k: v for k, v in kw.items() if v is not None})
+    for flag in ("gamma", "ar_gamma", "pld_gamma"):
+        if getattr(a, flag, None) is not None:
+            with _as_usage(ap, {"gamma": "--" + flag.replace("_", "-")}):
+                check_gamma(getattr(a, flag))
+    if isinstance(getattr(a, "steps", None), int):
+        with _as_usage(ap):
+            check_steps(a.steps)
     if getattr(a, "threads", None) is not None and a.threads < 1:
-        bad("--threads", ">= 1", a.threads)
+        ap.error(f"--threads must be >= 1, got {a.threads}")
     if getattr(a, "num_prompts", None) is not None and not 1 <= a.num_prompts <= 4096:
-        bad("--num-prompts", "in [1, 4096]", a.num_prompts)
+        ap.error(f"--num-prompts must be in [1, 4096], got {a.num_prompts}")
     dev = getattr(a, "device", None)
     if dev is not None:
         import torch
@@ -162,6 +165,7 @@ def _check(ap: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         v = getattr(a, flag, None)
         if isinstance(v, str) and not os.path.exists(v):
             ap.error(f"--{flag.replace('_', '-')}: no such file or folder: {v}")
+    return {k: v for k, v in kw.items() if v is not None and k != "temperature"}
 
 
 def _load(a: argparse.Namespace, need_drafter: bool, need_ar: bool) -> Any:
@@ -206,8 +210,7 @@ def _generate(argv: Sequence[str]) -> int:
     ap.add_argument("--json", action="store_true",
                     help="print one JSON object {decoder, text, ids, stats} instead of streaming")
     a = ap.parse_args(argv)
-    _check(ap, a)
-    ctl = _controls(ap, a)
+    ctl = _check(ap, a)
     import torch
 
     from .bench import build_decoders
@@ -295,8 +298,7 @@ def _bench(argv: Sequence[str]) -> int:
     ap.add_argument("--plot", default=None, help="draw tokens/s and accepted lengths to this PNG")
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
-    _check(ap, a)
-    ctl = _controls(ap, a)
+    ctl = _check(ap, a)
     if a.plot:  # before the run, not after it: the table must not be lost
         import importlib.util
 
@@ -332,6 +334,35 @@ def _bench(argv: Sequence[str]) -> int:
     return 0
 
 
+def _eval_grid(ap: argparse.ArgumentParser, a: argparse.Namespace) -> dict:
+    """eval-drafter's comma lists, parsed and checked by their owners before any model loads."""
+    from .decoding import check_gamma
+    from .drafting import check_steps
+    from .ops import check_sampling
+    from .types import CommitMode
+
+    def items(flag: str, text: str, parse: Callable[[str], Any]) -> List[Any]:
+        out = []
+        for x in (x.strip() for x in text.split(",")):
+            if not x:
+                continue
+            try:
+                out.append(parse(x))
+            except (ValueError, TypeError) as exc:
+                ap.error(f"{flag}: bad entry {x!r}: {exc}")
+        if not out:
+            ap.error(f"{flag} must list at least one value, got {text!r}")
+        return out
+
+    return {
+        "gammas": items("--gammas", a.gammas, lambda x: None if x == "auto" else check_gamma(int(x))),
+        "steps": items("--steps", a.steps, lambda x: check_steps(int(x))),
+        "commits": items("--commits", a.commits, lambda x: CommitMode.parse(x).name.lower()),
+        "temperatures": items("--temperatures", a.temperatures,
+                              lambda x: check_sampling(temperature=float(x))["temperature"]),
+    }
+
+
 def _eval_drafter(argv: Sequence[str]) -> int:
     ap = argparse.ArgumentParser(
         prog="specdiff eval-drafter", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -340,10 +371,12 @@ def _eval_drafter(argv: Sequence[str]) -> int:
     ap.add_argument("--sets", default="sharegpt,humaneval", help="prompt sets to use")
     ap.add_argument("--prompts", default=None, help="a JSON-lines file instead of --sets")
     ap.add_argument("--num-prompts", type=int, default=8, help="prompts per set")
-    ap.add_argument("--gammas", default="4,8,16")
-    ap.add_argument("--steps", default="1,2,4,8")
-    ap.add_argument("--commits", default="left_to_right,confidence,random")
-    ap.add_argument("--temperatures", default="0,1")
+    ap.add_argument("--gammas", default="auto",
+                    help="comma list of drafts per round; auto: the drafter's trained block minus one")
+    ap.add_argument("--steps", default="1,2,4,8", help="comma list of denoising steps per block")
+    ap.add_argument("--commits", default="left_to_right,confidence,random",
+                    help="comma list of left_to_right, confidence, random")
+    ap.add_argument("--temperatures", default="0,1", help="comma list of temperatures")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
     _model_args(ap)
@@ -352,6 +385,7 @@ def _eval_drafter(argv: Sequence[str]) -> int:
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
     _check(ap, a)
+    grid = _eval_grid(ap, a)
     from .bench import eval_drafter, format_eval_table
     from .prompts import heldout_sharegpt_prompts, humaneval_prompts, read_prompts
 
@@ -368,11 +402,8 @@ def _eval_drafter(argv: Sequence[str]) -> int:
                 raise SystemExit(f"specdiff eval-drafter: unknown prompt set {s!r} "
                                  "(sharegpt, humaneval)")
     pair = _load(a, True, False)
-    ints = lambda v: [int(x) for x in v.split(",") if x.strip()]  # noqa: E731
-    rows = eval_drafter(pair.target, pair.drafter, sets, gammas=ints(a.gammas), steps=ints(a.steps),
-                        commits=[c.strip() for c in a.commits.split(",") if c.strip()],
-                        temperatures=[float(x) for x in a.temperatures.split(",") if x.strip()],
-                        max_new_tokens=a.max_new_tokens, seed=a.seed, progress=not a.no_progress)
+    rows = eval_drafter(pair.target, pair.drafter, sets, **grid, max_new_tokens=a.max_new_tokens,
+                        seed=a.seed, progress=not a.no_progress)
     meta = {"drafter": a.drafter or "embedded", "target": pair.target.name,
             "dtype": str(pair.target.dtype).replace("torch.", ""), "num_prompts": a.num_prompts,
             "max_new_tokens": a.max_new_tokens, "rows": rows}

@@ -19,14 +19,12 @@ from typing import Any, NamedTuple, Optional, Union
 
 import torch
 
-__all__ = ["WEIGHTS_DIR", "DEFAULT_DRAFTER", "DEFAULT_AR_DRAFTER", "DEFAULT_GAMMA", "default_dtype",
+__all__ = ["WEIGHTS_DIR", "DEFAULT_DRAFTER", "DEFAULT_AR_DRAFTER", "default_dtype",
            "parse_dtype", "load_pair", "load_diffusion_drafter", "Pair"]
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 DEFAULT_DRAFTER = WEIGHTS_DIR / "smollm2-135m-dflash"
 DEFAULT_AR_DRAFTER = WEIGHTS_DIR / "smollm2-135m-ar"
-# specdiff drafts per round with the embedded drafter: its trained block (4) less the last token
-DEFAULT_GAMMA = 3
 
 PathLike = Union[str, os.PathLike]
 

@@ -1,5 +1,6 @@
-"""Result types and enums shared by the ops (`specdiff_ext.ops`) and the reference
-(`specdiff_ext.reference`).
+"""Result types and enums shared by the ops (`specdiff_ext.ops`), the reference
+(`specdiff_ext.reference`), the drafters' adapters (`specdiff_ext.drafting`) and the decode loop
+(`specdiff_ext.decoding`).
 
 Kept free of torch and of the compiled extension so that both layers, the tests and type
 checkers can import it cheaply.
@@ -8,9 +9,10 @@ checkers can import it cheaply.
 from __future__ import annotations
 
 import enum
-from typing import Any, NamedTuple
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Optional
 
-__all__ = ["CommitMode", "DenoiseResult", "GatherResult", "VerifyResult"]
+__all__ = ["CommitMode", "DenoiseResult", "GatherResult", "VerifyResult", "Draft"]
 
 
 class VerifyResult(NamedTuple):
@@ -113,3 +115,30 @@ class CommitMode(enum.IntEnum):
                     f"mode must be one of {[int(m) for m in cls]}, got {mode!r}"
                 ) from None
         raise TypeError(f"mode must be a CommitMode, str or int, got {type(mode).__name__}")
+
+
+@dataclass
+class Draft:
+    """One round's drafts, as a drafter hands them to the decode loop, with what `ops.verify`
+    needs to keep the round exact.
+
+    Attributes
+    ----------
+    ids : int64 tensor
+        Shape: (1, g). Target ids; g may be smaller than asked (0: a plain target step).
+    logits : tensor or None
+        Shape: (1, g, Vd). The law each draft was drawn from (soft q); None: point masses only.
+    point_mass : bool tensor or None
+        Shape: (1, g). Drafts to verify as point masses (the order-aware rule,
+        docs/design.md section 3).
+    temperature : float
+        The temperature `logits` are read at.
+    vocab_map : int64 tensor or None
+        Shape: (Vd,). Target id of each logits column (reduced vocabulary).
+    """
+
+    ids: Any
+    logits: Optional[Any] = None
+    point_mass: Optional[Any] = None
+    temperature: float = 0.0
+    vocab_map: Optional[Any] = None

@@ -1,5 +1,4 @@
-"""End-to-end decoding benchmark (``specdiff bench``) and drafter evaluation (``specdiff
-eval-drafter``).
+"""End-to-end decoding benchmark (``specdiff bench``); drafter evals are in `bench.evals`.
 
 `run_bench` loads the models once and runs every decoder on every prompt, interleaved prompt by
 prompt (so slow drifts of the machine hit all decoders alike), after one warm-up generation per
@@ -29,7 +28,9 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-__all__ = ["DECODERS", "build_decoders", "run_bench", "eval_drafter"]
+from .stats import pool_stats
+
+__all__ = ["DECODERS", "build_decoders", "run_bench"]
 
 DECODERS = ("ar", "specdiff", "ar-spec", "pld", "hf", "hf-assisted", "hf-pld")
 
@@ -163,8 +164,6 @@ def run_bench(target: Any, decoders: Dict[str, Any], prompts: Sequence[str], *,
         "max_new_tokens": max_new_tokens, "temperature": temperature, "prompts": len(encoded),
         "controls": ctl,
         "torch": torch.__version__, "decoders": {}}
-    from ..decoding import pool_stats
-
     for name, rs in runs.items():
         d = pool_stats([r.stats for r in rs])
         if name == "ar":  # plain decoding: its "rounds" are tokens, nothing is drafted
@@ -179,39 +178,3 @@ def run_bench(target: Any, decoders: Dict[str, Any], prompts: Sequence[str], *,
             d["matches_ar"] = sum(a.ids == b.ids for a, b in zip(runs[name], runs["ar"]))
             d["prompts"] = len(encoded)
     return report
-
-
-def eval_drafter(target: Any, drafter: Any, prompt_sets: Dict[str, Sequence[str]], *,
-                 gammas: Sequence[int] = (4, 8, 16), steps: Sequence[int] = (1, 2, 4, 8),
-                 commits: Sequence[str] = ("left_to_right", "confidence", "random"),
-                 temperatures: Sequence[float] = (0.0, 1.0), max_new_tokens: int = 64,
-                 seed: int = 0, progress: bool = True) -> List[dict]:
-    """Mean accepted draft tokens per round for every (prompt set, temperature, G, T, commit).
-
-    Each configuration decodes every prompt of the set for `max_new_tokens` tokens with
-    `decoding.SpecDiffDecoder` and pools the rounds. Returns one dict per configuration.
-    """
-    from ..decoding import SpecDiffDecoder, evaluate_acceptance
-
-    encoded = {k: [target.chat_prompt(p) for p in v] for k, v in prompt_sets.items()}
-    grid = [(s, t, g, T, c) for s in encoded for t in temperatures for g in gammas
-            for T in steps for c in commits]
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=len(grid), desc="eval-drafter", unit="config", dynamic_ncols=True,
-                   file=sys.stderr)
-    rows = []
-    for s, t, g, T, c in grid:
-        dec = SpecDiffDecoder(target, drafter, gamma=g, steps=T, commit=c)
-        pooled = evaluate_acceptance(dec, encoded[s], max_new_tokens, temperature=t, seed=seed)
-        row = {"prompts": s, "temperature": t, "gamma": g, "steps": T, "commit": c,
-               **{k: pooled[k] for k in ("mean_accepted", "first_accept_rate", "tokens_per_round",
-                                         "rounds", "accepted_histogram")}}
-        rows.append(row)
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(set=s, t=t, G=g, T=T, acc=f"{row['mean_accepted']:.2f}")
-    if bar is not None:
-        bar.close()
-    return rows

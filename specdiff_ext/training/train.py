@@ -220,7 +220,8 @@ def evaluate_acceptance(drafter: DiffusionDrafter, target: Any, prompts: Sequenc
         accepted_per_round, first_accept_rate (rounds that accepted at least one draft),
         tokens_per_round, rounds.
     """
-    from ..decoding import ARSpecDecoder, SpecDiffDecoder, evaluate_acceptance as run
+    from ..bench.evals import evaluate_acceptance as run
+    from ..decoding import ARSpecDecoder, SpecDiffDecoder
     from ..target import TargetModel
 
     was_training = drafter.training

@@ -1,0 +1,15 @@
+"""Where a round's candidates come from: the drafters' adapters to the decode loop's `Drafter`
+protocol (`specdiff_ext.decoding`).
+
+- `DiffusionDrafting` (`diffusion`): a block-diffusion drafter (DFlash or the older
+  tokens-context drafter), T denoising steps per block.
+- `ARDrafting` (`ar`): a small causal LM, one forward per draft.
+- `PromptLookup` (`ngram`): n-grams of the text so far, no model.
+"""
+
+from .ar import ARDrafter, ARDrafting
+from .diffusion import MAX_STEPS, DiffusionDrafting, check_steps
+from .ngram import PromptLookup, lookup_ngram
+
+__all__ = ["DiffusionDrafting", "ARDrafting", "ARDrafter", "PromptLookup", "lookup_ngram",
+           "check_steps", "MAX_STEPS"]

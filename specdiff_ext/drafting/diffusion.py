@@ -1,0 +1,115 @@
+"""Drafting with a block-diffusion drafter: T denoising steps per block through
+`drafter.sample_block`, as the decode loop's `Drafter` protocol asks."""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Union
+
+from torch import Tensor
+
+from ..defaults import DEFAULTS
+from ..drafter.config import ContextMode
+from ..drafter.dflash import DFlashDrafter
+from ..drafter.model import DiffusionDrafter
+from ..drafter.sampler import sample_block
+from ..types import CommitMode, Draft
+
+__all__ = ["DiffusionDrafting", "check_steps", "MAX_STEPS"]
+
+MAX_STEPS = 64  # denoising steps per block: more than the block's positions buys nothing
+
+
+def check_steps(steps: Any) -> int:
+    """The denoising steps per block, checked: an int in [1, MAX_STEPS]."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
+        raise ValueError(f"steps must be an int in [1, {MAX_STEPS}] (denoising steps per block), "
+                         f"got {steps!r}")
+    return steps
+
+
+class DiffusionDrafting:
+    """Drafting with a block-diffusion drafter: T denoising steps through `sample_block`.
+
+    Parameters
+    ----------
+    drafter : DFlashDrafter or DiffusionDrafter
+        On the target's device. A `DFlashDrafter` reads the target's feature-layer states at
+        every context position (the verification forward returns those of the accepted tokens)
+        and drafts at most block_size - 1 tokens. A `DiffusionDrafter` in TOKENS context mode
+        encodes the context tokens itself; in TARGET_FEATURES mode (with
+        ``features_with_tokens``) position t reads the states at t - 1 (training/features.py).
+    steps : int, optional
+        Denoising steps T per block (1: one parallel pass). None: `DEFAULTS.steps`.
+    commit : CommitMode or str, optional
+        random, confidence or left_to_right (exact at every temperature in each mode). None:
+        `DEFAULTS.commit`.
+    draft_temperature : float, optional
+        None: the target's temperature (0 for greedy decoding).
+    draft_filters : bool, optional
+        Draft with the target's top-k / top-p / min-p too (q is then the filtered law);
+        False: from the drafter's plain tempered law. Both are exact; the filtered law accepts
+        more (`benchmarks/results/draft_filters_cpu.md`). None: `DEFAULTS.draft_filters`.
+
+    Attributes
+    ----------
+    max_drafts : int or None
+        The most drafts one block can hold (a DFlash drafter: its trained block_size - 1);
+        None: no limit of its own (the older tokens-context drafter).
+    cache : DFlashCache or DrafterCache
+        The drafter's context cache of the current text (after `start`).
+    """
+
+    def __init__(self, drafter: Union[DFlashDrafter, DiffusionDrafter], steps: Optional[int] = None,
+                 commit: Union[CommitMode, str, None] = None,
+                 draft_temperature: Optional[float] = None,
+                 draft_filters: Optional[bool] = None) -> None:
+        self.steps = check_steps(DEFAULTS.steps if steps is None else steps)
+        cfg = drafter.config
+        self.dflash = isinstance(drafter, DFlashDrafter)
+        feats = self.dflash or cfg.context_mode is ContextMode.TARGET_FEATURES
+        if feats and not self.dflash:
+            if not cfg.feature_layers:
+                raise ValueError("a target_features drafter must name its feature_layers")
+            if not cfg.features_with_tokens:
+                raise ValueError("SpecDiffDecoder drives target_features drafters that also read "
+                                 "the context tokens (features_with_tokens=True)")
+        self.drafter = drafter
+        self.commit = CommitMode.parse(DEFAULTS.commit if commit is None else commit)
+        self.draft_temperature = draft_temperature
+        self.draft_filters = bool(DEFAULTS.draft_filters if draft_filters is None else draft_filters)
+        self.feature_layers = list(cfg.feature_layers) if feats else None
+        self.max_drafts: Optional[int] = cfg.block_size - 1 if self.dflash else None
+        self.cache: Any = None
+
+    def start(self, prompt: Tensor, seed: int, temperature: float,
+              hidden: Optional[Tensor], filters: Optional[dict] = None) -> None:
+        self._seed = seed
+        self._dtau = temperature if self.draft_temperature is None else float(self.draft_temperature)
+        self._filters = (filters or None) if self.draft_filters else None
+        self.cache = self.drafter.new_cache(1)
+        if self.dflash:  # context position t holds the target's states at t
+            if hidden is None:
+                hidden = prompt.new_zeros((1, 0, self.drafter.config.feature_size),
+                                          dtype=self.cache.dtype)
+            self.cache.append_context(hidden, last=prompt[:, -1:])
+        elif self.feature_layers is None:  # the context holds every token, the last included
+            self.cache.append_context(prompt)
+        else:  # position t reads the target's states at t - 1 (zeros at t = 0)
+            feats = prompt.new_zeros((1, prompt.shape[1], self.drafter.config.feature_size),
+                                     dtype=self.cache.dtype)
+            if hidden is not None:
+                feats[:, 1:] = hidden
+            self.cache.append_context(prompt, feats)
+
+    def draft(self, gamma: int, rnd: int) -> Draft:
+        b = sample_block(self.drafter, self.cache, gamma, self.steps, self.commit,
+                         temperature=self._dtau, seed=self._seed, offset=rnd,
+                         filters=self._filters)
+        return Draft(b.ids, b.logits if self._dtau > 0 else None, b.point_mass, self._dtau,
+                     b.vocab_map)
+
+    def accept(self, emitted: Tensor, n_acc: int, hidden: Optional[Tensor]) -> None:
+        if self.dflash:  # states at [last, x_1 .. x_n]; the correction starts the next block
+            self.cache.append_context(hidden, last=emitted[:, n_acc:])
+        else:  # tokens [x_1 .. x_n, correction] with the states at [last, x_1 .. x_n]
+            self.cache.append_context(emitted, hidden)
