@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <climits>
 #include <cmath>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -233,69 +234,78 @@ void check_id_range(const Array& a, const IdView& v, int64_t rows, int64_t cols,
     }
 }
 
-// A per-row float: (B,) float32 array, or a scalar.
-RowFloat row_float(py::handle arr, double value, const char* name, int64_t B, DeviceCheck& dev,
-                   Array& holder) {
-  RowFloat r;
-  if (!arr.is_none()) {
-    holder.take(arr, name);
-    holder.check_kinds({Kind::kFloat32}, "float32");
-    holder.check_shape({B}, "(B,)");
-    holder.check_contiguous();
-    dev.add(holder);
-    r.data = static_cast<const float*>(holder.data());
-    if (!holder.is_cuda())
-      for (int64_t b = 0; b < B; ++b)
-        if (!(r.data[b] >= 0.0f) || std::isinf(r.data[b]))
-          value_error(std::string(name) + " must be finite and >= 0, got " +
-                      std::to_string(r.data[b]) + " at row " + std::to_string(b));
-  } else {
-    if (!(value >= 0.0) || std::isinf(value))
-      value_error(std::string(name) + " must be finite and >= 0, got " + std::to_string(value));
-    r.value = static_cast<float>(value);
+// A contiguous input of one kind and shape (dims: the shape's name in messages): its data.
+template <typename T>
+const T* take_contiguous(Array& a, py::handle obj, const char* name, Kind kind,
+                         const std::vector<int64_t>& shape, const char* dims, DeviceCheck& dev) {
+  a.take(obj, name);
+  a.check_kinds({kind}, kind_name(kind));
+  a.check_shape(shape, dims);
+  a.check_contiguous();
+  dev.add(a);
+  return static_cast<const T*>(a.data());
+}
+
+// The value rules of the sampling settings, one each: the ops' bindings check scalars and CPU
+// arrays with them, and check_sampling (ops.check_sampling) checks a caller's scalars with
+// the same routines.  NaN fails every rule.
+struct Rule {
+  bool (*ok)(double);
+  const char* text;  // "<name> must be <text>, got ..."
+};
+const Rule kTemperatureRule{[](double t) { return t >= 0.0 && !std::isinf(t); }, "finite and >= 0"};
+const Rule kTopKRule{[](double k) { return k >= 0.0; }, ">= 0 (0 = off)"};
+const Rule kTopPRule{[](double p) { return p > 0.0 && p <= 1.0; }, "in (0, 1] (1 = off)"};
+const Rule kMinPRule{[](double m) { return m >= 0.0 && m <= 1.0; }, "in [0, 1] (0 = off)"};
+const Rule kRepetitionRule{[](double r) { return std::isfinite(r) && r > 0.0; }, "finite and > 0"};
+const Rule kFiniteRule{[](double v) { return std::isfinite(v); }, "finite"};
+
+template <typename T>
+void check_value(const Rule& rule, const char* name, T v, const std::string& where = "") {
+  if (rule.ok(static_cast<double>(v))) return;
+  std::ostringstream os;
+  os.precision(9);
+  os << name << " must be " << rule.text << ", got " << v << where;
+  value_error(os.str());
+}
+
+// A checked per-row setting: a (B,) array of `kind` (CPU values checked by `rule`), or the
+// scalar `value` (checked by `rule`); returns the array's data or null.
+template <typename T, typename S>
+const T* per_row_setting(py::handle arr, S value, const char* name, Kind kind, const Rule& rule,
+                         int64_t B, DeviceCheck& dev, Array& holder) {
+  if (arr.is_none()) {
+    check_value(rule, name, value);
+    return nullptr;
   }
+  const T* data = take_contiguous<T>(holder, arr, name, kind, {B}, "(B,)", dev);
+  if (!holder.is_cuda())
+    for (int64_t b = 0; b < B; ++b) check_value(rule, name, data[b], " at row " + std::to_string(b));
+  return data;
+}
+
+// A per-row float32 setting (temperature, a penalty): (B,) array or scalar.
+template <typename R>
+R row_float(py::handle arr, double value, const char* name, const Rule& rule, int64_t B,
+            DeviceCheck& dev, Array& holder) {
+  R r;
+  r.data = per_row_setting<float>(arr, value, name, Kind::kFloat32, rule, B, dev, holder);
+  r.value = static_cast<float>(value);
   return r;
+}
+
+RowTemperature row_temperature(py::handle arr, double value, const char* name, int64_t B,
+                               DeviceCheck& dev, Array& holder) {
+  return row_float<RowTemperature>(arr, value, name, kTemperatureRule, B, dev, holder);
 }
 
 RowSeed row_seed_arg(py::handle arr, int64_t value, int64_t B, DeviceCheck& dev, Array& holder) {
   RowSeed s;
   s.value = static_cast<uint64_t>(value);
   if (!arr.is_none()) {
-    holder.take(arr, "seed");
-    holder.check_kinds({Kind::kInt64}, "int64");
-    holder.check_shape({B}, "(B,)");
-    holder.check_contiguous();
-    dev.add(holder);
-    s.data = static_cast<const int64_t*>(holder.data());
+    s.data = take_contiguous<int64_t>(holder, arr, "seed", Kind::kInt64, {B}, "(B,)", dev);
   }
   return s;
-}
-
-// A checked per-row setting: a (B,) array of `kind` (CPU values checked by `ok`), or the
-// scalar `value`; `rule` is the message's description of the valid values.
-template <typename T, typename Ok>
-const T* per_row_setting(py::handle arr, T value, const char* name, Kind kind, int64_t B,
-                         DeviceCheck& dev, Array& holder, Ok ok, const char* rule, T* value_out) {
-  auto fail = [&](T v, const std::string& where) {
-    std::ostringstream os;
-    os << name << " must be " << rule << ", got " << v << where;
-    value_error(os.str());
-  };
-  *value_out = value;
-  if (arr.is_none()) {
-    if (!ok(value)) fail(value, "");
-    return nullptr;
-  }
-  holder.take(arr, name);
-  holder.check_kinds({kind}, kind_name(kind));
-  holder.check_shape({B}, "(B,)");
-  holder.check_contiguous();
-  dev.add(holder);
-  const T* data = static_cast<const T*>(holder.data());
-  if (!holder.is_cuda())
-    for (int64_t b = 0; b < B; ++b)
-      if (!ok(data[b])) fail(data[b], " at row " + std::to_string(b));
-  return data;
 }
 
 // Top-k / top-p / min-p: (B,) arrays or scalars; CPU values are checked here.
@@ -303,16 +313,28 @@ RowFilter row_filter(py::handle top_k, int64_t top_k_value, py::handle top_p, do
                      py::handle min_p, double min_p_value, int64_t B, DeviceCheck& dev,
                      Array& hk, Array& hp, Array& hm) {
   RowFilter f;
-  f.top_k = per_row_setting<int64_t>(top_k, top_k_value, "top_k", Kind::kInt64, B, dev, hk,
-                                     [](int64_t k) { return k >= 0; }, ">= 0 (0 = off)",
-                                     &f.top_k_value);
-  f.top_p = per_row_setting<float>(top_p, static_cast<float>(top_p_value), "top_p", Kind::kFloat32,
-                                   B, dev, hp, [](float p) { return p > 0.0f && p <= 1.0f; },
-                                   "in (0, 1] (1 = off)", &f.top_p_value);
-  f.min_p = per_row_setting<float>(min_p, static_cast<float>(min_p_value), "min_p", Kind::kFloat32,
-                                   B, dev, hm, [](float m) { return m >= 0.0f && m <= 1.0f; },
-                                   "in [0, 1] (0 = off)", &f.min_p_value);
+  f.top_k = per_row_setting<int64_t>(top_k, top_k_value, "top_k", Kind::kInt64, kTopKRule, B, dev, hk);
+  f.top_k_value = top_k_value;
+  f.top_p = per_row_setting<float>(top_p, top_p_value, "top_p", Kind::kFloat32, kTopPRule, B, dev, hp);
+  f.top_p_value = static_cast<float>(top_p_value);
+  f.min_p = per_row_setting<float>(min_p, min_p_value, "min_p", Kind::kFloat32, kMinPRule, B, dev, hm);
+  f.min_p_value = static_cast<float>(min_p_value);
   return f;
+}
+
+// ops.check_sampling: the scalar settings a caller holds before any array exists, checked by
+// the rules above (None: not given).
+void check_sampling_py(std::optional<double> temperature, std::optional<int64_t> top_k,
+                       std::optional<double> top_p, std::optional<double> min_p,
+                       std::optional<double> repetition, std::optional<double> presence,
+                       std::optional<double> frequency) {
+  if (temperature) check_value(kTemperatureRule, "temperature", *temperature);
+  if (top_k) check_value(kTopKRule, "top_k", *top_k);
+  if (top_p) check_value(kTopPRule, "top_p", *top_p);
+  if (min_p) check_value(kMinPRule, "min_p", *min_p);
+  if (repetition) check_value(kRepetitionRule, "repetition_penalty", *repetition);
+  if (presence) check_value(kFiniteRule, "presence_penalty", *presence);
+  if (frequency) check_value(kFiniteRule, "frequency_penalty", *frequency);
 }
 
 uint64_t offset_arg(int64_t offset) {
@@ -323,12 +345,21 @@ uint64_t offset_arg(int64_t offset) {
 
 void check_output(Array& a, py::handle obj, const char* name, Kind kind,
                   const std::vector<int64_t>& shape, const char* dims, DeviceCheck& dev) {
+  take_contiguous<void>(a, obj, name, kind, shape, dims, dev);
+  a.check_writable();
+}
+
+// A strided (B, G) input of one kind: its data, and its element strides in *s0, *s1.
+template <typename T>
+const T* take_bg(Array& a, py::handle obj, const char* name, Kind kind, int64_t B, int64_t G,
+                 DeviceCheck& dev, int64_t* s0, int64_t* s1) {
   a.take(obj, name);
   a.check_kinds({kind}, kind_name(kind));
-  a.check_shape(shape, dims);
-  a.check_contiguous();
-  a.check_writable();
+  a.check_shape({B, G}, "(B, G)");
   dev.add(a);
+  *s0 = a.stride(0);
+  *s1 = a.stride(1);
+  return static_cast<const T*>(a.data());
 }
 
 // A (B, N, V) logits input (V >= 1, last dimension contiguous); fills B, N, V.
@@ -351,6 +382,7 @@ void check_cuda(int err, const char* what) {
     throw std::runtime_error(std::string(what) + ": " + cuda::error_string(err) +
                              (where.empty() ? "" : " (at " + where + ")"));
 }
+void* cuda_stream(uint64_t stream) { return reinterpret_cast<void*>(stream); }
 void* workspace_ptr(py::handle ws, size_t need, Array& holder, DeviceCheck& dev) {
   if (need == 0) return nullptr;
   if (ws.is_none()) value_error("workspace of " + std::to_string(need) + " bytes is required");
@@ -370,6 +402,31 @@ void* workspace_ptr(py::handle ws, size_t need, Array& holder, DeviceCheck& dev)
               "(build_info()['cuda'] is False); install with nvcc on the PATH");
 }
 
+// The CUDA half of an op call: code naming cuda:: symbols, compiled only with the kernels.
+#if defined(SPECDIFF_WITH_CUDA)
+#define SD_ON_CUDA(...) __VA_ARGS__
+#else
+#define SD_ON_CUDA(...) nullptr
+#endif
+
+// Runs an op where its arrays live: cpu() without the GIL, or on CUDA cuda() -- a launcher's
+// error code -- checked and reported under the op's name (no CUDA build: a ValueError).
+template <typename Cpu, typename Cuda>
+void run_on_device(const char* op, const DeviceCheck& dev, Cpu&& cpu, Cuda&& cuda) {
+  if (!dev.cuda) {
+    py::gil_scoped_release nogil;
+    cpu();
+    return;
+  }
+#if defined(SPECDIFF_WITH_CUDA)
+  check_cuda(cuda(), op);
+#else
+  (void)op;
+  (void)cuda;
+  no_cuda();
+#endif
+}
+
 // ---------------------------------------------------------------- verify / rejection_sample
 void verify_py(py::handle target_logits, py::handle draft_ids, py::handle draft_logits,
                py::handle draft_point_mass, py::handle vocab_map, py::handle vocab_inv,
@@ -378,7 +435,8 @@ void verify_py(py::handle target_logits, py::handle draft_ids, py::handle draft_
                int64_t offset, py::handle target_lse, py::handle draft_lse, py::handle top_k,
                int64_t top_k_value, py::handle top_p, double top_p_value, py::handle min_p,
                double min_p_value, py::handle out_ids, py::handle out_num_accepted,
-               py::handle out_valid, py::handle workspace, uint64_t stream) {
+               py::handle out_valid, [[maybe_unused]] py::handle workspace,
+               [[maybe_unused]] uint64_t stream) {
   DeviceCheck dev;
   Array tl, di, dl, pm, vm, vi, ta, dta, sd, tlse, dlse, oi, on, ov, ws, hk, hp, hm;
   VerifyParams p;
@@ -406,12 +464,7 @@ void verify_py(py::handle target_logits, py::handle draft_ids, py::handle draft_
       value_error("vocab_map must have 1 <= Vd <= V = " + std::to_string(p.V) + " entries, got " + std::to_string(p.Vd));
     check_id_range(vm, p.vocab_map, p.Vd, 1, p.V, "V");
     if (vocab_inv.is_none()) value_error("vocab_inv is required with vocab_map");
-    vi.take(vocab_inv, "vocab_inv");
-    vi.check_kinds({Kind::kInt32}, "int32");
-    vi.check_shape({p.V}, "(V,)");  // vocab_inv: (V,)
-    vi.check_contiguous();
-    dev.add(vi);
-    p.vocab_inv = static_cast<const int32_t*>(vi.data());
+    p.vocab_inv = take_contiguous<int32_t>(vi, vocab_inv, "vocab_inv", Kind::kInt32, {p.V}, "(V,)", dev);
   }
   if (!draft_logits.is_none()) {
     dl.take(draft_logits, "draft_logits");
@@ -421,34 +474,21 @@ void verify_py(py::handle target_logits, py::handle draft_ids, py::handle draft_
     p.draft = logits_view(dl);
   }
   if (!draft_point_mass.is_none()) {
-    pm.take(draft_point_mass, "draft_point_mass");
-    pm.check_kinds({Kind::kBool}, "bool");
-    pm.check_shape({p.B, p.G}, "(B, G)");  // draft_point_mass: (B, G)
-    dev.add(pm);
-    p.point_mass = static_cast<const uint8_t*>(pm.data());
-    p.pm_s0 = pm.stride(0);
-    p.pm_s1 = pm.stride(1);
+    p.point_mass = take_bg<uint8_t>(pm, draft_point_mass, "draft_point_mass", Kind::kBool, p.B, p.G,
+                                    dev, &p.pm_s0, &p.pm_s1);  // draft_point_mass: (B, G)
   }
-  p.tau = row_float(temperature, temperature_value, "temperature", p.B, dev, ta);
-  p.draft_tau = row_float(draft_temperature, draft_temperature_value, "draft_temperature", p.B, dev, dta);
+  p.tau = row_temperature(temperature, temperature_value, "temperature", p.B, dev, ta);
+  p.draft_tau = row_temperature(draft_temperature, draft_temperature_value, "draft_temperature", p.B, dev, dta);
   p.seed = row_seed_arg(seed, seed_value, p.B, dev, sd);
   p.offset = offset_arg(offset);
   p.filter = row_filter(top_k, top_k_value, top_p, top_p_value, min_p, min_p_value, p.B, dev, hk, hp, hm);
   if (!target_lse.is_none()) {
-    tlse.take(target_lse, "target_lse");
-    tlse.check_kinds({Kind::kFloat32}, "float32");
-    tlse.check_shape({p.B, p.G + 1}, "(B, G+1)");  // target_lse: (B, G+1)
-    tlse.check_contiguous();
-    dev.add(tlse);
-    p.target_lse = static_cast<const float*>(tlse.data());
+    p.target_lse = take_contiguous<float>(tlse, target_lse, "target_lse", Kind::kFloat32,
+                                          {p.B, p.G + 1}, "(B, G+1)", dev);
   }
   if (!draft_lse.is_none()) {
-    dlse.take(draft_lse, "draft_lse");
-    dlse.check_kinds({Kind::kFloat32}, "float32");
-    dlse.check_shape({p.B, p.G}, "(B, G)");  // draft_lse: (B, G)
-    dlse.check_contiguous();
-    dev.add(dlse);
-    p.draft_lse = static_cast<const float*>(dlse.data());
+    p.draft_lse = take_contiguous<float>(dlse, draft_lse, "draft_lse", Kind::kFloat32, {p.B, p.G},
+                                         "(B, G)", dev);
   }
   check_output(oi, out_ids, "out_ids", Kind::kInt64, {p.B, p.G + 1}, "(B, G+1)", dev);
   check_output(on, out_num_accepted, "out_num_accepted", Kind::kInt64, {p.B}, "(B,)", dev);
@@ -459,28 +499,19 @@ void verify_py(py::handle target_logits, py::handle draft_ids, py::handle draft_
   check_id_range(di, p.draft_ids, p.B, p.G, p.V, "V");
   if (p.B == 0) return;
 
-  if (dev.cuda) {
-#if defined(SPECDIFF_WITH_CUDA)
+  run_on_device("verify", dev, [&] { cpu::verify(p); }, SD_ON_CUDA([&] {
     if (p.filter.any())
       value_error("verify on CUDA takes filtered logits (ops.filter_logits); top_k, top_p and "
                   "min_p must be off here");
     const size_t need = cuda::verify_workspace_bytes(p.B, p.G, p.V, p.Vd, dev.id);
-    void* w = workspace_ptr(workspace, need, ws, dev);
-    check_cuda(cuda::verify(p, w, need, reinterpret_cast<void*>(stream), dev.id), "verify");
-#else
-    (void)workspace;
-    (void)stream;
-    no_cuda();
-#endif
-  } else {
-    py::gil_scoped_release nogil;
-    cpu::verify(p);
-  }
+    return cuda::verify(p, workspace_ptr(workspace, need, ws, dev), need, cuda_stream(stream), dev.id);
+  }));
 }
 
 // ---------------------------------------------------------------- gather_logprobs
 void gather_py(py::handle logits, py::handle ids, py::handle temperature, double temperature_value,
-               py::handle out_lse, py::handle out_logprobs, py::handle workspace, uint64_t stream) {
+               py::handle out_lse, py::handle out_logprobs, [[maybe_unused]] py::handle workspace,
+               [[maybe_unused]] uint64_t stream) {
   DeviceCheck dev;
   Array lg, id, ta, ol, op, ws;
   GatherParams p;
@@ -489,27 +520,17 @@ void gather_py(py::handle logits, py::handle ids, py::handle temperature, double
   p.ids = id_view(id);
   id.check_shape({p.B, p.N}, "(B, N)");  // ids: (B, N)
   dev.add(id);
-  p.tau = row_float(temperature, temperature_value, "temperature", p.B, dev, ta);
+  p.tau = row_temperature(temperature, temperature_value, "temperature", p.B, dev, ta);
   check_output(ol, out_lse, "out_lse", Kind::kFloat32, {p.B, p.N}, "(B, N)", dev);
   check_output(op, out_logprobs, "out_logprobs", Kind::kFloat32, {p.B, p.N}, "(B, N)", dev);
   p.out_lse = static_cast<float*>(ol.data());
   p.out_logprobs = static_cast<float*>(op.data());
   check_id_range(id, p.ids, p.B, p.N, p.V, "V");
   if (p.B * p.N == 0) return;
-  if (dev.cuda) {
-#if defined(SPECDIFF_WITH_CUDA)
+  run_on_device("gather_logprobs", dev, [&] { cpu::gather_logprobs(p); }, SD_ON_CUDA([&] {
     const size_t need = cuda::gather_workspace_bytes(p.B, p.N, p.V, dev.id);
-    void* w = workspace_ptr(workspace, need, ws, dev);
-    check_cuda(cuda::gather_logprobs(p, w, need, reinterpret_cast<void*>(stream), dev.id), "gather_logprobs");
-#else
-    (void)workspace;
-    (void)stream;
-    no_cuda();
-#endif
-  } else {
-    py::gil_scoped_release nogil;
-    cpu::gather_logprobs(p);
-  }
+    return cuda::gather_logprobs(p, workspace_ptr(workspace, need, ws, dev), need, cuda_stream(stream), dev.id);
+  }));
 }
 
 // ---------------------------------------------------------------- denoise_step
@@ -517,7 +538,8 @@ void denoise_py(py::handle logits, py::handle tokens, py::handle commit_step, in
                 int64_t num_steps, int mode, py::handle vocab_map, py::handle temperature,
                 double temperature_value, py::handle seed, int64_t seed_value, int64_t offset,
                 py::handle out_tokens, py::handle out_commit_step, py::handle out_lse,
-                py::handle out_valid, py::handle workspace, uint64_t stream) {
+                py::handle out_valid, [[maybe_unused]] py::handle workspace,
+               [[maybe_unused]] uint64_t stream) {
   DeviceCheck dev;
   Array lg, tk, cs, vm, ta, sd, ot, oc, ol, ov, ws;
   DenoiseParams p;
@@ -533,13 +555,8 @@ void denoise_py(py::handle logits, py::handle tokens, py::handle commit_step, in
   p.tokens = id_view(tk);
   tk.check_shape({p.B, p.G}, "(B, G)");  // tokens: (B, G)
   dev.add(tk);
-  cs.take(commit_step, "commit_step");
-  cs.check_kinds({Kind::kInt32}, "int32");
-  cs.check_shape({p.B, p.G}, "(B, G)");  // commit_step: (B, G)
-  dev.add(cs);
-  p.commit_step = static_cast<const int32_t*>(cs.data());
-  p.cs_s0 = cs.stride(0);
-  p.cs_s1 = cs.stride(1);
+  p.commit_step = take_bg<int32_t>(cs, commit_step, "commit_step", Kind::kInt32, p.B, p.G, dev,
+                                   &p.cs_s0, &p.cs_s1);  // commit_step: (B, G)
   if (num_steps < 1) value_error("num_steps must be >= 1, got " + std::to_string(num_steps));
   if (step < 0 || step >= num_steps)
     value_error("step must be in [0, num_steps) = [0, " + std::to_string(num_steps) + "), got " + std::to_string(step));
@@ -555,7 +572,7 @@ void denoise_py(py::handle logits, py::handle tokens, py::handle commit_step, in
     dev.add(vm);
     check_id_range(vm, p.vocab_map, p.Vd, 1, INT64_MAX, "2^63");
   }
-  p.tau = row_float(temperature, temperature_value, "temperature", p.B, dev, ta);
+  p.tau = row_temperature(temperature, temperature_value, "temperature", p.B, dev, ta);
   p.seed = row_seed_arg(seed, seed_value, p.B, dev, sd);
   p.offset = offset_arg(offset);
   check_output(ot, out_tokens, "out_tokens", Kind::kInt64, {p.B, p.G}, "(B, G)", dev);
@@ -567,58 +584,34 @@ void denoise_py(py::handle logits, py::handle tokens, py::handle commit_step, in
   p.out_lse = static_cast<float*>(ol.data());
   p.out_valid = static_cast<bool*>(ov.data());
   if (p.B == 0) return;
-  if (dev.cuda) {
-#if defined(SPECDIFF_WITH_CUDA)
+  run_on_device("denoise_step", dev, [&] { cpu::denoise_step(p); }, SD_ON_CUDA([&] {
     const size_t need = cuda::denoise_workspace_bytes(p.B, p.G, p.Vd, dev.id);
-    void* w = workspace_ptr(workspace, need, ws, dev);
-    check_cuda(cuda::denoise_step(p, w, need, reinterpret_cast<void*>(stream), dev.id), "denoise_step");
-#else
-    (void)workspace;
-    (void)stream;
-    no_cuda();
-#endif
-  } else {
-    py::gil_scoped_release nogil;
-    cpu::denoise_step(p);
-  }
+    return cuda::denoise_step(p, workspace_ptr(workspace, need, ws, dev), need, cuda_stream(stream), dev.id);
+  }));
 }
 
 // ---------------------------------------------------------------- filter_logits
 void filter_py(py::handle logits, py::handle temperature, double temperature_value,
                py::handle top_k, int64_t top_k_value, py::handle top_p, double top_p_value,
-               py::handle min_p, double min_p_value, py::handle out, uint64_t stream) {
+               py::handle min_p, double min_p_value, py::handle out, [[maybe_unused]] uint64_t stream) {
   DeviceCheck dev;
   Array lg, ta, hk, hp, hm, o;
   FilterParams p;
   p.logits = take_logits(lg, logits, "logits", dev, &p.B, &p.N, &p.V);  // logits: (B, N, V)
-  p.tau = row_float(temperature, temperature_value, "temperature", p.B, dev, ta);
+  p.tau = row_temperature(temperature, temperature_value, "temperature", p.B, dev, ta);
   p.filter = row_filter(top_k, top_k_value, top_p, top_p_value, min_p, min_p_value, p.B, dev, hk, hp, hm);
-  o.take(out, "out");
-  o.check_kinds({lg.kind()}, kind_name(lg.kind()));
-  o.check_shape({p.B, p.N, p.V}, "(B, N, V)");  // out: (B, N, V)
-  o.check_contiguous();
-  o.check_writable();
-  dev.add(o);
+  check_output(o, out, "out", lg.kind(), {p.B, p.N, p.V}, "(B, N, V)", dev);
   p.out = o.data();
   if (p.B * p.N == 0) return;
-  if (dev.cuda) {
-#if defined(SPECDIFF_WITH_CUDA)
-    check_cuda(cuda::filter_logits(p, reinterpret_cast<void*>(stream), dev.id), "filter_logits");
-#else
-    (void)stream;
-    no_cuda();
-#endif
-  } else {
-    py::gil_scoped_release nogil;
-    cpu::filter_logits(p);
-  }
+  run_on_device("filter_logits", dev, [&] { cpu::filter_logits(p); },
+                SD_ON_CUDA([&] { return cuda::filter_logits(p, cuda_stream(stream), dev.id); }));
 }
 
 // ---------------------------------------------------------------- apply_penalties
 void penalties_py(py::handle logits, py::handle ids, py::handle lengths, py::handle repetition,
                   double repetition_value, py::handle presence, double presence_value,
                   py::handle frequency, double frequency_value, py::handle out,
-                  py::handle workspace, uint64_t stream) {
+                  [[maybe_unused]] py::handle workspace, [[maybe_unused]] uint64_t stream) {
   DeviceCheck dev;
   Array lg, id, ln, hr, hpr, hf, o, ws;
   PenaltyParams p;
@@ -629,51 +622,21 @@ void penalties_py(py::handle logits, py::handle ids, py::handle lengths, py::han
   if (id.size(0) != p.B) value_error("ids must have B = " + std::to_string(p.B) + " rows, got " + std::to_string(id.size(0)));
   p.L = id.size(1);
   dev.add(id);
-  ln.take(lengths, "lengths");
-  ln.check_kinds({Kind::kInt64}, "int64");
-  ln.check_shape({p.B}, "(B,)");  // lengths: (B,)
-  ln.check_contiguous();
-  dev.add(ln);
-  p.lengths = static_cast<const int64_t*>(ln.data());
-  auto factor = [&](py::handle arr, double value, const char* name, Array& h, bool positive) {
-    RowFloat r;
-    if (!arr.is_none()) {
-      h.take(arr, name);
-      h.check_kinds({Kind::kFloat32}, "float32");
-      h.check_shape({p.B}, "(B,)");
-      h.check_contiguous();
-      dev.add(h);
-      r.data = static_cast<const float*>(h.data());
-      if (!h.is_cuda())
-        for (int64_t b = 0; b < p.B; ++b)
-          if (!std::isfinite(r.data[b]) || (positive && !(r.data[b] > 0.0f)))
-            value_error(std::string(name) + (positive ? " must be finite and > 0" : " must be finite") +
-                        ", got " + std::to_string(r.data[b]) + " at row " + std::to_string(b));
-    } else {
-      if (!std::isfinite(value) || (positive && !(value > 0.0)))
-        value_error(std::string(name) + (positive ? " must be finite and > 0" : " must be finite") +
-                    ", got " + std::to_string(value));
-      r.value = static_cast<float>(value);
-    }
-    return r;
-  };
-  p.repetition = factor(repetition, repetition_value, "repetition_penalty", hr, true);
-  p.presence = factor(presence, presence_value, "presence_penalty", hpr, false);
-  p.frequency = factor(frequency, frequency_value, "frequency_penalty", hf, false);
-  o.take(out, "out");
-  o.check_kinds({Kind::kFloat32}, "float32");
-  o.check_shape({p.B, p.N, p.V}, "(B, N, V)");  // out: (B, N, V)
-  o.check_contiguous();
-  o.check_writable();
-  dev.add(o);
+  p.lengths = take_contiguous<int64_t>(ln, lengths, "lengths", Kind::kInt64, {p.B}, "(B,)", dev);
+  p.repetition = row_float<RowFloat>(repetition, repetition_value, "repetition_penalty", kRepetitionRule, p.B, dev, hr);
+  p.presence = row_float<RowFloat>(presence, presence_value, "presence_penalty", kFiniteRule, p.B, dev, hpr);
+  p.frequency = row_float<RowFloat>(frequency, frequency_value, "frequency_penalty", kFiniteRule, p.B, dev, hf);
+  check_output(o, out, "out", Kind::kFloat32, {p.B, p.N, p.V}, "(B, N, V)", dev);
   p.out = o.data();
   if (!ln.is_cuda()) {
     for (int64_t b = 0; b < p.B; ++b) {
       const int64_t len = p.lengths[b];
-      if (len < 0 || len + std::max<int64_t>(p.N - 1, 0) > p.L)
+      // Compared with L - (N - 1) (both sides in range): len + N - 1 could wrap.
+      const int64_t hi = p.L - std::max<int64_t>(p.N - 1, 0);
+      if (len < 0 || len > hi)
         value_error("lengths[" + std::to_string(b) + "] = " + std::to_string(len) +
                     ": position n sees ids[b, :lengths[b] + n], so 0 <= lengths[b] <= L - (N - 1) = " +
-                    std::to_string(p.L - std::max<int64_t>(p.N - 1, 0)) + " is required");
+                    std::to_string(hi) + " is required");
       if (!id.is_cuda())
         for (int64_t j = 0; j < len + std::max<int64_t>(p.N - 1, 0); ++j) {
           const int64_t t = p.ids.at(b, j);
@@ -684,20 +647,10 @@ void penalties_py(py::handle logits, py::handle ids, py::handle lengths, py::han
     }
   }
   if (p.B * p.N == 0) return;
-  if (dev.cuda) {
-#if defined(SPECDIFF_WITH_CUDA)
+  run_on_device("apply_penalties", dev, [&] { cpu::apply_penalties(p); }, SD_ON_CUDA([&] {
     const size_t need = cuda::penalty_workspace_bytes(p.B, p.V);
-    void* w = workspace_ptr(workspace, need, ws, dev);
-    check_cuda(cuda::apply_penalties(p, w, need, reinterpret_cast<void*>(stream), dev.id), "apply_penalties");
-#else
-    (void)workspace;
-    (void)stream;
-    no_cuda();
-#endif
-  } else {
-    py::gil_scoped_release nogil;
-    cpu::apply_penalties(p);
-  }
+    return cuda::apply_penalties(p, workspace_ptr(workspace, need, ws, dev), need, cuda_stream(stream), dev.id);
+  }));
 }
 
 py::dict build_info() {
@@ -768,6 +721,11 @@ PYBIND11_MODULE(_C, m) {
         py::arg("repetition_value"), py::arg("presence"), py::arg("presence_value"),
         py::arg("frequency"), py::arg("frequency_value"), py::arg("out"), py::arg("workspace"),
         py::arg("stream"));
+  m.def("check_sampling", &check_sampling_py,
+        "Checks scalar sampling settings by the ops' own rules (None: not given); ValueError naming the first bad one.",
+        py::arg("temperature") = py::none(), py::arg("top_k") = py::none(), py::arg("top_p") = py::none(),
+        py::arg("min_p") = py::none(), py::arg("repetition_penalty") = py::none(),
+        py::arg("presence_penalty") = py::none(), py::arg("frequency_penalty") = py::none());
   m.def("workspace_bytes",
         [](const std::string& op, int64_t B, int64_t G, int64_t V, int64_t Vd, int device) -> size_t {
 #if defined(SPECDIFF_WITH_CUDA)

@@ -75,14 +75,15 @@ def test_cli_lists_commands_and_rejects_unknown(capsys):
     assert "unknown command" in capsys.readouterr().err
 
 
-def test_verify_unchecked_matches_verify_and_still_checks_cpu_input():
+def test_unchecked_verify_matches_verify_and_still_checks_cpu_input():
     tl, dl, ids = _case()
     a = ops.verify(tl, ids, dl, temperature=0.8, seed=9)
-    b = ops.verify_unchecked(tl, ids, dl, temperature=0.8, seed=9)
+    b = ops.verify(tl, ids, dl, temperature=0.8, seed=9, check_values=False)
     for x, y in zip(a, b):
         torch.testing.assert_close(x, y, rtol=0, atol=0)
     with pytest.raises(ValueError, match="draft_ids"):
-        ops.verify_unchecked(tl, ids + 1000, dl)
+        ops.verify(tl, ids + 1000, dl, check_values=False)
+    assert not hasattr(ops, "verify_unchecked")  # check_values=False is the one way
 
 
 def test_numpy_zero_size_inputs_return_empty_results() -> None:
@@ -108,14 +109,14 @@ def test_numpy_zero_size_inputs_return_empty_results() -> None:
     assert rs.ids.shape == (0, 5)
 
 
-def test_check_values_switch_is_verify_unchecked():
+def test_check_values_switch_skips_only_gpu_checks():
     from specdiff_ext import ops
 
     g = torch.Generator().manual_seed(3)
     tl, dl = torch.randn(2, 4, 30, generator=g), torch.randn(2, 3, 30, generator=g)
     ids = torch.randint(0, 30, (2, 3), generator=g)
     a = ops.verify(tl, ids, dl, temperature=0.8, seed=9, check_values=False)
-    b = ops.verify_unchecked(tl, ids, dl, temperature=0.8, seed=9)
+    b = ops.verify(tl, ids, dl, temperature=0.8, seed=9)
     assert torch.equal(a.ids, b.ids) and torch.equal(a.num_accepted, b.num_accepted)
     with pytest.raises(ValueError, match="draft_ids holds"):  # CPU values are checked anyway
         ops.verify(tl, ids + 1000, dl, check_values=False)

@@ -32,13 +32,13 @@ except ImportError as exc:  # pragma: no cover - only without a build
 
 __all__ = [
     "verify",
-    "verify_unchecked",
     "rejection_sample",
     "gather_logprobs",
     "denoise_step",
     "point_mass_mask",
     "filter_logits",
     "apply_penalties",
+    "check_sampling",
     "VerifyResult",
     "GatherResult",
     "DenoiseResult",
@@ -48,6 +48,7 @@ __all__ = [
 ArrayLike = Any
 Scalar = Union[float, int]
 _INT64_MOD = 1 << 64
+_INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
 
 
 # --------------------------------------------------------------------------- conversions
@@ -119,14 +120,37 @@ def _last_contiguous(x: Tensor) -> Tensor:
     return x if x.dim() == 0 or x.shape[-1] <= 1 or x.stride(-1) == 1 else x.contiguous()
 
 
-def _row_scalar(front: _Frontend, value: Any, name: str, B: int, device: torch.device) -> Tuple[Optional[Tensor], float]:
-    """A per-row float argument: (tensor or None, scalar)."""
+# Conversions only: the values are checked by the bindings (scalars and CPU arrays, by the one
+# implementation of each rule) and by _DeviceChecks (GPU arrays).
+def _float_scalar(value: Any, name: str) -> Optional[float]:
+    """A Python / numpy number as a float (None when value is not a scalar); bool is refused."""
     if isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be a float or a (B,) tensor, got bool")
     if isinstance(value, (int, float, np.integer, np.floating)):
-        v = float(value)
-        if not math.isfinite(v) or v < 0:
-            raise ValueError(f"{name} must be finite and >= 0, got {value}")
+        try:
+            return float(value)
+        except OverflowError:  # an int beyond the float range: the rule refuses an infinity
+            return math.inf if value > 0 else -math.inf
+    return None
+
+
+def _int_scalar(value: Any, name: str) -> Optional[int]:
+    """A Python / numpy int, clamped into int64 (None when value is not a scalar); bool and
+    float are refused. (Clamping keeps the rules' verdicts: past int64 a setting is far out
+    of any range a rule accepts, or, for top_k, as off as k >= V.)"""
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be an int or an integer (B,) tensor, got bool")
+    if isinstance(value, (float, np.floating)):
+        raise TypeError(f"{name} must be an int, got float {value!r}")
+    if isinstance(value, (int, np.integer)):
+        return min(max(int(value), _INT64_MIN), _INT64_MAX)
+    return None
+
+
+def _row_scalar(front: _Frontend, value: Any, name: str, B: int, device: torch.device) -> Tuple[Optional[Tensor], float]:
+    """A per-row float argument: (tensor or None, scalar)."""
+    v = _float_scalar(value, name)
+    if v is not None:
         return None, v
     return _per_row(front, value, name, B, device, integer=False), 0.0
 
@@ -161,8 +185,10 @@ class _Filters(NamedTuple):
 
     @property
     def any(self) -> bool:
+        """Whether the filter op must run: a setting other than exactly off (a bad value too,
+        so that the bindings see and refuse it)."""
         return (self.k is not None or self.p is not None or self.mp is not None
-                or self.k_value > 0 or self.p_value < 1.0 or self.mp_value > 0.0)
+                or self.k_value != 0 or self.p_value != 1.0 or self.mp_value != 0.0)
 
     def args(self) -> tuple:
         return (self.k, self.k_value, self.p, self.p_value, self.mp, self.mp_value)
@@ -186,44 +212,31 @@ def _per_row(front: _Frontend, value: Any, name: str, B: int, device: torch.devi
 
 def _filter_args(front: _Frontend, top_k: Any, top_p: Any, min_p: Any, B: int,
                  device: torch.device, checks: "_DeviceChecks") -> _Filters:
-    """Checked top_k / top_p / min_p (None, a scalar, or a (B,) tensor per row)."""
+    """top_k / top_p / min_p (None, a scalar, or a (B,) tensor per row) as the bindings take
+    them; the bindings check scalars and CPU values, ``checks`` the GPU ones."""
     kt = pt = mt = None
     kv, pv, mv = 0, 1.0, 0.0
     if top_k is not None:
-        if isinstance(top_k, bool):
-            raise TypeError("top_k must be an int or an integer (B,) tensor, got bool")
-        if isinstance(top_k, (int, np.integer)):
-            kv = int(top_k)
-            if kv < 0:
-                raise ValueError(f"top_k must be >= 0 (0 = off), got {kv}")
-        elif isinstance(top_k, float):
-            raise TypeError(f"top_k must be an int, got float {top_k!r}")
+        k = _int_scalar(top_k, "top_k")
+        if k is not None:
+            kv = k
         else:
             kt = _per_row(front, top_k, "top_k", B, device, True)
             checks.bad(kt, lambda t: t < 0, "top_k must be >= 0 (0 = off)")
-    for name, value, lo_open, default in (("top_p", top_p, True, 1.0), ("min_p", min_p, False, 0.0)):
-        if value is None:
-            continue
-        if isinstance(value, bool):
-            raise TypeError(f"{name} must be a float or a (B,) tensor, got bool")
-        rng = "(0, 1] (1 = off)" if lo_open else "[0, 1] (0 = off)"
-        if isinstance(value, (int, float, np.integer, np.floating)):
-            v = float(value)
-            if not ((v > 0.0) if lo_open else (v >= 0.0)) or not v <= 1.0:
-                raise ValueError(f"{name} must be in {rng}, got {value!r}")
-            if name == "top_p":
-                pv = v
-            else:
-                mv = v
-            continue
-        t = _per_row(front, value, name, B, device, False)
-        # CPU values are checked by the bindings (one validator); GPU ones with the one sync
-        checks.bad(t, (lambda x: ~((x > 0) & (x <= 1))) if lo_open else (lambda x: ~((x >= 0) & (x <= 1))),
-                   f"{name} must be in {rng}")
-        if name == "top_p":
-            pt = t
+    if top_p is not None:
+        p = _float_scalar(top_p, "top_p")
+        if p is not None:
+            pv = p
         else:
-            mt = t
+            pt = _per_row(front, top_p, "top_p", B, device, False)
+            checks.bad(pt, lambda x: ~((x > 0) & (x <= 1)), "top_p must be in (0, 1] (1 = off)")
+    if min_p is not None:
+        m = _float_scalar(min_p, "min_p")
+        if m is not None:
+            mv = m
+        else:
+            mt = _per_row(front, min_p, "min_p", B, device, False)
+            checks.bad(mt, lambda x: ~((x >= 0) & (x <= 1)), "min_p must be in [0, 1] (0 = off)")
     return _Filters(kt, kv, pt, pv, mt, mv)
 
 
@@ -233,12 +246,8 @@ _NO_FILTER = _Filters(None, 0, None, 1.0, None, 0.0)
 def _any_float(front: _Frontend, value: Any, name: str, B: int, device: torch.device,
                positive: bool, checks: "_DeviceChecks") -> Tuple[Optional[Tensor], float]:
     """A per-row float of any sign (penalties): (tensor or None, scalar)."""
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be a float or a (B,) tensor, got bool")
-    if isinstance(value, (int, float, np.integer, np.floating)):
-        v = float(value)
-        if not math.isfinite(v) or (positive and v <= 0):
-            raise ValueError(f"{name} must be finite{' and > 0' if positive else ''}, got {value!r}")
+    v = _float_scalar(value, name)
+    if v is not None:
         return None, v
     t = _per_row(front, value, name, B, device, False)
     checks.bad(t, (lambda x: ~(torch.isfinite(x) & (x > 0))) if positive else (lambda x: ~torch.isfinite(x)),
@@ -247,11 +256,10 @@ def _any_float(front: _Frontend, value: Any, name: str, B: int, device: torch.de
 
 
 def _offset_arg(offset: Any) -> int:
+    """offset as an int64 (the bindings check its range)."""
     if isinstance(offset, bool) or not isinstance(offset, (int, np.integer)):
         raise TypeError(f"offset must be an int, got {type(offset).__name__}")
-    if not 0 <= int(offset) < 1 << 56:
-        raise ValueError(f"offset must be in [0, 2^56), got {offset}")
-    return int(offset)
+    return min(max(int(offset), _INT64_MIN), _INT64_MAX)
 
 
 class _DeviceChecks:
@@ -260,7 +268,7 @@ class _DeviceChecks:
     read or write out of bounds whatever the values (an out-of-range id or a negative
     temperature makes its row invalid), so the check may follow them; on a bad value the
     results are dropped and ValueError is raised. Skipped inside CUDA-graph capture. Callers
-    that want no host sync at all use ``verify_unchecked`` or ``torch.ops.specdiff.*``."""
+    that want no host sync at all pass ``check_values=False`` or call ``torch.ops.specdiff.*``."""
 
     def __init__(self) -> None:
         self.items: list = []
@@ -334,6 +342,15 @@ def _vocab_inverse(vocab_map: Tensor, V: int) -> Tensor:
     return inv[:V].contiguous()
 
 
+def _dims3(t: Tensor, name: str, dims: str) -> Tuple[int, int, int]:
+    """The sizes of a 3-dimensional argument (ValueError naming it otherwise): the custom ops
+    and their fake implementations unpack logits shapes through this."""
+    if t.dim() != 3:
+        raise ValueError(f"{name} must have 3 dimensions {dims}, got shape {tuple(t.shape)}")
+    B, N, V = t.shape
+    return B, N, V
+
+
 def _dl(t: Optional[Tensor]) -> Any:
     """A DLPack capsule of t (torch's C-level export: no stream sync, about 0.5 us)."""
     return None if t is None else _to_dlpack(t)
@@ -374,13 +391,15 @@ def _verify_op(
     min_p: Optional[Tensor] = None,
     min_p_value: float = 0.0,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    B, G1, V = target_logits.shape
+    B, G1, V = _dims3(target_logits, "target_logits", "(B, G+1, V)")
     dev = target_logits.device
     ids = torch.empty((B, G1), dtype=torch.int64, device=dev)
     num = torch.empty((B,), dtype=torch.int64, device=dev)
     valid = torch.empty((B,), dtype=torch.bool, device=dev)
-    Vd = vocab_map.shape[0] if vocab_map is not None else V
-    vocab_inv = _vocab_inverse(vocab_map, V) if vocab_map is not None else None
+    # a map of the wrong rank goes to the bindings as it is (they name it); no inverse then
+    ok_map = vocab_map is not None and vocab_map.dim() == 1
+    Vd = vocab_map.shape[0] if ok_map else V
+    vocab_inv = _vocab_inverse(vocab_map, V) if ok_map else None
     _C.verify(
         _dl(target_logits), _dl(draft_ids), _dl(draft_logits), _dl(draft_point_mass),
         _dl(vocab_map), _dl(vocab_inv), _dl(temperature), temperature_value,
@@ -394,7 +413,7 @@ def _verify_op(
 
 @_verify_op.register_fake
 def _verify_fake(target_logits, draft_ids, *args):  # noqa: ANN001, ANN002
-    B, G1, _ = target_logits.shape
+    B, G1, _ = _dims3(target_logits, "target_logits", "(B, G+1, V)")
     dev = target_logits.device
     return (
         target_logits.new_empty((B, G1), dtype=torch.int64),
@@ -407,7 +426,7 @@ def _verify_fake(target_logits, draft_ids, *args):  # noqa: ANN001, ANN002
 def _gather_op(
     logits: Tensor, ids: Tensor, temperature: Optional[Tensor], temperature_value: float
 ) -> Tuple[Tensor, Tensor]:
-    B, N, V = logits.shape
+    B, N, V = _dims3(logits, "logits", "(B, N, V)")
     lse = torch.empty((B, N), dtype=torch.float32, device=logits.device)
     lp = torch.empty((B, N), dtype=torch.float32, device=logits.device)
     _C.gather_logprobs(
@@ -419,7 +438,7 @@ def _gather_op(
 
 @_gather_op.register_fake
 def _gather_fake(logits, ids, *args):  # noqa: ANN001, ANN002
-    B, N, _ = logits.shape
+    B, N, _ = _dims3(logits, "logits", "(B, N, V)")
     return (logits.new_empty((B, N), dtype=torch.float32), logits.new_empty((B, N), dtype=torch.float32))
 
 
@@ -438,7 +457,7 @@ def _denoise_op(
     seed_value: int,
     offset: int,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    B, G, Vd = logits.shape
+    B, G, Vd = _dims3(logits, "logits", "(B, G, Vd)")
     dev = logits.device
     out_tokens = torch.empty((B, G), dtype=torch.int64, device=dev)
     out_cs = torch.empty((B, G), dtype=torch.int32, device=dev)
@@ -455,7 +474,7 @@ def _denoise_op(
 
 @_denoise_op.register_fake
 def _denoise_fake(logits, tokens, commit_step, *args):  # noqa: ANN001, ANN002
-    B, G, _ = logits.shape
+    B, G, _ = _dims3(logits, "logits", "(B, G, Vd)")
     return (
         logits.new_empty((B, G), dtype=torch.int64),
         logits.new_empty((B, G), dtype=torch.int32),
@@ -486,6 +505,7 @@ def _filter_op(
 
 @_filter_op.register_fake
 def _filter_fake(logits, *args):  # noqa: ANN001, ANN002
+    _dims3(logits, "logits", "(B, N, V)")
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
@@ -501,7 +521,7 @@ def _penalty_op(
     frequency: Optional[Tensor],
     frequency_value: float,
 ) -> Tensor:
-    B, N, V = logits.shape
+    B, N, V = _dims3(logits, "logits", "(B, N, V)")
     out = torch.empty((B, N, V), dtype=torch.float32, device=logits.device)
     ws = None
     if logits.device.type == "cuda":
@@ -516,7 +536,7 @@ def _penalty_op(
 
 @_penalty_op.register_fake
 def _penalty_fake(logits, *args):  # noqa: ANN001, ANN002
-    return logits.new_empty(logits.shape, dtype=torch.float32)
+    return logits.new_empty(_dims3(logits, "logits", "(B, N, V)"), dtype=torch.float32)
 
 
 def _call(op: Any, *args: Any) -> Any:
@@ -546,9 +566,7 @@ def _verify_common(
 ) -> VerifyResult:
     f = _Frontend()
     tl = f.tensor(target_logits, "target_logits")
-    if tl.dim() != 3:
-        raise ValueError(f"target_logits must have 3 dimensions (B, G+1, V), got shape {tuple(tl.shape)}")
-    B, G1, V = tl.shape
+    B, G1, V = _dims3(tl, "target_logits", "(B, G+1, V)")
     dev = tl.device
     tl = _last_contiguous(tl)
     di = f.tensor(draft_ids, "draft_ids")
@@ -663,38 +681,6 @@ def verify(
     )
 
 
-def verify_unchecked(
-    target_logits: ArrayLike,
-    draft_ids: ArrayLike,
-    draft_logits: Optional[ArrayLike] = None,
-    *,
-    draft_point_mass: Optional[ArrayLike] = None,
-    temperature: Union[float, ArrayLike] = 1.0,
-    draft_temperature: Union[float, ArrayLike] = 1.0,
-    seed: Union[int, ArrayLike] = 0,
-    offset: int = 0,
-    vocab_map: Optional[ArrayLike] = None,
-    top_k: Union[int, ArrayLike, None] = None,
-    top_p: Union[float, ArrayLike, None] = None,
-    min_p: Union[float, ArrayLike, None] = None,
-) -> VerifyResult:
-    """``verify(..., check_values=False)``, kept for earlier callers.
-
-    Parameters and result are those of :func:`verify`.
-
-    Examples
-    --------
-    >>> import torch, specdiff_ext
-    >>> r = specdiff_ext.ops.verify_unchecked(torch.randn(1, 3, 10), torch.tensor([[1, 2]]), temperature=0.0)
-    >>> r.ids.shape
-    torch.Size([1, 3])
-    """
-    return _verify_common(
-        target_logits, draft_ids, draft_logits, draft_point_mass, temperature,
-        draft_temperature, seed, offset, vocab_map, None, None, False, top_k, top_p, min_p,
-    )
-
-
 def rejection_sample(
     target_logits: ArrayLike,
     draft_ids: ArrayLike,
@@ -782,8 +768,7 @@ def gather_logprobs(logits: ArrayLike, ids: ArrayLike, temperature: Union[float,
     """
     f = _Frontend()
     lg = f.tensor(logits, "logits")
-    if lg.dim() != 3:
-        raise ValueError(f"logits must have 3 dimensions (B, N, V), got shape {tuple(lg.shape)}")
+    _dims3(lg, "logits", "(B, N, V)")
     lg = _last_contiguous(lg)
     ix = f.tensor(ids, "ids")
     ta, tv = _row_scalar(f, temperature, "temperature", lg.shape[0], lg.device)
@@ -864,8 +849,7 @@ def denoise_step(
     """
     f = _Frontend()
     lg = f.tensor(logits, "logits")
-    if lg.dim() != 3:
-        raise ValueError(f"logits must have 3 dimensions (B, G, Vd), got shape {tuple(lg.shape)}")
+    _dims3(lg, "logits", "(B, G, Vd)")
     lg = _last_contiguous(lg)
     tk = f.tensor(tokens, "tokens")
     cs = f.tensor(commit_step, "commit_step")
@@ -936,8 +920,7 @@ def filter_logits(
     """
     f = _Frontend()
     lg = f.tensor(logits, "logits")
-    if lg.dim() != 3:
-        raise ValueError(f"logits must have 3 dimensions (B, N, V), got shape {tuple(lg.shape)}")
+    _dims3(lg, "logits", "(B, N, V)")
     lg = _last_contiguous(lg)
     ta, tv = _row_scalar(f, temperature, "temperature", lg.shape[0], lg.device)
     checks = _DeviceChecks()
@@ -997,15 +980,13 @@ def apply_penalties(
     """
     f = _Frontend()
     lg = f.tensor(logits, "logits")
-    if lg.dim() != 3:
-        raise ValueError(f"logits must have 3 dimensions (B, N, V), got shape {tuple(lg.shape)}")
+    _dims3(lg, "logits", "(B, N, V)")
     lg = _last_contiguous(lg)
     B, N, V = lg.shape
     ix = f.tensor(ids, "ids")
-    if isinstance(lengths, bool):
-        raise TypeError("lengths must be an int or a (B,) int64 tensor, got bool")
-    if isinstance(lengths, (int, np.integer)):
-        ln = torch.full((B,), int(lengths), dtype=torch.int64, device=lg.device)
+    n = _int_scalar(lengths, "lengths")  # past int64: clamped, and refused by the bindings
+    if n is not None:
+        ln = torch.full((B,), n, dtype=torch.int64, device=lg.device)
     else:
         ln = _per_row(f, lengths, "lengths", B, lg.device, True)
     checks = _DeviceChecks()
@@ -1014,13 +995,66 @@ def apply_penalties(
     qt, qv = _any_float(f, frequency_penalty, "frequency_penalty", B, lg.device, False, checks)
     if ix.dim() == 2 and ix.shape[0] == B:
         L = ix.shape[1]
-        checks.bad(ln, lambda t: (t < 0) | (t + max(N - 1, 0) > L),
+        checks.bad(ln, lambda t: (t < 0) | (t > L - max(N - 1, 0)),  # t + N - 1 could wrap
                    f"lengths must satisfy 0 <= lengths[b] <= L - (N - 1) = {L - max(N - 1, 0)}")
         if ix.device.type == "cuda" and ix.numel() > 0:
             checks.ids(ix, V, "ids", "V")
     out = _call(_penalty_op, lg, ix, ln, rt, rv, pt, pv, qt, qv)
     checks.run()
     return f.out(out)
+
+
+def check_sampling(
+    temperature: Optional[Scalar] = None,
+    top_k: Optional[int] = None,
+    top_p: Optional[Scalar] = None,
+    min_p: Optional[Scalar] = None,
+    repetition_penalty: Optional[Scalar] = None,
+    presence_penalty: Optional[Scalar] = None,
+    frequency_penalty: Optional[Scalar] = None,
+) -> dict:
+    """Check scalar sampling settings before any tensor exists (a decoder's or the CLI's
+    settings), by the very rules the ops apply: the same C++ routines the bindings run, so a
+    setting passes here exactly when the ops take it.
+
+    Parameters
+    ----------
+    temperature, top_p, min_p, repetition_penalty, presence_penalty, frequency_penalty : float, optional
+    top_k : int, optional
+        None means not given (not checked, left out of the result).
+
+    Returns
+    -------
+    dict
+        The given settings, normalised: floats, and an int for ``top_k``.
+
+    Raises
+    ------
+    TypeError
+        A bool, a non-number, or a float top_k (the ops' own TypeErrors).
+    ValueError
+        A value the ops refuse, naming the setting (e.g. ``top_p must be in (0, 1] (1 = off)``).
+
+    Examples
+    --------
+    >>> import specdiff_ext
+    >>> specdiff_ext.ops.check_sampling(temperature=0.7, top_k=50, top_p=0.9)
+    {'temperature': 0.7, 'top_k': 50, 'top_p': 0.9}
+    """
+    out: dict = {}
+    for name, value in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p),
+                        ("min_p", min_p), ("repetition_penalty", repetition_penalty),
+                        ("presence_penalty", presence_penalty),
+                        ("frequency_penalty", frequency_penalty)):
+        if value is None:
+            continue
+        v = _int_scalar(value, name) if name == "top_k" else _float_scalar(value, name)
+        if v is None:
+            raise TypeError(f"{name} must be {'an int' if name == 'top_k' else 'a float'}, "
+                            f"got {type(value).__name__}")
+        out[name] = v
+    _C.check_sampling(**out)
+    return out
 
 
 def point_mass_mask(commit_step: ArrayLike) -> Any:

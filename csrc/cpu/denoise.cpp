@@ -56,6 +56,10 @@ void denoise_row(const DenoiseParams& p, int64_t b, std::vector<float>& conf,
       j = row_race(p.logits.row<T>(b, g), p.Vd, inv_g[static_cast<size_t>(g)], st, static_cast<uint32_t>(g),
                    kTagDenoiseToken, -1, par);
     }
+    if (j < 0 || j >= p.Vd) {  // no entry could win: the position stays masked, the row invalid
+      valid = false;
+      continue;
+    }
     p.out_tokens[b * G + g] = p.vocab_map.data != nullptr ? p.vocab_map.at(j) : j;
     p.out_commit_step[b * G + g] = static_cast<int32_t>(p.step);
   }

@@ -236,7 +236,7 @@ struct RaceSpec {
 // race winner of the chunk into race[r*S + s] when race.on).  Temperature te = tau, or 1 at 0.
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kThreads)
-row_stats_kernel(LogitsView lv, int64_t N, int64_t V, int64_t S, RowFloat tau, RowSkip skip,
+row_stats_kernel(LogitsView lv, int64_t N, int64_t V, int64_t S, RowTemperature tau, RowSkip skip,
                  RaceSpec race, Partial* __restrict__ partial, uint64_t* __restrict__ race_out) {
   const int64_t r = blockIdx.x;
   const int64_t s = blockIdx.y;
@@ -320,7 +320,7 @@ row_stats_kernel(LogitsView lv, int64_t N, int64_t V, int64_t S, RowFloat tau, R
 
 template <typename T>
 cudaError_t launch_row_stats(const LogitsView& lv, int64_t B, int64_t N, int64_t V, int64_t S,
-                             const RowFloat& tau, const RowSkip& skip, const RaceSpec& race,
+                             const RowTemperature& tau, const RowSkip& skip, const RaceSpec& race,
                              Partial* partial, uint64_t* race_out, cudaStream_t stream) {
   if (B * N == 0) return cudaSuccess;
   if (S > 65535) return cudaErrorInvalidConfiguration;

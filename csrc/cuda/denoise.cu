@@ -78,6 +78,10 @@ commit_kernel(DenoiseParams p, int64_t S, const Partial* __restrict__ part,
   for (int64_t g = threadIdx.x; g < G; g += blockDim.x) {
     if (state[g] != 3) continue;
     const int64_t j = tok[g];
+    if (j < 0 || j >= p.Vd) {  // no entry could win: the position stays masked, the row invalid
+      p.out_valid[b] = false;
+      continue;
+    }
     p.out_tokens[b * G + g] = p.vocab_map.data != nullptr ? p.vocab_map.at(j) : j;
     p.out_commit_step[b * G + g] = static_cast<int32_t>(p.step);
   }

@@ -21,10 +21,12 @@ gather_finalize_kernel(GatherParams p, int64_t S, const Partial* __restrict__ pa
   for (int64_t s = 1; s < S; ++s) rs.merge(to_stats(part[r * S + s]));
   const float tau = p.tau.at(b);
   const int64_t id = p.ids.at(b, n);
-  const float logit = id >= 0 && id < p.V ? to_float(p.logits.row<T>(b, n)[id]) : 0.0f;
-  // CUDA reads every row at 1 / tau (no vanishing-temperature rescue yet: docs/ops.md)
+  const T* row = p.logits.row<T>(b, n);
+  const float logit = id >= 0 && id < p.V ? to_float(row[id]) : 0.0f;
+  const float raw_max = rs.arg >= 0 && rs.arg < p.V ? to_float(row[rs.arg]) : 0.0f;
+  // CUDA reads every row at 1 / tau (no rescue of overflowing scaled maxima yet: docs/ops.md)
   const float inv = tau == 0.0f ? 1.0f : 1.0f / tau;
-  gather_finish(rs, tau, inv, 0.0f, id, p.V, logit, &p.out_lse[r], &p.out_logprobs[r]);
+  gather_finish(rs, tau, inv, raw_max, id, p.V, logit, &p.out_lse[r], &p.out_logprobs[r]);
 }
 
 template <typename T>

@@ -250,10 +250,10 @@ cudaError_t launch_verify(const VerifyParams& p, void* ws, const Layout& L, cuda
   RowSkip tskip;
   tskip.skip_if_tau_pos = p.target_lse != nullptr;
   // With the caller's lse and one positive temperature, no target row needs a pass.
-  const bool no_target_pass = p.target_lse != nullptr && p.tau.data == nullptr && p.tau.value > 0.0f;
+  const bool no_target_pass = p.target_lse != nullptr && p.tau.data == nullptr && p.tau.at(0) > 0.0f;
   if (!no_target_pass)
     SD_CUDA_CALL(launch_row_stats<TT>(p.target, p.B, p.G + 1, p.V, L.St, p.tau, tskip, RaceSpec{}, pt, nullptr, stream));
-  const bool no_soft = p.draft_tau.data == nullptr && p.draft_tau.value == 0.0f;
+  const bool no_soft = p.draft_tau.data == nullptr && p.draft_tau.at(0) == 0.0f;
   if (p.draft.data != nullptr && p.draft_lse == nullptr && p.G > 0 && !no_soft) {
     RowSkip dskip;
     dskip.point_mass = p.point_mass;

@@ -2,6 +2,7 @@
 // loads of logits and ids.  No Python or torch types here.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -105,6 +106,23 @@ struct RowFloat {
   const float* data = nullptr;
   float value = 1.0f;
   SD_HD float at(int64_t b) const { return data ? data[b] : value; }
+};
+
+// A temperature tau > 0 whose float32 inverse 1 / tau is infinite (tau < 2^-128, about
+// 2.9e-39: every subnormal below it) vanishes: nothing computed at 1 / tau is finite there
+// (0 * inf is NaN), and its law is the argmax law, so every op reads it as 0, greedy
+// (docs/ops.md, "Vanishing temperatures").  NaN and other values are returned as they are.
+SD_HD bool vanishing_temperature(float tau) { return tau > 0.0f && !(1.0f / tau < INFINITY); }
+
+// Per-row temperature: a (B,) float array or one value for the batch, read through
+// vanishing_temperature by every op on both devices.
+struct RowTemperature {
+  const float* data = nullptr;
+  float value = 1.0f;
+  SD_HD float at(int64_t b) const {
+    const float t = data ? data[b] : value;
+    return vanishing_temperature(t) ? 0.0f : t;
+  }
 };
 
 // Per-row seed: a (B,) int64 array of row seeds, or one batch seed.

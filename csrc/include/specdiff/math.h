@@ -134,9 +134,11 @@ struct RowStats {
 SD_HD bool accept_draft(float u, float qx, float px) { return u * qx < px; }
 
 // gather_logprobs' result for one row from its statistics read at inverse temperature inv
-// (logit_id: the id's logit): at tau = 0 the max and 0 / -inf for the argmax / any other id;
-// else the id's log-probability and lse -- reported at 1 / tau: where the row was read at a
-// lower inv (a vanishing temperature), the true lse is beyond float32 and comes out +-inf.
+// (raw_max: the row's largest logit, logit_id: the id's logit): at tau = 0 the max and 0 / -inf
+// for the argmax / any other id; else lse and the log-probability (l_id - max) / tau - log(s),
+// the difference taken before scaling (exact where the id ties the max, however large the
+// scaled max).  lse is reported at 1 / tau: where the row was read at a lower inv (logits near
+// the float range), the true lse is beyond float32 and comes out +-inf.
 SD_HD void gather_finish(const RowStats& s, float tau, float inv, float raw_max, int64_t id,
                          int64_t V, float logit_id, float* lse, float* logprob) {
   *lse = NAN;
@@ -145,15 +147,11 @@ SD_HD void gather_finish(const RowStats& s, float tau, float inv, float raw_max,
   if (tau == 0.0f) {
     *lse = s.m;
     *logprob = id == s.arg ? 0.0f : kNegInf;
-  } else {
-    if (inv == 1.0f / tau) {
-      *lse = s.lse();
-      *logprob = sd_mul(logit_id, inv) - *lse;
-    } else {  // read at a lower inv: differences first (the max's magnitude would absorb log s)
-      *lse = sd_mul(raw_max, 1.0f / tau);
-      *logprob = (sd_mul(logit_id, inv) - s.m) - fast_log(s.s);
-    }
+    return;
   }
+  const float inv_tau = 1.0f / tau;
+  *lse = inv == inv_tau ? s.lse() : sd_mul(raw_max, inv_tau);
+  *logprob = sd_mul(logit_id - raw_max, inv_tau) - fast_log(s.s);
 }
 
 }  // namespace specdiff

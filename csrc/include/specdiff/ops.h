@@ -21,7 +21,7 @@ struct VerifyParams {
   int64_t pm_s0 = 0, pm_s1 = 0;
   IdView vocab_map;        // (Vd,) target ids, data may be null (identity)
   const int32_t* vocab_inv = nullptr;  // (V,) drafter index of each target id or -1 (CUDA)
-  RowFloat tau, draft_tau;
+  RowTemperature tau, draft_tau;
   RowSeed seed;
   uint64_t offset = 0;
   const float* target_lse = nullptr;  // (B, G+1) contiguous; null: computed (verify)
@@ -52,7 +52,7 @@ struct GatherParams {
   int64_t B = 0, N = 0, V = 0;
   LogitsView logits;  // (B, N, V)
   IdView ids;         // (B, N)
-  RowFloat tau;
+  RowTemperature tau;
   float* out_lse = nullptr;       // (B, N)
   float* out_logprobs = nullptr;  // (B, N)
 };
@@ -61,7 +61,7 @@ struct GatherParams {
 struct FilterParams {
   int64_t B = 0, N = 0, V = 0;
   LogitsView logits;  // (B, N, V)
-  RowFloat tau;
+  RowTemperature tau;
   RowFilter filter;
   void* out = nullptr;  // (B, N, V) contiguous, dtype of logits
 };
@@ -88,7 +88,7 @@ struct DenoiseParams {
   int64_t step = 0, num_steps = 1;
   CommitMode mode = CommitMode::kRandom;
   IdView vocab_map;              // (Vd,) or null
-  RowFloat tau;
+  RowTemperature tau;
   RowSeed seed;
   uint64_t offset = 0;
   int64_t* out_tokens = nullptr;       // (B, G)
