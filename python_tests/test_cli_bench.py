@@ -456,8 +456,44 @@ BAD_INVOCATIONS = [
     ["bench", "--steps", "1000"],
     ["eval-drafter", "--num-prompts", "0"],
     ["eval-drafter", "--max-new-tokens", "-5"],
+    ["eval-drafter", "--gammas", "0"],
+    ["eval-drafter", "--gammas", "a,b"],
+    ["eval-drafter", "--gammas", ","],
+    ["eval-drafter", "--steps", "0"],
+    ["eval-drafter", "--temperatures", "nan"],
+    ["eval-drafter", "--commits", "bogus"],
     ["nope"],
 ]
+
+# (argv, the flag its one-line error must name): each value is checked by its owner and the
+# CLI names the flag, not the Python argument
+NAMED_FLAGS = [
+    (["generate", "--temperature", "nan", "hi"], "--temperature"),
+    (["generate", "--top-k", "-2", "hi"], "--top-k"),
+    (["generate", "--top-p", "0", "hi"], "--top-p"),
+    (["generate", "--min-p", "2", "hi"], "--min-p"),
+    (["generate", "--repetition-penalty", "0", "hi"], "--repetition-penalty"),
+    (["generate", "--gamma", "0", "hi"], "--gamma"),
+    (["generate", "--steps", "1000", "hi"], "--steps"),
+    (["generate", "--max-new-tokens", "-1", "hi"], "--max-new-tokens"),
+    (["bench", "--ar-gamma", "0"], "--ar-gamma"),
+    (["bench", "--pld-gamma", "-2"], "--pld-gamma"),
+    (["eval-drafter", "--gammas", "a,b"], "--gammas"),
+    (["eval-drafter", "--gammas", "0"], "--gammas"),
+    (["eval-drafter", "--steps", "0"], "--steps"),
+    (["eval-drafter", "--temperatures", "nan"], "--temperatures"),
+    (["eval-drafter", "--commits", "bogus"], "--commits"),
+]
+
+
+@pytest.mark.parametrize("argv,flag", NAMED_FLAGS, ids=lambda a: " ".join(a) if isinstance(a, list) else a)
+def test_cli_errors_name_the_flag(argv: list, flag: str, capsys) -> None:
+    from specdiff_ext.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exc.value.code == 2 and flag in err, err
 
 
 @pytest.mark.parametrize("argv", BAD_INVOCATIONS, ids=lambda a: " ".join(a))

@@ -295,7 +295,8 @@ def _controlled_law(target: TargetModel, prompt: Tensor, controls: dict) -> Tens
     rep = controls.get("repetition_penalty", 1.0)
     hist = prompt[0].tolist()
     def penalized(row: Tensor, seen: list) -> Tensor:
-        return R.apply_penalties(row.double()[None, None], torch.tensor([seen]), len(seen),
+        ids = torch.tensor([seen], dtype=torch.long)
+        return R.apply_penalties(row.double()[None, None], ids, len(seen),
                                  repetition_penalty=rep)[0, 0]
 
     l1 = penalized(target.forward(prompt).logits[0, -1], hist)
@@ -346,3 +347,29 @@ def test_controls_keep_greedy_and_penalise_like_ar(tiny: TargetModel, prompt: Te
         spec.generate(prompt, 5, top_p=0.0)
     with pytest.raises(ValueError, match="repetition_penalty"):
         ARDecoder(tiny).generate(prompt, 5, repetition_penalty=-1.0)
+
+
+def test_decoders_own_checks_and_defaults(tiny: TargetModel, prompt: Tensor) -> None:
+    """Each decoder checks what is its own (prompt, max_new_tokens, gamma) and reads every
+    other default once: gamma from a DFlash drafter's block, the rest from `DEFAULTS`."""
+    from specdiff_ext.decoding import DEFAULTS, MAX_NEW_TOKENS, make_decoder
+
+    drafter = tiny_drafter(tiny)  # the tokens-context drafter: no trained block of its own
+    with pytest.raises(ValueError, match="gamma is required"):
+        SpecDiffDecoder(tiny, drafter)
+    spec = SpecDiffDecoder(tiny, drafter, gamma=3)
+    assert spec.drafter.steps == DEFAULTS.steps and spec.drafter.commit.name.lower() == DEFAULTS.commit
+    assert spec.drafter.draft_filters is DEFAULTS.draft_filters
+    assert make_decoder("ar-spec", tiny, ar_drafter=tiny).gamma == DEFAULTS.ar_gamma
+    assert make_decoder("pld", tiny).gamma == DEFAULTS.pld_gamma
+    for bad in (-1, MAX_NEW_TOKENS + 1, 2.0, True):
+        with pytest.raises(ValueError, match="max_new_tokens"):
+            spec.generate(prompt, bad)
+    with pytest.raises(ValueError, match="temperature"):
+        spec.generate(prompt, 4, temperature=float("nan"))
+    # a prompt that fills the target's context leaves nothing to generate: a named error
+    # before any forward, not a long run
+    full = torch.zeros((1, tiny.max_positions), dtype=torch.long)
+    for dec in (spec, ARDecoder(tiny), PLDDecoder(tiny)):
+        with pytest.raises(ValueError, match="input_ids holds"):
+            dec.generate(full, 4)

@@ -237,7 +237,7 @@ def _generate(argv: Sequence[str]) -> int:
         sys.stdout.flush()
         shown[0] = text
 
-    limit = getattr(getattr(tgt.model, "config", None), "max_position_embeddings", None)
+    limit = tgt.max_positions
     if limit and ids.shape[1] + a.max_new_tokens > limit:
         print(f"specdiff generate: warning: the prompt ({ids.shape[1]} tokens) plus "
               f"--max-new-tokens {a.max_new_tokens} exceeds the target's context of {limit} "

@@ -307,6 +307,10 @@ def _setup(target: Any, input_ids: Tensor, max_new_tokens: int, temperature: flo
     if not isinstance(controls, SamplingControls):
         raise TypeError(f"controls must be SamplingControls, got {type(controls).__name__}")
     prompt = _check_prompt(input_ids, target.device)
+    limit = getattr(target, "max_positions", None)
+    if isinstance(limit, int) and prompt.shape[1] >= limit:
+        raise ValueError(f"input_ids holds {prompt.shape[1]} tokens: the target's context is "
+                         f"{limit} positions, so no token would be left to generate")
     eos = target.eos_token_id if eos_token_id is None else eos_token_id
     return tau, prompt, _base_seed(seed), eos, PhaseClock(target.device)
 

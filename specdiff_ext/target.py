@@ -128,6 +128,12 @@ class TargetModel:
         return int(self.model.config.num_hidden_layers)
 
     @property
+    def max_positions(self) -> Optional[int]:
+        """Positions the model was trained for (``max_position_embeddings``); None if unknown."""
+        n = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
+        return int(n) if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
+
+    @property
     def dtype(self) -> torch.dtype:
         """dtype of the weights, the hidden states and the logits."""
         return self.model.dtype
