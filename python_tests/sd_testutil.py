@@ -8,6 +8,7 @@ import os
 from typing import Any, Optional
 
 import numpy as np
+import pytest
 import torch
 from torch import Tensor
 
@@ -25,6 +26,29 @@ def impl() -> Any:
     from specdiff_ext import ops
 
     return ops
+
+
+def compiled_only(reason: str) -> pytest.MarkDecorator:
+    """Marks a test about the compiled kernels themselves (their array intake, raw schemas,
+    device syncs, bit-identical fast paths): skipped, with `reason`, when the ops under test
+    are the reference (SPECDIFF_TEST_IMPL=reference)."""
+    return pytest.mark.skipif(impl() is reference, reason=f"compiled ops only: {reason}")
+
+
+def filtered_law(logits: Tensor, temperature: float, **filters: Any) -> Tensor:
+    """The law a sampler with these controls draws from, in float64: softmax of the reference's
+    filter_logits at `temperature` (filters: top_k, top_p, min_p); the argmax at 0.
+
+    Shape:
+        logits: (..., V). Returns (..., V) float64.
+    """
+    x = cpu(logits).to(torch.float64)
+    if temperature == 0:
+        return torch.nn.functional.one_hot(x.argmax(-1), x.shape[-1]).to(torch.float64)
+    kept = reference.filter_logits(x.reshape(-1, 1, x.shape[-1]), temperature=temperature,
+                                   **filters).reshape(x.shape)
+    tau = float(torch.tensor(temperature, dtype=torch.float32))  # as the kernels see it
+    return torch.softmax(kept / tau, dim=-1)
 
 
 def gen(seed: int) -> torch.Generator:

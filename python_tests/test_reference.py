@@ -194,9 +194,9 @@ def test_reference_verify_structure(draft, tau) -> None:
             k = int(res.num_accepted[b])
             assert res.ids[b, : k + 1].tolist() == am[b, : k + 1].tolist()
     # rejection_sample with the gathered lse is verify
-    zeros = torch.zeros(B, G + 1, dtype=torch.long)
-    t_lse = R.gather_logprobs(tl, zeros, tau).lse
-    d_lse = R.gather_logprobs(dl, zeros[:, :G], 1.0).lse if dl is not None else None
+    zeros = torch.zeros(B, G + 1, dtype=torch.long)  # float64 logits: float64 lse, as verify's
+    t_lse = R.gather_logprobs(tl.double(), zeros, tau).lse
+    d_lse = R.gather_logprobs(dl.double(), zeros[:, :G], 1.0).lse if dl is not None else None
     rs = R.rejection_sample(tl, x, dl, target_lse=t_lse, draft_lse=d_lse, draft_point_mass=pm,
                             temperature=tau, seed=5)
     assert torch.equal(rs.ids, res.ids) and torch.equal(rs.num_accepted, res.num_accepted)
@@ -298,3 +298,86 @@ def test_commit_mode_parse() -> None:
     with pytest.raises(TypeError, match="mode"):
         R.CommitMode.parse(1.5)
     assert list(itertools.islice(R.CommitMode, 3)) == [0, 1, 2]
+
+
+# ------------------------------------------------------------------- the twin of the ops
+
+TWINS = ["verify", "rejection_sample", "gather_logprobs", "denoise_step", "point_mass_mask",
+         "filter_logits", "apply_penalties"]
+
+
+@pytest.mark.parametrize("name", TWINS)
+def test_reference_has_the_ops_signatures(name) -> None:
+    """Same names, argument names, kinds and defaults as specdiff_ext.ops; the reference adds
+    only compute_dtype (keyword-only, last)."""
+    import inspect
+
+    ops = pytest.importorskip("specdiff_ext.ops")
+    want = [(p.name, p.kind, p.default)
+            for p in inspect.signature(getattr(ops, name)).parameters.values()]
+    params = list(inspect.signature(getattr(R, name)).parameters.values())
+    if params and params[-1].name == "compute_dtype":
+        assert params[-1].kind == inspect.Parameter.KEYWORD_ONLY
+        params = params[:-1]
+    assert [(p.name, p.kind, p.default) for p in params] == want
+    assert name in R.__all__
+
+
+def test_reference_output_dtypes_follow_the_ops_and_float64() -> None:
+    """The ops' output dtypes for the ops' input dtypes; float64 logits (the reference only)
+    give float64 outputs."""
+    B, N, V = 3, 2, 11
+    ids = torch.zeros(B, N, dtype=torch.long)
+    cs = torch.full((B, N), -1, dtype=torch.int32)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        x = rand_logits((B, N, V), dtype, seed=1)
+        out = torch.float64 if dtype == torch.float64 else torch.float32
+        g = R.gather_logprobs(x, ids, 0.8, top_k=3)
+        assert g.lse.dtype == out and g.logprobs.dtype == out
+        assert R.denoise_step(x, ids, cs, step=0, num_steps=2, min_p=0.1).lse.dtype == out
+        assert R.apply_penalties(x, ids, 0, repetition_penalty=1.2).dtype == out
+        f = R.filter_logits(x, temperature=0.7, top_p=0.5)
+        assert f.dtype == dtype and f.shape == x.shape
+        kept = torch.isfinite(f)
+        assert torch.equal(f[kept], x[kept]), "kept entries are the input's"
+
+
+def test_reference_filters_per_row_equal_one_row_at_a_time() -> None:
+    B, N, V = 6, 2, 40
+    x = rand_logits((B, N, V), torch.float64, seed=2, scale=3.0)
+    tau = torch.tensor([1.0, 0.7, 0.0, 1.4, 1.0, 0.9])
+    k = torch.tensor([0, 5, 3, 0, 50, 1])
+    p = torch.tensor([0.9, 1.0, 0.5, 0.3, 0.95, 1.0])
+    mp = torch.tensor([0.0, 0.05, 0.0, 0.1, 0.0, 0.2])
+    out = R.filter_logits(x, temperature=tau, top_k=k, top_p=p, min_p=mp)
+    for b in range(B):
+        one = R.filter_logits(x[b:b + 1], temperature=float(tau[b]), top_k=int(k[b]),
+                              top_p=float(p[b]), min_p=float(mp[b]))
+        assert torch.equal(out[b:b + 1], one), b
+    assert torch.equal(out[2], x[2]), "a greedy row passes through"
+    # verify / gather / denoise with the filters are those ops on the filtered logits
+    tl = rand_logits((B, 4, V), seed=3)
+    xd = torch.randint(0, V, (B, 3), generator=gen(4))
+    kw = dict(temperature=tau.float(), top_k=k, top_p=p.float(), min_p=mp.float())
+    filt = R.filter_logits(tl, **kw)
+    a = R.verify(tl, xd, seed=5, **kw)
+    b = R.verify(filt, xd, seed=5, temperature=tau.float())
+    assert torch.equal(a.ids, b.ids) and torch.equal(a.num_accepted, b.num_accepted)
+    ga = R.gather_logprobs(tl, torch.zeros(B, 4, dtype=torch.long), tau.float(), top_k=k,
+                           top_p=p.float(), min_p=mp.float())
+    gb = R.gather_logprobs(filt, torch.zeros(B, 4, dtype=torch.long), tau.float())
+    torch.testing.assert_close(ga.lse, gb.lse, rtol=0, atol=0, equal_nan=True)
+
+
+def test_reference_penalties_count_each_position_s_history() -> None:
+    x = torch.tensor([[[2.0, -2.0, 1.0, 0.5]] * 3])  # (1, 3, 4)
+    ids = torch.tensor([[1, 1, 0, 3, 2]])  # context [1, 1]; drafts 0, 3 at positions 0, 1
+    out = R.apply_penalties(x, ids, 2, repetition_penalty=2.0, presence_penalty=0.5,
+                            frequency_penalty=0.25)
+    pen1 = -2.0 * 2 - 0.5 - 0.25 * 2  # token 1 seen twice
+    pen0 = 2.0 / 2 - 0.5 - 0.25  # token 0 seen once (from position 1 on)
+    assert out[0, 0].tolist() == [2.0, pen1, 1.0, 0.5]
+    assert out[0, 1].tolist() == [pen0, pen1, 1.0, 0.5]
+    assert out[0, 2].tolist() == [pen0, pen1, 1.0, 0.5 / 2 - 0.5 - 0.25]
+    with pytest.raises(ValueError, match="lengths"):
+        R.apply_penalties(x, ids, 4)  # 4 > L - (N - 1) = 3

@@ -3,9 +3,10 @@ verify, rejection_sample, gather_logprobs and denoise_step) and the repetition /
 frequency penalties (ops.apply_penalties).
 
 Filter semantics are checked against transformers' own logits warpers and against the float64
-reference (reference.filter_scores); the fused CPU verify against verify of filter_logits'
+reference (reference.filter_logits); the fused CPU verify against verify of filter_logits'
 output, bit for bit; the law verification emits against exact enumeration (chi-square, with
-negative controls that the same test must reject).
+negative controls that the same test must reject). The ops under test are sd_testutil.impl()
+(the reference itself under SPECDIFF_TEST_IMPL=reference).
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ import numpy as np
 import pytest
 import torch
 
-from specdiff_ext import ops, reference as R
+from specdiff_ext import reference as R
 
-from sd_testutil import gen
+from sd_testutil import filtered_law, gen, impl
 from test_distribution import World, chi_square, draft_autoregressive
+
+ops = impl()  # specdiff_ext.ops, or the reference under SPECDIFF_TEST_IMPL=reference
 
 transformers = pytest.importorskip("transformers")
 from transformers.generation.logits_process import (  # noqa: E402
@@ -47,6 +50,12 @@ def dropped(x: torch.Tensor, **kw) -> torch.Tensor:
     return torch.isinf(ops.filter_logits(x[:, None], **kw)[:, 0])
 
 
+def ref_dropped(x: torch.Tensor, tau: float, k: int, p: float, mp: float) -> torch.Tensor:
+    """Entries the float64 reference drops. Shape: x (B, V)."""
+    out = R.filter_logits(x[:, None].double(), temperature=tau, top_k=k, top_p=p, min_p=mp)
+    return torch.isinf(out[:, 0])
+
+
 SETTINGS = [  # (tau, top_k, top_p, min_p)
     (1.0, 0, 1.0, 0.0), (1.0, 1, 1.0, 0.0), (0.7, 5, 1.0, 0.0), (1.3, 50, 1.0, 0.0),
     (1.0, 0, 0.9, 0.0), (0.8, 0, 0.5, 0.0), (1.5, 0, 0.05, 0.0), (1.0, 0, 1.0, 0.1),
@@ -65,7 +74,7 @@ def test_filter_matches_transformers_warpers(V: int, setting: tuple) -> None:
     assert torch.equal(got, want)
     assert bool((~got).any(1).all())  # at least one entry kept
     # the float64 reference agrees too
-    assert torch.equal(torch.isinf(R.filter_scores(x, tau, k, p, mp)), want)
+    assert torch.equal(ref_dropped(x, tau, k, p, mp), want)
 
 
 def test_filter_edge_settings() -> None:
@@ -99,7 +108,7 @@ def test_filter_ties() -> None:
         z = (torch.randn(3, V, generator=gen(trial)) * 1.5).round().clamp(-3, 3) + 0.0
         for tau, k, p, mp in ((1.0, 0, 0.37, 0.0), (1.5, 0, 0.83, 0.0), (0.7, V // 3, 0.61, 0.0),
                               (1.0, V // 2, 0.43, 0.13), (1.3, 0, 0.71, 0.3)):
-            want = torch.isinf(R.filter_scores(z, tau, k, p, mp))
+            want = ref_dropped(z, tau, k, p, mp)
             assert torch.equal(dropped(z, temperature=tau, top_k=k, top_p=p, min_p=mp), want), (trial, tau, k, p, mp)
 
 
@@ -118,7 +127,7 @@ def test_filter_per_row_settings_and_dtypes(dtype: torch.dtype) -> None:
                                 top_p=float(p[b]), min_p=float(mp[b]))
         assert torch.equal(out[b:b + 1], row)
         if tau[b] > 0:
-            want = torch.isinf(R.filter_scores(x[b].float(), float(tau[b]), int(k[b]), float(p[b]), float(mp[b])))
+            want = ref_dropped(x[b].float(), float(tau[b]), int(k[b]), float(p[b]), float(mp[b]))
             assert torch.equal(torch.isinf(out[b]), want)
         kept = torch.isfinite(out[b])
         assert torch.equal(out[b][kept], x[b][kept])  # kept entries are untouched
@@ -188,7 +197,7 @@ def test_rejection_sample_and_gather_with_filters() -> None:
     x = torch.distributions.Categorical(logits=tl[:, :G]).sample()
     kw = dict(top_k=30, top_p=0.8, min_p=0.02)
     gt = ops.gather_logprobs(tl, torch.cat([x, x[:, :1]], 1), 0.9, **kw)
-    ref = R.filtered_probs(tl, 0.9, 30, 0.8, 0.02)  # (B, G+1, V)
+    ref = filtered_law(tl, 0.9, **kw)  # (B, G+1, V)
     lp_ref = torch.log(ref.gather(-1, torch.cat([x, x[:, :1]], 1)[..., None])[..., 0])
     fin = torch.isfinite(lp_ref)
     assert torch.equal(torch.isfinite(gt.logprobs), fin)
@@ -211,14 +220,28 @@ def test_denoise_step_draws_from_the_filtered_law() -> None:
                                torch.full((n, 1), -1, dtype=torch.int32), step=0, num_steps=1,
                                temperature=tau, seed=k + 17, top_k=k, top_p=p, min_p=mp)
         counts = res.tokens[:, 0].bincount(minlength=V)
-        want = R.filtered_probs(logits, tau, k, p, mp)
+        want = filtered_law(logits, tau, top_k=k, top_p=p, min_p=mp)
         assert chi_square(counts, want)[2] > 1e-5 / 3
         assert chi_square(counts, torch.softmax(logits.double() / tau, -1))[2] < 1e-5 / 3
-        lse = torch.logsumexp(R.filter_scores(logits, tau, k, p, mp), -1)
+        kept = R.filter_logits(logits.double()[None, None], temperature=tau, top_k=k, top_p=p,
+                               min_p=mp)[0, 0]
+        lse = torch.logsumexp(kept / float(torch.tensor(tau, dtype=torch.float32)), -1)
         assert abs(float(res.lse[0, 0]) - float(lse)) < 1e-5
 
 
 # -------------------------------------------------------------------- penalties
+def _penalized_row(row: torch.Tensor, seen: list, r: float, presence: float,
+                   frequency: float) -> torch.Tensor:
+    """docs/ops.md's penalties of one row, token by token (float64). Shape: row (V,)."""
+    out = row.clone()
+    for t in set(seen):
+        c = seen.count(t)
+        y = float(out[t])
+        y = y * r if y < 0 else y / r
+        out[t] = y - presence - frequency * c
+    return out
+
+
 def test_penalties_match_transformers_and_the_reference() -> None:
     B, N, V, L = 3, 4, 40, 20
     g = gen(14)
@@ -240,11 +263,15 @@ def test_penalties_match_transformers_and_the_reference() -> None:
     out = ops.apply_penalties(logits.to(torch.bfloat16), ids.int(), lengths,
                               repetition_penalty=rep, presence_penalty=pres, frequency_penalty=freq)
     assert out.dtype == torch.float32
+    ref = R.apply_penalties(logits.to(torch.bfloat16).double(), ids.int(), lengths,
+                            repetition_penalty=rep, presence_penalty=pres, frequency_penalty=freq)
     for b in range(B):
         for n in range(N):
-            want = R.penalized_logits(logits[b, n].to(torch.bfloat16).float(), ids[b, : int(lengths[b]) + n].tolist(),
-                                      float(rep[b]), float(pres[b]), float(freq[b]))
+            want = _penalized_row(logits[b, n].to(torch.bfloat16).double(),
+                                  ids[b, : int(lengths[b]) + n].tolist(), float(rep[b]),
+                                  float(pres[b]), float(freq[b]))
             assert torch.allclose(out[b, n].double(), want, atol=1e-5), (b, n)
+            assert torch.allclose(ref[b, n], want, atol=1e-12), (b, n)
     # off is the identity
     assert torch.equal(ops.apply_penalties(logits, ids, lengths), logits)
 
@@ -300,7 +327,7 @@ def test_bad_penalty_values_are_named(kw: dict, match: str) -> None:
 ROW_SETTINGS = [  # (top_k, top_p, min_p)
     (2, 1.0, 0.0), (0, 0.6, 0.0), (0, 1.0, 0.3), (3, 0.8, 0.1),
 ]
-PENALTY = dict(repetition=1.6, presence=0.3, frequency=0.2)
+PENALTY = dict(repetition_penalty=1.6, presence_penalty=0.3, frequency_penalty=0.2)
 LAW_CONFIGS = [  # (name, V, G, L, tau, dtau, drafts, penalties)
     ("soft", 4, 3, 3, 1.0, 1.0, "soft", False),
     ("soft_hot", 4, 2, 3, 1.4, 0.8, "soft", False),
@@ -321,8 +348,9 @@ def exact_law(world: World, tau: float, setting: tuple, penalties: bool) -> torc
         for j, t in enumerate(seq):
             row = world.T[world.index(torch.tensor(j), torch.tensor(c))]
             if penalties:
-                row = R.penalized_logits(row, seq[:j], **PENALTY)
-            pr *= float(R.filtered_probs(row, tau, k, p, mp)[t])
+                seen = torch.tensor([seq[:j]], dtype=torch.long)
+                row = R.apply_penalties(row.double()[None, None], seen, j, **PENALTY)[0, 0]
+            pr *= float(filtered_law(row, tau, top_k=k, top_p=p, min_p=mp)[t])
             c += t * V**j
         probs[code] = pr
     return probs
@@ -352,8 +380,7 @@ def run_law(world: World, tau: float, dtau: float, drafts: str, penalties: bool,
         if penalties:
             ids = torch.cat([out[rows].clamp_min(0), torch.zeros(len(rows), G, dtype=torch.long)], 1)
             ids.scatter_(1, c[:, None] + torch.arange(G)[None], x)
-            pen = dict(repetition_penalty=PENALTY["repetition"], presence_penalty=PENALTY["presence"],
-                       frequency_penalty=PENALTY["frequency"])
+            pen = PENALTY
             if control == "penalties_without_drafts":  # every position sees the context only
                 tl = torch.cat([ops.apply_penalties(tl[:, i:i + 1], ids, c, **pen) for i in range(G + 1)], 1)
             else:

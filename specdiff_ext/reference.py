@@ -11,13 +11,21 @@ Rows are processed together (vectorised over the batch), positions one after the
 written to be read and checked, not to be fast. `naive_verify` is different: the plain-torch
 speed baseline of the benchmarks, which does not follow the Philox stream.
 
-Inputs may be torch tensors or NumPy arrays; NumPy inputs give NumPy outputs.
+Every public op is the twin of the one of the same name in `specdiff_ext.ops`: the same
+arguments (per-row (B,) settings and the filters top_k / top_p / min_p included), the same
+checks and the same output shapes and dtypes (float32 for the float outputs). The reference
+adds one keyword, ``compute_dtype`` (float64 by default, the arithmetic), where the result
+involves arithmetic beyond a filter's decisions, and it also takes float64 logits (which the
+ops refuse), giving float64 outputs for them. ``check_values`` is taken and ignored: the
+reference always checks every value. Inputs may be torch tensors or NumPy arrays; NumPy inputs
+give NumPy outputs.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence, Union
+import warnings
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
@@ -47,9 +55,8 @@ __all__ = [
     "denoise_step",
     "point_mass_mask",
     "naive_verify",
-    "filter_scores",
-    "filtered_probs",
-    "penalized_logits",
+    "filter_logits",
+    "apply_penalties",
 ]
 
 ArrayLike = Union[Tensor, np.ndarray]
@@ -340,8 +347,12 @@ def _race(a: Tensor, e: Tensor) -> tuple[Tensor, Tensor]:
 
 def _tensor(x: Any, name: str) -> Tensor:
     if isinstance(x, Tensor):
-        return x
+        return x.detach() if x.requires_grad else x
     if isinstance(x, np.ndarray):
+        if not x.flags.writeable:  # inputs are only read: wrap read-only arrays as they are
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                return torch.from_numpy(x)
         return torch.from_numpy(x)
     raise TypeError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
 
@@ -351,33 +362,154 @@ def _check_rank(x: Tensor, ndim: int, name: str, shape: str) -> None:
         raise ValueError(f"{name} must have shape {shape}, got {tuple(x.shape)}")
 
 
+def _check_device(x: Tensor, device: Any, name: str) -> None:
+    if x.device != torch.device(device):
+        raise ValueError(f"{name} must be on the same device as the logits ({device}), "
+                         f"got {x.device}")
+
+
 def _check_ids(x: Tensor, name: str, vocab: int) -> None:
     if x.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"{name} must be int32 or int64, got {x.dtype}")
     if x.numel() and (int(x.min()) < 0 or int(x.max()) >= vocab):
-        raise ValueError(f"{name} must lie in [0, {vocab}), got [{int(x.min())}, {int(x.max())}]")
+        bad = int(x.min()) if int(x.min()) < 0 else int(x.max())
+        raise ValueError(f"{name} holds {bad}, outside [0, {vocab})")
 
 
 def _check_logits(x: Tensor, name: str) -> None:
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
-        raise TypeError(f"{name} must be float32, bfloat16 or float16, got {x.dtype}")
+        raise TypeError(f"{name} must be float32, bfloat16, float16 or (reference only) float64, "
+                        f"got {x.dtype}")
+
+
+def _out_dtype(logits: Tensor) -> torch.dtype:
+    """The ops' float output dtype, float32; float64 for float64 logits (the reference only)."""
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
+def _row_shape(t: Tensor, name: str, batch: int) -> Tensor:
+    """A () or (B,) setting as (B,), as the ops take it."""
+    if t.dim() == 0:
+        t = t.reshape(1).expand(batch)
+    if tuple(t.shape) != (batch,):
+        raise ValueError(f"{name} must have shape (B,) = ({batch},), got {tuple(t.shape)}")
+    return t
 
 
 def _per_row(value: Temperature, batch: int, name: str, dtype: torch.dtype, device: Any) -> Tensor:
-    """A float or (B,) tensor as a (B,) tensor, rounded through float32 as the kernels see it."""
+    """A float or () / (B,) float tensor as a (B,) tensor, rounded through float32 as the kernels
+    see it."""
     if isinstance(value, (Tensor, np.ndarray)):
         t = _tensor(value, name)
-        if t.shape != (batch,):
-            raise ValueError(f"{name} must be a float or have shape (B,) = ({batch},), got "
-                             f"{tuple(t.shape)}")
-        t = t.to(device=device, dtype=torch.float32)
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a float or a floating (B,) tensor, got {t.dtype}")
+        _check_device(t, device, name)
+        t = _row_shape(t, name, batch).to(dtype=torch.float32)
+    elif isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
+            value, (bool, np.bool_)):
         t = torch.full((batch,), float(value), dtype=torch.float32, device=device)
     else:
         raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}")
     if t.numel() and not bool(((t >= 0) & torch.isfinite(t)).all()):
         raise ValueError(f"{name} must be finite and >= 0, got {t.tolist()[:8]}")
     return t.to(dtype)
+
+
+def _seed(seed: Seed, batch: int, device: Any) -> Tensor:
+    """Row keys of an int seed or a () / (B,) int64 seed tensor (on the logits' device)."""
+    if isinstance(seed, (Tensor, np.ndarray)):
+        t = _tensor(seed, "seed")
+        if t.dtype != torch.int64:
+            raise TypeError(f"seed must be an int or an int64 tensor, got {t.dtype}")
+        if t.dim() == 0:
+            return row_keys(int(t), batch, device)
+        _check_device(t, device, "seed")
+    return row_keys(seed, batch, device)
+
+
+def _int_setting(value: Any, name: str, batch: int, device: Any) -> Tensor:
+    """top_k: None (off), an int or a () / (B,) integer tensor, >= 0. Returns (B,) int64."""
+    if value is None:
+        return torch.zeros(batch, dtype=torch.int64, device=device)
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be an int or an integer (B,) tensor, got bool")
+    if isinstance(value, (int, np.integer)):
+        if int(value) < 0:
+            raise ValueError(f"{name} must be >= 0 (0 = off), got {int(value)}")
+        return torch.full((batch,), int(value), dtype=torch.int64, device=device)
+    if isinstance(value, (float, np.floating)):
+        raise TypeError(f"{name} must be an int, got float {value!r}")
+    t = _tensor(value, name)
+    if t.is_floating_point() or t.dtype == torch.bool or t.is_complex():
+        raise TypeError(f"{name} must be an int or an integer (B,) tensor, got {t.dtype}")
+    _check_device(t, device, name)
+    t = _row_shape(t, name, batch).to(torch.int64)
+    if t.numel() and bool((t < 0).any()):
+        raise ValueError(f"{name} must be >= 0 (0 = off), got {t.tolist()[:8]}")
+    return t
+
+
+def _unit_setting(value: Any, name: str, batch: int, device: Any, default: float,
+                  open_below: bool) -> Tensor:
+    """top_p (in (0, 1]) or min_p (in [0, 1]): None, a float or a () / (B,) float tensor.
+    Returns (B,) float64 holding the float32 values the kernels see."""
+    if value is None:
+        return torch.full((batch,), default, dtype=torch.float64, device=device)
+    rng = "(0, 1] (1 = off)" if open_below else "[0, 1] (0 = off)"
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a float or a (B,) tensor, got bool")
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        v = float(value)
+        if not ((v > 0.0) if open_below else (v >= 0.0)) or not v <= 1.0:
+            raise ValueError(f"{name} must be in {rng}, got {value!r}")
+        t = torch.full((batch,), v, dtype=torch.float32, device=device)
+    else:
+        t = _tensor(value, name)
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a float or a floating (B,) tensor, got {t.dtype}")
+        _check_device(t, device, name)
+        t = _row_shape(t, name, batch).to(torch.float32)
+        ok = ((t > 0) if open_below else (t >= 0)) & (t <= 1)
+        if t.numel() and not bool(ok.all()):
+            raise ValueError(f"{name} must be in {rng}, got {t[~ok].tolist()[:8]}")
+    return t.to(torch.float64)
+
+
+def _penalty_setting(value: Any, name: str, batch: int, device: Any, positive: bool) -> Tensor:
+    """A penalty: a float or a () / (B,) float tensor, finite (and > 0 if `positive`).
+    Returns (B,) float64 holding the float32 values the kernels see."""
+    what = f"{name} must be finite{' and > 0' if positive else ''}"
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a float or a (B,) tensor, got bool")
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        v = float(value)
+        if not math.isfinite(v) or (positive and v <= 0):
+            raise ValueError(f"{what}, got {value!r}")
+        t = torch.full((batch,), v, dtype=torch.float32, device=device)
+    else:
+        t = _tensor(value, name)
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a float or a floating (B,) tensor, got {t.dtype}")
+        _check_device(t, device, name)
+        t = _row_shape(t, name, batch).to(torch.float32)
+    ok = torch.isfinite(t) & (t > 0) if positive else torch.isfinite(t)
+    if t.numel() and not bool(ok.all()):
+        raise ValueError(f"{what}, got {t[~ok].tolist()[:8]}")
+    return t.to(torch.float64)
+
+
+Filters = Optional[tuple[Tensor, Tensor, Tensor]]
+
+
+def _filter_settings(top_k: Any, top_p: Any, min_p: Any, batch: int, device: Any) -> Filters:
+    """Checked top_k / top_p / min_p as (B,) tensors (k int64, p and min_p float64), or None when
+    every filter is off in every row."""
+    k = _int_setting(top_k, "top_k", batch, device)
+    p = _unit_setting(top_p, "top_p", batch, device, 1.0, open_below=True)
+    mp = _unit_setting(min_p, "min_p", batch, device, 0.0, open_below=False)
+    if not bool(((k > 0) | (p < 1.0) | (mp > 0.0)).any()):
+        return None
+    return k, p, mp
 
 
 def _check_offset(offset: int) -> int:
@@ -397,8 +529,11 @@ def _vocab_map(vocab_map: Optional[ArrayLike], vd: int, v: int, device: Any) -> 
     _check_rank(m, 1, "vocab_map", f"(Vd,) = ({vd},)")
     if m.shape[0] != vd:
         raise ValueError(f"vocab_map must have shape (Vd,) = ({vd},), got {tuple(m.shape)}")
+    _check_device(m, device, "vocab_map")
     _check_ids(m, "vocab_map", v)
-    return m.to(device=device, dtype=torch.int64)
+    if int(torch.unique(m).numel()) != vd:
+        raise ValueError("vocab_map must not repeat a target id")
+    return m.to(torch.int64)
 
 
 def _invalid_rows(x: Tensor) -> Tensor:
@@ -415,6 +550,187 @@ def _numpy_out(result: Any, as_numpy: bool) -> Any:
 # --------------------------------------------------------------------------------------------
 # Ops
 # --------------------------------------------------------------------------------------------
+
+
+def _filter(l: Tensor, tau: Tensor, flt: Filters, cd: torch.dtype) -> Tensor:
+    """The logits with the entries the filters drop set to -inf (docs/ops.md, sampling controls).
+
+    transformers' generate() warpers written out in `cd`, per row: a = l / tau, then top-k (the
+    k largest, ties with the k-th kept; k = 0 or k >= V is off), top-p over the survivors
+    (stable ascending sort, drop the entries whose cumulative probability is <= 1 - p, keep the
+    last), min-p (drop probabilities below min_p times the largest). Rows at tau = 0, rows
+    with every filter off and invalid rows (NaN, +inf, no finite logit) come back unchanged;
+    kept entries are the input's, bit for bit.
+
+    Shape:
+        l: (B, N, V), any float dtype; tau, and each of flt: (B,). Returns (B, N, V), l's dtype.
+    """
+    if flt is None or l.numel() == 0:
+        return l
+    k, p, mp = flt
+    V = l.shape[-1]
+    k = torch.where(k < V, k, 0)  # k >= V keeps everything
+    on = (tau > 0) & ((k > 0) | (p < 1.0) | (mp > 0.0))  # (B,)
+    if not bool(on.any()):
+        return l
+    x = l.to(cd) / torch.where(tau > 0, tau, 1.0).to(cd)[:, None, None]
+    rows = (on[:, None] & ~_invalid_rows(x))[..., None]  # (B, N, 1)
+    drop = torch.zeros(x.shape, dtype=torch.bool, device=x.device)
+    if bool((k > 0).any()):
+        srt = torch.sort(x, dim=-1, descending=True).values
+        kth = srt.gather(-1, (k.clamp_min(1) - 1)[:, None, None].expand(*x.shape[:2], 1))
+        drop |= (k > 0)[:, None, None] & (x < kth)
+        x = x.masked_fill(drop, -math.inf)
+    if bool((p < 1.0).any()):
+        srt, idx = torch.sort(x, dim=-1, stable=True)
+        d = torch.softmax(srt, dim=-1).cumsum(dim=-1) <= (1.0 - p).to(cd)[:, None, None]
+        d[..., -1] = False
+        d &= (p < 1.0)[:, None, None]
+        d = torch.zeros_like(d).scatter(-1, idx, d)
+        drop |= d
+        x = x.masked_fill(d, -math.inf)
+    if bool((mp > 0.0).any()):
+        pr = torch.softmax(x, dim=-1)
+        floor = mp.to(cd)[:, None, None] * pr.amax(-1, keepdim=True)
+        drop |= (mp > 0.0)[:, None, None] & (pr < floor)
+    return l.masked_fill(drop & rows, -math.inf)
+
+
+def filter_logits(
+    logits: ArrayLike,
+    *,
+    temperature: Temperature = 1.0,
+    top_k: Any = None,
+    top_p: Any = None,
+    min_p: Any = None,
+) -> Any:
+    """Top-k, top-p and min-p as transformers' ``generate()`` applies them: the logits with every
+    entry the filters drop set to -inf (the kept entries unchanged). See `_filter`.
+
+    The decisions are made in float64 (transformers' definitions); the kernels' float32 may
+    decide a top-p boundary otherwise only where a cumulative mass lies within float32
+    rounding of its threshold.
+
+    Parameters
+    ----------
+    logits : Tensor
+        float32, bfloat16, float16 or float64. Shape: (B, N, V).
+    temperature : float or Tensor
+        >= 0; rows at 0 (greedy) pass through. Shape: scalar, () or (B,).
+    top_k : int or integer Tensor, optional
+        >= 0; 0 (or k >= V) is off. Shape: scalar, () or (B,).
+    top_p : float or float Tensor, optional
+        In (0, 1]; 1 is off. Shape: scalar, () or (B,).
+    min_p : float or float Tensor, optional
+        In [0, 1]; 0 is off. Shape: scalar, () or (B,).
+
+    Returns
+    -------
+    Tensor
+        (B, N, V), the dtype of `logits`.
+
+    Examples
+    --------
+    >>> filter_logits(torch.tensor([[[3.0, 1.0, 2.0, 0.0]]]), top_k=2)
+    tensor([[[3., -inf, 2., -inf]]])
+    """
+    as_numpy = isinstance(logits, np.ndarray)
+    l = _tensor(logits, "logits")
+    _check_logits(l, "logits")
+    _check_rank(l, 3, "logits", "(B, N, V)")
+    B = l.shape[0]
+    tau = _per_row(temperature, B, "temperature", torch.float64, l.device)
+    out = _filter(l, tau, _filter_settings(top_k, top_p, min_p, B, l.device), torch.float64)
+    out = out.clone(memory_format=torch.contiguous_format) if out is l else out.contiguous()
+    return out.cpu().numpy() if as_numpy else out
+
+
+def apply_penalties(
+    logits: ArrayLike,
+    ids: ArrayLike,
+    lengths: Union[int, ArrayLike],
+    *,
+    repetition_penalty: Temperature = 1.0,
+    presence_penalty: Temperature = 0.0,
+    frequency_penalty: Temperature = 0.0,
+) -> Any:
+    """Repetition, presence and frequency penalties of a block of positions, each given the
+    tokens before it: position n of row b has seen ``ids[b, :lengths[b] + n]``.
+
+    For every token seen c > 0 times before the position: ``l * r`` if l < 0 else ``l / r``
+    (transformers' RepetitionPenaltyLogitsProcessor, once per token), then
+    ``l - presence - frequency * c`` (OpenAI / vLLM). Computed in float64.
+
+    Parameters
+    ----------
+    logits : Tensor
+        float32, bfloat16, float16 or float64. Shape: (B, N, V).
+    ids : Tensor
+        int32 or int64 in [0, V) (entries past ``lengths[b] + N - 1`` are not read). Shape: (B, L).
+    lengths : int or integer Tensor
+        0 <= lengths[b] <= L - (N - 1). Shape: scalar, () or (B,).
+    repetition_penalty : float or Tensor
+        > 0; 1 is off. Shape: scalar, () or (B,).
+    presence_penalty, frequency_penalty : float or Tensor
+        Finite; 0 is off. Shape: scalar, () or (B,).
+
+    Returns
+    -------
+    Tensor
+        (B, N, V) float32 (float64 for float64 logits).
+
+    Examples
+    --------
+    >>> x = torch.tensor([[[2.0, -2.0, 1.0], [2.0, -2.0, 1.0]]])
+    >>> apply_penalties(x, torch.tensor([[1, 0]]), 1, repetition_penalty=2.0)
+    tensor([[[ 2., -4.,  1.],
+             [ 1., -4.,  1.]]])
+    """
+    as_numpy = isinstance(logits, np.ndarray)
+    l = _tensor(logits, "logits")
+    _check_logits(l, "logits")
+    _check_rank(l, 3, "logits", "(B, N, V)")
+    B, N, V = l.shape
+    dev = l.device
+    ix = _tensor(ids, "ids")
+    if ix.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"ids must be int32 or int64, got {ix.dtype}")
+    if ix.dim() != 2 or ix.shape[0] != B:
+        raise ValueError(f"ids must have shape (B, L) = ({B}, L), got {tuple(ix.shape)}")
+    _check_device(ix, dev, "ids")
+    L = ix.shape[1]
+    if isinstance(lengths, (bool, np.bool_)):
+        raise TypeError("lengths must be an int or a (B,) int64 tensor, got bool")
+    if isinstance(lengths, (int, np.integer)):
+        ln = torch.full((B,), int(lengths), dtype=torch.int64, device=dev)
+    else:
+        ln = _tensor(lengths, "lengths")
+        if ln.is_floating_point() or ln.dtype == torch.bool or ln.is_complex():
+            raise TypeError(f"lengths must be an int or an integer (B,) tensor, got {ln.dtype}")
+        _check_device(ln, dev, "lengths")
+        ln = _row_shape(ln, "lengths", B).to(torch.int64)
+    r = _penalty_setting(repetition_penalty, "repetition_penalty", B, dev, positive=True)
+    pres = _penalty_setting(presence_penalty, "presence_penalty", B, dev, positive=False)
+    freq = _penalty_setting(frequency_penalty, "frequency_penalty", B, dev, positive=False)
+    hi = L - max(N - 1, 0)
+    if ln.numel() and bool(((ln < 0) | (ln > hi)).any()):
+        raise ValueError(f"lengths must satisfy 0 <= lengths[b] <= L - (N - 1) = {hi}, got "
+                         f"{ln.tolist()[:8]}")
+    upto = ln[:, None] + torch.arange(N, device=dev)  # (B, N): position n sees ids[b, :upto]
+    seen = torch.arange(L, device=dev)[None, None, :] < upto[:, :, None]  # (B, N, L)
+    read = seen.any(dim=1)  # (B, L): the entries of ids read by some position
+    if bool(read.any()):
+        _check_ids(ix[read], "ids", V)
+    cd = torch.float64
+    x = l.to(cd)
+    if x.numel() and L:
+        at = torch.where(read, ix.to(torch.int64), 0)[:, None, :].expand(B, N, L)
+        c = torch.zeros(B, N, V, dtype=cd, device=dev).scatter_add_(2, at, seen.to(cd))
+        rep = r[:, None, None]
+        y = torch.where(x < 0, x * rep, x / rep) - pres[:, None, None] - freq[:, None, None] * c
+        x = torch.where(c > 0, y, x)
+    out = x.to(_out_dtype(l))
+    return out.cpu().numpy() if as_numpy else out
 
 
 def _gather(l: Tensor, ids: Tensor, tau: Tensor) -> tuple[Tensor, Tensor]:
@@ -439,29 +755,35 @@ def gather_logprobs(
     ids: ArrayLike,
     temperature: Temperature = 1.0,
     *,
+    top_k: Any = None,
+    top_p: Any = None,
+    min_p: Any = None,
     compute_dtype: torch.dtype = torch.float64,
 ) -> GatherResult:
     """Log-sum-exp of each logits row and the log-probability of the given id.
 
     tau > 0: ``lse = logsumexp(l / tau)``, ``logprob = l[id] / tau - lse``.
     tau == 0: ``lse = max(l)``, ``logprob = 0`` if id is the argmax (lowest index among maxima)
-    else -inf. A row holding NaN or +inf, or only -inf, gives NaN in both outputs.
+    else -inf. A row holding NaN or +inf, or only -inf, gives NaN in both outputs. With a
+    filter on, both are those of the filtered law (`filter_logits`; -inf for a dropped id).
 
     Parameters
     ----------
     logits : Tensor
-        float32, bfloat16 or float16. Shape: (B, N, V).
+        float32, bfloat16, float16 or float64. Shape: (B, N, V).
     ids : Tensor
         int32 or int64 in [0, V). Shape: (B, N).
     temperature : float or Tensor
-        >= 0. Shape: scalar or (B,).
+        >= 0. Shape: scalar, () or (B,).
+    top_k, top_p, min_p : optional
+        As in `filter_logits`.
     compute_dtype : torch.dtype
-        float64 (default) or float32.
+        float64 (default) or float32: the arithmetic (the reference only).
 
     Returns
     -------
     GatherResult
-        lse, logprobs in `compute_dtype`. Shape: (B, N) each.
+        lse, logprobs: (B, N) each, float32 (float64 for float64 logits).
 
     Examples
     --------
@@ -477,10 +799,14 @@ def gather_logprobs(
     B, N, V = logits.shape
     if tuple(ids.shape) != (B, N):
         raise ValueError(f"ids must have shape (B, N) = ({B}, {N}), got {tuple(ids.shape)}")
+    _check_device(ids, logits.device, "ids")
     _check_ids(ids, "ids", V)
     tau = _per_row(temperature, B, "temperature", compute_dtype, logits.device)
-    lse, lp = _gather(logits.to(compute_dtype), ids.to(torch.int64), tau)
-    return _numpy_out(GatherResult(lse, lp), as_numpy)
+    flt = _filter_settings(top_k, top_p, min_p, B, logits.device)
+    l = _filter(logits, tau, flt, compute_dtype).to(compute_dtype)
+    lse, lp = _gather(l, ids.to(torch.int64), tau)
+    out = _out_dtype(logits)
+    return _numpy_out(GatherResult(lse.to(out), lp.to(out)), as_numpy)
 
 
 def _chain(
@@ -587,21 +913,27 @@ def _prepare_chain(
     seed: Seed,
     offset: int,
     vocab_map: Optional[ArrayLike],
+    top_k: Any,
+    top_p: Any,
+    min_p: Any,
     cd: torch.dtype,
 ) -> dict:
+    """Checked verify arguments; "tl" is the target logits after the filters."""
     tl = _tensor(target_logits, "target_logits")
     x = _tensor(draft_ids, "draft_ids")
     _check_logits(tl, "target_logits")
     _check_rank(tl, 3, "target_logits", "(B, G+1, V)")
     B, G1, V = tl.shape
     G = G1 - 1
+    dev = tl.device
     if G < 0:
         raise ValueError(f"target_logits must have shape (B, G+1, V), got {tuple(tl.shape)}")
     if tuple(x.shape) != (B, G):
         raise ValueError(f"draft_ids must have shape (B, G) = ({B}, {G}), got {tuple(x.shape)}")
+    _check_device(x, dev, "draft_ids")
     _check_ids(x, "draft_ids", V)
     dl = None
-    vmap = torch.arange(V, dtype=torch.int64, device=tl.device)
+    vmap = torch.arange(V, dtype=torch.int64, device=dev)
     if draft_logits is not None:
         dl = _tensor(draft_logits, "draft_logits")
         _check_logits(dl, "draft_logits")
@@ -610,8 +942,13 @@ def _prepare_chain(
             raise ValueError(
                 f"draft_logits must have shape (B, G, Vd) = ({B}, {G}, Vd), got {tuple(dl.shape)}"
             )
-        vmap = _vocab_map(vocab_map, dl.shape[2], V, tl.device)
-    pm = torch.zeros(B, G, dtype=torch.bool, device=tl.device)
+        _check_device(dl, dev, "draft_logits")
+        vmap = _vocab_map(vocab_map, dl.shape[2], V, dev)
+    elif vocab_map is not None:  # unused without draft logits, but checked as the ops do
+        m = _tensor(vocab_map, "vocab_map")
+        _check_rank(m, 1, "vocab_map", "(Vd,)")
+        _vocab_map(m, m.shape[0], V, dev)
+    pm = torch.zeros(B, G, dtype=torch.bool, device=dev)
     if draft_point_mass is not None:
         pmt = _tensor(draft_point_mass, "draft_point_mass")
         if pmt.dtype != torch.bool:
@@ -619,13 +956,25 @@ def _prepare_chain(
         if tuple(pmt.shape) != (B, G):
             raise ValueError(f"draft_point_mass must have shape (B, G) = ({B}, {G}), got "
                              f"{tuple(pmt.shape)}")
-        pm = pmt.to(tl.device)
-    return dict(
-        tl=tl, x_all=x.to(torch.int64), dl=dl, pm=pm,
-        tau=_per_row(temperature, B, "temperature", cd, tl.device),
-        dtau=_per_row(draft_temperature, B, "draft_temperature", cd, tl.device),
-        keys=row_keys(seed, B, tl.device), offset=_check_offset(offset), vmap=vmap,
-    )
+        _check_device(pmt, dev, "draft_point_mass")
+        pm = pmt
+    tau = _per_row(temperature, B, "temperature", cd, dev)
+    dtau = _per_row(draft_temperature, B, "draft_temperature", cd, dev)
+    keys = _seed(seed, B, dev)
+    offset = _check_offset(offset)
+    flt = _filter_settings(top_k, top_p, min_p, B, dev)
+    return dict(tl=_filter(tl, tau, flt, cd), x_all=x.to(torch.int64), dl=dl, pm=pm, tau=tau,
+                dtau=dtau, keys=keys, offset=offset, vmap=vmap)
+
+
+def _lse_arg(value: ArrayLike, name: str, shape: tuple, device: Any) -> Tensor:
+    t = _tensor(value, name)
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating tensor, got {t.dtype}")
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+    _check_device(t, device, name)
+    return t
 
 
 def rejection_sample(
@@ -641,6 +990,9 @@ def rejection_sample(
     seed: Seed = 0,
     offset: int = 0,
     vocab_map: Optional[ArrayLike] = None,
+    top_k: Any = None,
+    top_p: Any = None,
+    min_p: Any = None,
     compute_dtype: torch.dtype = torch.float64,
 ) -> VerifyResult:
     """Chain speculative sampling with caller-supplied log-sum-exps (see `verify`).
@@ -648,10 +1000,11 @@ def rejection_sample(
     Parameters
     ----------
     target_logits, draft_ids, draft_logits, draft_point_mass, temperature, draft_temperature,
-    seed, offset, vocab_map, compute_dtype
+    seed, offset, vocab_map, top_k, top_p, min_p, compute_dtype
         As in `verify`.
     target_lse : Tensor
-        ``gather_logprobs(target_logits, ., temperature).lse``. Shape: (B, G+1).
+        ``gather_logprobs(target_logits, ., temperature).lse`` (with the same filters).
+        Shape: (B, G+1).
     draft_lse : Tensor or None
         ``gather_logprobs(draft_logits, ., draft_temperature).lse``; required with draft_logits.
         Shape: (B, G).
@@ -670,25 +1023,21 @@ def rejection_sample(
     torch.Size([2, 3])
     """
     as_numpy = isinstance(target_logits, np.ndarray)
+    if target_lse is None:
+        raise ValueError("target_lse is required (use verify() to compute it in the same pass)")
+    if draft_logits is not None and draft_lse is None:
+        raise ValueError("draft_lse is required with draft_logits")
     a = _prepare_chain(target_logits, draft_ids, draft_logits, draft_point_mass, temperature,
-                       draft_temperature, seed, offset, vocab_map, compute_dtype)
+                       draft_temperature, seed, offset, vocab_map, top_k, top_p, min_p,
+                       compute_dtype)
     B, G1, _ = a["tl"].shape
-    t_lse = _tensor(target_lse, "target_lse")
-    if tuple(t_lse.shape) != (B, G1):
-        raise ValueError(f"target_lse must have shape (B, G+1) = ({B}, {G1}), got "
-                         f"{tuple(t_lse.shape)}")
+    dev = a["tl"].device
+    t_lse = _lse_arg(target_lse, "target_lse", (B, G1), dev).to(compute_dtype)
     d_lse = None
     if a["dl"] is not None:
-        if draft_lse is None:
-            raise ValueError("draft_lse is required when draft_logits is given")
-        d_lse = _tensor(draft_lse, "draft_lse")
-        if tuple(d_lse.shape) != (B, G1 - 1):
-            raise ValueError(f"draft_lse must have shape (B, G) = ({B}, {G1 - 1}), got "
-                             f"{tuple(d_lse.shape)}")
-        d_lse = d_lse.to(compute_dtype)
-    res, _ = _chain(a["tl"], a["x_all"], a["dl"], a["pm"], a["tau"], a["dtau"],
-                    t_lse.to(compute_dtype), d_lse, a["keys"], a["offset"], a["vmap"],
-                    compute_dtype)
+        d_lse = _lse_arg(draft_lse, "draft_lse", (B, G1 - 1), dev).to(compute_dtype)
+    res, _ = _chain(a["tl"], a["x_all"], a["dl"], a["pm"], a["tau"], a["dtau"], t_lse, d_lse,
+                    a["keys"], a["offset"], a["vmap"], compute_dtype)
     return _numpy_out(res, as_numpy)
 
 
@@ -703,11 +1052,15 @@ def _verify_with_margin(
     seed: Seed = 0,
     offset: int = 0,
     vocab_map: Optional[ArrayLike] = None,
+    top_k: Any = None,
+    top_p: Any = None,
+    min_p: Any = None,
     compute_dtype: torch.dtype = torch.float64,
 ) -> tuple[VerifyResult, Tensor]:
     """`verify` plus the per-row decision margin (see `_chain`); torch inputs only."""
     a = _prepare_chain(target_logits, draft_ids, draft_logits, draft_point_mass, temperature,
-                       draft_temperature, seed, offset, vocab_map, compute_dtype)
+                       draft_temperature, seed, offset, vocab_map, top_k, top_p, min_p,
+                       compute_dtype)
     tl, dl = a["tl"], a["dl"]
     B, G1, V = tl.shape
     zeros_t = torch.zeros(B, G1, dtype=torch.int64, device=tl.device)
@@ -731,6 +1084,10 @@ def verify(
     seed: Seed = 0,
     offset: int = 0,
     vocab_map: Optional[ArrayLike] = None,
+    top_k: Any = None,
+    top_p: Any = None,
+    min_p: Any = None,
+    check_values: bool = True,
     compute_dtype: torch.dtype = torch.float64,
 ) -> VerifyResult:
     """Chain speculative sampling: accept the longest exact prefix of the drafts, plus one token.
@@ -741,12 +1098,14 @@ def verify(
     accept while the draft equals argmax p and correct with that argmax. Position i uses a point
     mass on x_i when draft_logits is None, when the row's draft temperature is 0 or where
     draft_point_mass is True, else the soft q = softmax(draft_logits / draft_temperature).
-    Randomness: Philox keyed by (seed of the row, offset, position, index, tag), docs/ops.md.
+    With top_k / top_p / min_p, p is the law of the filtered target logits (`filter_logits`;
+    greedy rows ignore the filters). Randomness: Philox keyed by (seed of the row, offset,
+    position, index, tag), docs/ops.md.
 
     Parameters
     ----------
     target_logits : Tensor
-        float32, bfloat16 or float16. Shape: (B, G+1, V).
+        float32, bfloat16, float16 or float64. Shape: (B, G+1, V).
     draft_ids : Tensor
         int32 or int64 target ids in [0, V). Shape: (B, G).
     draft_logits : Tensor or None
@@ -754,15 +1113,19 @@ def verify(
     draft_point_mass : Tensor or None
         bool, True where q is a point mass (`point_mass_mask`). Shape: (B, G).
     temperature, draft_temperature : float or Tensor
-        >= 0; 0 is greedy (target) or point-mass drafts (drafter). Shape: scalar or (B,).
+        >= 0; 0 is greedy (target) or point-mass drafts (drafter). Shape: scalar, () or (B,).
     seed : int or Tensor
-        One int for the batch or one int64 per row. Shape: scalar or (B,).
+        One int for the batch or one int64 per row. Shape: scalar, () or (B,).
     offset : int
         Philox offset, 0 <= offset < 2^56; advance it per call.
     vocab_map : Tensor or None
         Target id of each drafter id (Vd < V). Shape: (Vd,).
+    top_k, top_p, min_p : optional
+        Sampling controls of the target law, per row; as in `filter_logits`.
+    check_values : bool
+        Taken for the ops' signature; the reference always checks every value.
     compute_dtype : torch.dtype
-        float64 (default) or float32.
+        float64 (default) or float32: the arithmetic (the reference only).
 
     Returns
     -------
@@ -785,7 +1148,7 @@ def verify(
     res, _ = _verify_with_margin(
         target_logits, draft_ids, draft_logits, draft_point_mass=draft_point_mass,
         temperature=temperature, draft_temperature=draft_temperature, seed=seed, offset=offset,
-        vocab_map=vocab_map, compute_dtype=compute_dtype,
+        vocab_map=vocab_map, top_k=top_k, top_p=top_p, min_p=min_p, compute_dtype=compute_dtype,
     )
     return _numpy_out(res, as_numpy)
 
@@ -802,9 +1165,13 @@ def _denoise(
     seed: Seed,
     offset: int,
     vocab_map: Optional[ArrayLike],
+    top_k: Any = None,
+    top_p: Any = None,
+    min_p: Any = None,
     compute_dtype: torch.dtype,
 ) -> tuple[DenoiseResult, Tensor]:
-    """denoise_step and its per-row decision margin (token races, confidence ranking)."""
+    """denoise_step and its per-row decision margin (token races, confidence ranking); lse in
+    `compute_dtype`."""
     cd = compute_dtype
     l_all = _tensor(logits, "logits")
     tok_in = _tensor(tokens, "tokens")
@@ -812,28 +1179,34 @@ def _denoise(
     _check_logits(l_all, "logits")
     _check_rank(l_all, 3, "logits", "(B, G, Vd)")
     B, G, Vd = l_all.shape
+    dev = l_all.device
     for name, t in (("tokens", tok_in), ("commit_step", cs_in)):
         if tuple(t.shape) != (B, G):
             raise ValueError(f"{name} must have shape (B, G) = ({B}, {G}), got {tuple(t.shape)}")
+        _check_device(t, dev, name)
     if tok_in.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"tokens must be int32 or int64, got {tok_in.dtype}")
     if cs_in.dtype != torch.int32:
         raise TypeError(f"commit_step must be int32, got {cs_in.dtype}")
+    for name, val in (("step", step), ("num_steps", num_steps)):
+        if isinstance(val, (bool, np.bool_)) or not isinstance(val, (int, np.integer)):
+            raise TypeError(f"{name} must be an int, got {type(val).__name__}")
     if not 0 <= step < num_steps:
         raise ValueError(f"step must be in [0, num_steps) = [0, {num_steps}), got {step}")
     mode = CommitMode.parse(mode)
-    dev = l_all.device
     if vocab_map is None:
         vmap = torch.arange(Vd, dtype=torch.int64, device=dev)
     else:  # the target vocabulary size is not known here: only check the map's shape and sign
         vm = _tensor(vocab_map, "vocab_map")
         if tuple(vm.shape) != (Vd,):
             raise ValueError(f"vocab_map must have shape (Vd,) = ({Vd},), got {tuple(vm.shape)}")
+        _check_device(vm, dev, "vocab_map")
         _check_ids(vm, "vocab_map", 2**63 - 1)
-        vmap = vm.to(device=dev, dtype=torch.int64)
+        vmap = vm.to(torch.int64)
     tau = _per_row(temperature, B, "temperature", cd, dev)
-    keys = row_keys(seed, B, dev)
+    keys = _seed(seed, B, dev)
     offset = _check_offset(offset)
+    l_all = _filter(l_all, tau, _filter_settings(top_k, top_p, min_p, B, dev), cd)
     R = num_steps - step  # remaining steps, >= 1
 
     masked = cs_in < 0  # (B, G)
@@ -905,6 +1278,10 @@ def denoise_step(
     seed: Seed = 0,
     offset: int = 0,
     vocab_map: Optional[ArrayLike] = None,
+    top_k: Any = None,
+    top_p: Any = None,
+    min_p: Any = None,
+    check_values: bool = True,
     compute_dtype: torch.dtype = torch.float64,
 ) -> DenoiseResult:
     """One reverse step of the masked-diffusion drafter for the positions still masked.
@@ -917,7 +1294,7 @@ def denoise_step(
     Parameters
     ----------
     logits : Tensor
-        Drafter logits, float32, bfloat16 or float16. Shape: (B, G, Vd).
+        Drafter logits, float32, bfloat16, float16 or float64. Shape: (B, G, Vd).
     tokens : Tensor
         int32 or int64, current tokens (read at committed positions only). Shape: (B, G).
     commit_step : Tensor
@@ -927,21 +1304,26 @@ def denoise_step(
     mode : CommitMode or str
         "random", "confidence" or "left_to_right".
     temperature : float or Tensor
-        Drafter temperature, >= 0. Shape: scalar or (B,).
+        Drafter temperature, >= 0. Shape: scalar, () or (B,).
     seed : int or Tensor
-        Shape: scalar or (B,) int64.
+        Shape: scalar, () or (B,) int64.
     offset : int
         Philox offset, 0 <= offset < 2^56.
     vocab_map : Tensor or None
         Target id of each drafter id. Shape: (Vd,).
+    top_k, top_p, min_p : optional
+        As in `filter_logits`: tokens are drawn from the filtered law, lse and the confidence
+        are that law's.
+    check_values : bool
+        Taken for the ops' signature; the reference always checks every value.
     compute_dtype : torch.dtype
-        float64 (default) or float32.
+        float64 (default) or float32: the arithmetic (the reference only).
 
     Returns
     -------
     DenoiseResult
-        tokens (B, G) int64, commit_step (B, G) int32, lse (B, G) `compute_dtype` (NaN where
-        committed earlier), valid (B,) bool.
+        tokens (B, G) int64, commit_step (B, G) int32, lse (B, G) float32 (float64 for float64
+        logits; NaN where committed earlier), valid (B,) bool.
 
     Examples
     --------
@@ -954,7 +1336,8 @@ def denoise_step(
     as_numpy = isinstance(logits, np.ndarray)
     res, _ = _denoise(logits, tokens, commit_step, step=step, num_steps=num_steps, mode=mode,
                       temperature=temperature, seed=seed, offset=offset, vocab_map=vocab_map,
-                      compute_dtype=compute_dtype)
+                      top_k=top_k, top_p=top_p, min_p=min_p, compute_dtype=compute_dtype)
+    res = res._replace(lse=res.lse.to(_out_dtype(_tensor(logits, "logits"))))
     return _numpy_out(res, as_numpy)
 
 
@@ -982,6 +1365,8 @@ def point_mass_mask(commit_step: ArrayLike) -> Any:
     as_numpy = isinstance(commit_step, np.ndarray)
     cs = _tensor(commit_step, "commit_step")
     _check_rank(cs, 2, "commit_step", "(B, G)")
+    if cs.is_floating_point() or cs.dtype == torch.bool or cs.is_complex():
+        raise TypeError(f"commit_step must be an integer tensor, got {cs.dtype}")
     cs = cs.to(torch.int64)
     if cs.shape[1] == 0:
         out = torch.zeros(cs.shape, dtype=torch.bool, device=cs.device)
@@ -1065,63 +1450,3 @@ def naive_verify(
     ids = torch.where(pos[None, :] < k[:, None], x_pad, -1)
     ids[ar, k] = tok
     return VerifyResult(ids, k, torch.ones(B, dtype=torch.bool, device=dev))
-
-
-# ------------------------------------------------------------------------ sampling controls
-def filter_scores(logits: Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0,
-                  min_p: float = 0.0) -> Tensor:
-    """transformers' generate() warpers, written out in float64: logits / temperature, then
-    top-k (ties with the k-th kept), top-p (stable ascending sort, drop the entries whose
-    cumulative probability is <= 1 - top_p, keep the last), min-p (drop probabilities below
-    min_p times the largest). Dropped entries are -inf. 0 / 1 / 0 turn a filter off.
-
-    Shape:
-        logits: (..., V). Returns the scaled, filtered scores (..., V), float64.
-    """
-    x = logits.to(torch.float64) / float(temperature)
-    V = x.shape[-1]
-    if 0 < top_k < V:
-        kth = torch.topk(x, top_k, dim=-1).values[..., -1:]
-        x = x.masked_fill(x < kth, -math.inf)
-    if top_p < 1.0:
-        srt, idx = torch.sort(x, dim=-1, stable=True)
-        drop = torch.softmax(srt, dim=-1).cumsum(dim=-1) <= 1.0 - top_p
-        drop[..., -1] = False
-        x = x.scatter(-1, idx, srt.masked_fill(drop, -math.inf))
-    if min_p > 0.0:
-        pr = torch.softmax(x, dim=-1)
-        x = x.masked_fill(pr < min_p * pr.amax(dim=-1, keepdim=True), -math.inf)
-    return x
-
-
-def filtered_probs(logits: Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0,
-                   min_p: float = 0.0) -> Tensor:
-    """The law a sampler with these controls draws from (float64); the argmax at temperature 0.
-
-    Shape:
-        logits: (..., V). Returns (..., V).
-    """
-    if temperature == 0:
-        am = logits.argmax(dim=-1)
-        return torch.nn.functional.one_hot(am, logits.shape[-1]).to(torch.float64)
-    return torch.softmax(filter_scores(logits, temperature, top_k, top_p, min_p), dim=-1)
-
-
-def penalized_logits(logits: Tensor, seen: Sequence[int], repetition: float = 1.0,
-                     presence: float = 0.0, frequency: float = 0.0) -> Tensor:
-    """One row after the penalties, given the tokens seen before it (float64): for a token
-    seen c > 0 times, logit * r if negative else logit / r (transformers'
-    RepetitionPenaltyLogitsProcessor), then - presence - frequency * c (OpenAI / vLLM).
-
-    Shape:
-        logits: (V,). Returns (V,).
-    """
-    out = logits.to(torch.float64).clone()
-    counts: dict = {}
-    for t in seen:
-        counts[int(t)] = counts.get(int(t), 0) + 1
-    for t, c in counts.items():
-        y = float(out[t])
-        y = y * repetition if y < 0 else y / repetition
-        out[t] = y - presence - frequency * c
-    return out
