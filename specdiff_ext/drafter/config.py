@@ -116,7 +116,7 @@ def _want(kind: str, lo: Any, hi: Any, above: Any, below: Any, nonempty: bool,
         return "a finite number" + _bounds(lo, hi, above, below)
     if kind in ("ints", "strs"):
         what = "ints" + _bounds(lo, hi, above, below) if kind == "ints" else "strings"
-        size = f" (at most {max_len})" if max_len is not None else ""
+        size = f" (at most {max_len} entries)" if max_len is not None else ""
         return ("a non-empty list of " if nonempty else "a list of ") + what + size
     return {"bool": "true or false", "str": "a string", "dict": "a JSON object"}[kind]
 
@@ -204,8 +204,9 @@ def check_field(name: str, value: Any, kind: str, *, lo: Any = None, hi: Any = N
             if not all(_is_int(v) for v in value):
                 raise fail("value")
             if not all(in_range(v) for v in value):
-                raise fail("value", f"{name} must lie in{_bounds(lo, hi, above, below)}, "
-                                    f"got {list(value)!r}")
+                rule = (f"must lie in [{lo}, {hi}]" if lo is not None and hi is not None
+                        else f"entries must be{_bounds(lo, hi, above, below)}")
+                raise fail("value", f"{name} {rule}, got {list(value)!r}")
         if (nonempty and not value) or (max_len is not None and len(value) > max_len):
             raise fail("value")
         return [int(v) for v in value] if kind == "ints" else list(value)
