@@ -5,13 +5,18 @@
 Each case draws an op and hostile arguments: odd shapes (B, N, G = 0, V = 1), dtypes (float64
 logits, bool ids, float ids), layouts (transposed, sliced, stride-0 expanded, numpy), values
 (NaN, +-inf, +-3e38, ids out of range, negative / NaN / tiny temperatures, bad filter
-settings, huge seeds and offsets). Every case must end in one of:
+settings, huge seeds and offsets), and the edges: subnormal and vanishing temperatures (1 / tau
+infinite in float32) crossed with every filter and commit mode, tied rows and rows whose max is
+0, vocabulary maps that are views into larger buffers (offset, strided), lengths, top_k, steps
+and offsets at the edges of int64 and past it, strings and floats where ints belong. Every case
+must end in one of:
 
 * a ValueError / TypeError whose message names an argument of the op, or
 * a result that keeps the contract: ids in range where valid is true (accepted drafts, then the
   correction or bonus, then -1), committed tokens inside the vocabulary map, and -- where the
   op is deterministic (gather_logprobs, greedy verify, filter_logits masks, apply_penalties) --
-  equal to the float64 reference.
+  equal to the float64 reference; at a vanishing temperature, the greedy law exactly (the
+  reference at temperature 0; docs/ops.md).
 
 A crash (signal, abort) kills the process: the parent sees the exit status, and the line
 printed before each case names the culprit. Exit status 1 lists contract violations.
@@ -51,11 +56,21 @@ NAMES = {
 }
 
 HOSTILE = [float("nan"), float("inf"), -float("inf"), 3e38, -3e38, 1e38, 0.0, -0.0]
+# Temperatures at and below float32's smallest normal: 1 / tau is infinite below 2^-128.
+TINY = [1e-45, 1e-44, 1e-40, 1e-39, 2.9e-39, 3e-39, 1e-38, 1.2e-38, 1e-37]
+INT64_EDGES = [2**63 - 1, 2**63, 2**64, -2**63, -2**63 - 1, 10**30]
 
 
 def rand_logits(rng: random.Random, shape: tuple, hostile: bool) -> torch.Tensor:
     g = torch.Generator().manual_seed(rng.randrange(1 << 30))
     x = torch.randn(shape, generator=g) * rng.choice([0.1, 1.0, 3.0, 30.0])
+    k = rng.randrange(8)
+    if k == 0:  # every entry tied
+        x = torch.full(shape, rng.choice([0.0, 1.0, -2.5, 65504.0]))
+    elif k == 1:  # ties: a few distinct values
+        x = x.round()
+    elif k == 2 and x.numel():  # every row's max is exactly 0
+        x = x - x.amax(-1, keepdim=True)
     if hostile and x.numel():
         flat = x.view(-1)
         for _ in range(rng.randrange(1, 4)):
@@ -78,24 +93,58 @@ def layout(rng: random.Random, x: torch.Tensor) -> Any:
 
 
 def temperature(rng: random.Random, B: int) -> Any:
-    k = rng.randrange(10)
+    k = rng.randrange(12)
     if k == 0:
-        return rng.choice([-1.0, float("nan"), float("inf"), 1e-38, 1e-30, 1e-25, 1e30])
+        return rng.choice([-1.0, float("nan"), float("inf"), 1e-38, 1e-30, 1e-25, 1e30, -1e-45,
+                           "0.5", True])
     if k == 1:
-        return torch.tensor([rng.choice([0.0, 0.5, 1.0, 1e-20]) for _ in range(B)])
+        return torch.tensor([rng.choice([0.0, 0.5, 1.0, 1e-20] + TINY) for _ in range(B)])
     if k == 2:
         return rng.choice([0.0, 0.0, 1e-6])
+    if k in (3, 4):
+        return rng.choice(TINY)
     return rng.choice([0.5, 1.0, 1.7])
+
+
+def vanishing(tau: Any) -> Any:
+    """Whether (per row) a temperature is read as 0: 1 / tau infinite in float32."""
+    if isinstance(tau, torch.Tensor):
+        t = tau.float()
+        return (t > 0) & torch.isinf(1.0 / t)
+    if isinstance(tau, float):
+        t = np.float32(tau)
+        return bool(t > 0 and np.isinf(np.float32(1.0) / t))
+    return False
+
+
+def all_vanishing(tau: Any) -> bool:
+    v = vanishing(tau)
+    return bool(v.all()) if isinstance(v, torch.Tensor) else bool(v)
+
+
+def vocab_map_view(rng: random.Random, V: int, hi: int) -> torch.Tensor:
+    """A map of V distinct ids below hi, as a view into a larger buffer (an offset past a
+    poison entry, or every other element), or plain."""
+    perm = torch.randperm(hi)[:V]
+    k = rng.randrange(3)
+    if k == 0:
+        return torch.cat([torch.tensor([777777]), perm])[1:]
+    if k == 1:
+        return torch.stack([perm, torch.full_like(perm, 888888)], 1).reshape(-1)[::2]
+    return perm
 
 
 def filters(rng: random.Random) -> Dict[str, Any]:
     out: Dict[str, Any] = {}
-    if rng.random() < 0.3:
-        out["top_k"] = rng.choice([0, 1, 3, 10**9, -1])
-    if rng.random() < 0.3:
-        out["top_p"] = rng.choice([0.5, 0.99, 1.0, 0.0, 1.5, float("nan")])
-    if rng.random() < 0.3:
-        out["min_p"] = rng.choice([0.0, 0.1, 1.0, -0.5, float("nan")])
+    if rng.random() < 0.35:
+        out["top_k"] = rng.choice([0, 1, 2, 3, 5, 10**9, 2**63 - 1, 2**64, -1, -2**63 - 1, "3", 2.0]
+                                  if rng.random() < 0.3 else [1, 2, 3, 5, 10**9])
+    if rng.random() < 0.35:
+        out["top_p"] = rng.choice([0.5, 0.9, 0.99, 1.0, 0.0, 1.5, float("nan"), "0.5"]
+                                  if rng.random() < 0.3 else [0.5, 0.9, 0.99, 1.0])
+    if rng.random() < 0.35:
+        out["min_p"] = rng.choice([0.0, 0.1, 0.5, 1.0, -0.5, float("nan")]
+                                  if rng.random() < 0.3 else [0.0, 0.1, 0.5, 1.0])
     return out
 
 
@@ -117,9 +166,15 @@ def make_case(rng: random.Random) -> tuple:
         if rng.random() < 0.5:
             args.append(layout(rng, rand_logits(rng, (B, G, V), hostile).to(dtype)))
         kw = dict(temperature=temperature(rng, B), draft_temperature=temperature(rng, B),
-                  seed=rng.choice([0, -1, 1 << 62, 12345]), offset=rng.choice([0, 7, -1, 1 << 57]))
+                  seed=rng.choice([0, -1, 1 << 62, 12345, 2**64 - 1]),
+                  offset=rng.choice([0, 7, 0, 7, 0, 7, -1, 1 << 57, 2**63 - 1, 2**64, 1.5]))
         if rng.random() < 0.2:
             kw["draft_point_mass"] = torch.rand(B, G) < 0.5
+        if rng.random() < 0.2 and V > 1:  # a reduced drafter vocabulary, the map a view
+            Vd = rng.randrange(1, V + 1)
+            kw["vocab_map"] = vocab_map_view(rng, Vd, V)
+            if len(args) == 3:
+                args[2] = layout(rng, rand_logits(rng, (B, G, Vd), hostile).to(dtype))
         kw.update(filters(rng))
     elif op == "gather_logprobs":
         N = rng.choice([0, 1, 4])
@@ -138,11 +193,13 @@ def make_case(rng: random.Random) -> tuple:
             cs[:, 0] = 0
         T = rng.choice([1, 2, 4])
         args = [layout(rng, lg), tokens, cs]
-        kw = dict(step=rng.choice([0, T - 1, T, -1]), num_steps=rng.choice([T, T, 0]),
-                  mode=rng.choice(["random", "confidence", "left_to_right", "nope"]),
+        edge = rng.random() < 0.2
+        kw = dict(step=rng.choice([0, T - 1, T, -1, 2**63, "0"] if edge else [0, T - 1]),
+                  num_steps=rng.choice([T, 0, 2**63 - 1, 1.0] if edge else [T]),
+                  mode=rng.choice(["random", "confidence", "confidence", "left_to_right", "nope"]),
                   temperature=temperature(rng, B), seed=rng.randrange(1 << 20), offset=rng.randrange(50))
-        if rng.random() < 0.3 and V > 1:
-            kw["vocab_map"] = torch.randperm(3 * V)[:V]
+        if rng.random() < 0.4:
+            kw["vocab_map"] = vocab_map_view(rng, V, 3 * V)
         kw.update(filters(rng))
     elif op == "filter_logits":
         N = rng.choice([0, 1, 3])
@@ -154,7 +211,7 @@ def make_case(rng: random.Random) -> tuple:
         L = rng.choice([0, 2, 9])
         args = [layout(rng, rand_logits(rng, (B, N, V), hostile).to(dtype)),
                 layout(rng, torch.randint(0, V, (B, L))),
-                rng.choice([0, 1, 5, -1, L])]
+                rng.choice([0, 1, 5, -1, L, 1.5, "2", torch.full((B,), 2**63 - 1)] + INT64_EDGES)]
         kw = dict(repetition_penalty=rng.choice([1.0, 1.3, 0.0, float("nan")]),
                   presence_penalty=rng.choice([0.0, 0.5, float("inf")]),
                   frequency_penalty=rng.choice([0.0, 0.2]))
@@ -198,7 +255,14 @@ def check(op: str, args: list, kw: dict, res: Any) -> List[str]:
             if bool(((head < 0) | (head >= V)).any()) or bool((tail != -1).any()):
                 bad.append(f"row {b}: ids {ids[b].tolist()} with valid=True (V={V})")
         tau = kw.get("temperature")
-        if (isinstance(tau, float) and 0.0 < tau <= 1e-20 and "draft_point_mass" not in kw
+        if all_vanishing(tau):
+            # read as 0: greedy verification's result exactly, ties, filters and drafts included
+            ref = R.verify(tl.float(), _t(args[1]), temperature=0.0)
+            same = (ref.valid == valid) & (~valid | (ref.ids == ids).all(1))
+            if not bool(same.all()):
+                bad.append(f"vanishing temperature {tau}: {ids.tolist()} (valid {valid.tolist()}) "
+                           f"vs the greedy law {ref.ids.tolist()} (valid {ref.valid.tolist()})")
+        elif (isinstance(tau, float) and 0.0 < tau <= 1e-20 and "draft_point_mass" not in kw
                 and len(args) == 2 and bool(torch.isfinite(tl.float()).all())):
             # a vanishing temperature is the argmax law: greedy verification's result (rows
             # with a tie for the max excepted)
@@ -214,10 +278,20 @@ def check(op: str, args: list, kw: dict, res: Any) -> List[str]:
             if not bool(same.all()):
                 bad.append(f"greedy differs from the reference: {ids.tolist()} vs {ref.ids.tolist()}")
     elif op == "gather_logprobs":
-        if not any(k in kw for k in ("top_k", "top_p", "min_p")):
-            ref = R.gather_logprobs(_t(args[0]).float(), _t(args[1]), kw["temperature"])
+        tau = kw["temperature"]
+        if all_vanishing(tau) or not any(k in kw for k in ("top_k", "top_p", "min_p")):
+            # a vanishing temperature is read as 0 (filters pass such rows through)
+            if isinstance(tau, torch.Tensor):
+                tau = torch.where(vanishing(tau), 0.0, tau.float())
+            elif vanishing(tau):
+                tau = 0.0
+            x = _t(args[0]).double()
+            ref = R.gather_logprobs(x.float(), _t(args[1]), tau)
+            # log-probabilities of the row less its max (float64): the same law, without the
+            # precision a large scaled max costs the unshifted float64 sum (docs/ops.md)
+            ref_lp = R.gather_logprobs(x - x.amax(-1, keepdim=True), _t(args[1]), tau).logprobs
             lse, lp = (_t(r) for r in res)
-            for got, want, name in ((lse, ref.lse, "lse"), (lp, ref.logprobs, "logprobs")):
+            for got, want, name in ((lse, ref.lse, "lse"), (lp, ref_lp, "logprobs")):
                 w = want.float()
                 ok = torch.isclose(got, w, rtol=1e-4, atol=1e-4) | (torch.isnan(got) & torch.isnan(w)) | (got == w)
                 if not bool(ok.all()):
@@ -234,6 +308,14 @@ def check(op: str, args: list, kw: dict, res: Any) -> List[str]:
                     bad.append(f"row {b}: new tokens {t.tolist()} outside [0, {hi})")
                 if vm is not None and not bool(torch.isin(t, vm).all()):
                     bad.append(f"row {b}: new tokens {t.tolist()} not in the vocabulary map")
+                tau = kw["temperature"]
+                if vanishing(tau) is True or (isinstance(tau, torch.Tensor) and bool(vanishing(tau)[b])):
+                    # read as 0: the argmax (lowest index), through the map
+                    j = _t(args[0])[b].float().argmax(-1)
+                    want = (vm[j] if vm is not None else j)[newly[b]]
+                    if not torch.equal(t, want):
+                        bad.append(f"row {b}: vanishing temperature {tau}: tokens {t.tolist()} "
+                                   f"vs the argmax {want.tolist()}")
     elif op == "filter_logits":
         x = _t(args[0])
         out = _t(res)
@@ -242,6 +324,16 @@ def check(op: str, args: list, kw: dict, res: Any) -> List[str]:
         kept = torch.isfinite(out.float()) | torch.isnan(out.float())
         if x.numel() and bool(((out.float() != x.float()) & kept & ~torch.isnan(x.float())).any()):
             bad.append("a kept entry changed")
+        if x.numel() and out.shape == x.shape:
+            # at least one entry of every row is kept (rows holding NaN / +inf pass through)
+            finite_rows = torch.isfinite(x.float()).all(-1)
+            if bool(((~kept).all(-1) & finite_rows).any()):
+                bad.append("a row keeps no entry")
+            v = vanishing(kw["temperature"])
+            rows = v if isinstance(v, torch.Tensor) else torch.full((x.shape[0],), bool(v))
+            same = (out.float() == x.float()) | (torch.isnan(out.float()) & torch.isnan(x.float()))
+            if bool((rows & ~same.flatten(1).all(1)).any()):
+                bad.append("a row at a vanishing temperature was filtered (it passes through)")
     elif op == "apply_penalties":
         if _t(res).dtype != torch.float32:
             bad.append("not float32")
@@ -249,7 +341,8 @@ def check(op: str, args: list, kw: dict, res: Any) -> List[str]:
 
 
 def names_an_argument(op: str, msg: str) -> bool:
-    return any(n in msg for n in NAMES[op]) or "ids" in msg
+    # the message must start by naming it (a pybind11 signature dump would name every one)
+    return (any(n in msg for n in NAMES[op]) or "ids" in msg) and "incompatible function" not in msg
 
 
 def run(seed: int, cases: int) -> int:

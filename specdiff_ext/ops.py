@@ -853,9 +853,11 @@ def denoise_step(
     lg = _last_contiguous(lg)
     tk = f.tensor(tokens, "tokens")
     cs = f.tensor(commit_step, "commit_step")
+    steps = []
     for name, val in (("step", step), ("num_steps", num_steps)):
         if isinstance(val, bool) or not isinstance(val, (int, np.integer)):
             raise TypeError(f"{name} must be an int, got {type(val).__name__}")
+        steps.append(_int_scalar(val, name))  # the bindings check the range
     m = CommitMode.parse(mode)
     vm = _opt(f, vocab_map, "vocab_map")
     ta, tv = _row_scalar(f, temperature, "temperature", lg.shape[0], lg.device)
@@ -870,7 +872,7 @@ def denoise_step(
     off = _offset_arg(offset)
     if flt.any:
         lg = _call(_filter_op, lg, ta, tv, *flt.args())
-    out = _call(_denoise_op, lg, tk, cs, int(step), int(num_steps), int(m), vm, ta, tv, sd, sv, off)
+    out = _call(_denoise_op, lg, tk, cs, steps[0], steps[1], int(m), vm, ta, tv, sd, sv, off)
     return DenoiseResult(*(f.out(t) for t in out))
 
 
