@@ -380,6 +380,15 @@ def test_specdiff_make_data_dispatches_the_same_check(tmp_path, capsys, no_model
     assert "--shard-size" in capsys.readouterr().err.strip().splitlines()[-1]
 
 
+def test_make_data_names_the_command_it_runs_as(tmp_path, capsys, no_model) -> None:
+    from specdiff_ext.training.data import main
+
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "out"), "--batch", "0"], prog="specdiff make-data")
+    assert capsys.readouterr().err.strip().splitlines()[-1] == \
+        "specdiff make-data: error: --batch must be a positive int, got 0"
+
+
 def test_generate_dataset_checks_its_parameters_too(tmp_path) -> None:
     from specdiff_ext.training.data import generate_dataset
 

@@ -434,8 +434,11 @@ def _check_args(ap: argparse.ArgumentParser, a: argparse.Namespace) -> list[floa
     return temps
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m specdiff_ext.training.data", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+def main(argv: Optional[Sequence[str]] = None,
+         prog: str = "python -m specdiff_ext.training.data") -> int:
+    """make-data: `prog` names the command in usage errors (``specdiff make-data`` from the
+    specdiff command line)."""
+    ap = argparse.ArgumentParser(prog=prog, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                  description="Generate target continuations of ShareGPT prompts.")
     ap.add_argument("--out", required=True, help="dataset folder (resumed if it exists)")
     ap.add_argument("--target", default=None, help="model folder (default: SmolLM2-135M-Instruct)")
