@@ -271,3 +271,29 @@ def test_check_sampling_accepts_what_the_ops_accept() -> None:
                dict(min_p=1.0), dict(presence_penalty=-3.0)):
         ops.check_sampling(**kw)
         assert _op_error(kw) == "no error"
+
+
+# ----------------------------------------------------------- the same rule on CUDA
+@pytest.mark.cuda
+def test_vanishing_temperatures_read_as_0_on_cuda_as_on_the_cpu() -> None:
+    g = torch.Generator().manual_seed(7)
+    tl = torch.randn(3, 4, 300, generator=g)
+    tl[0] = 0.0  # tied rows, max 0
+    ids = tl[:, :3].argmax(-1)
+    ids[2, 1] = (ids[2, 1] + 1) % 300
+    vm = torch.cat([torch.tensor([999999]), torch.randperm(400)[:300]])[1:]
+    cs = torch.full((3, 4), -1, dtype=torch.int32)
+    tk = torch.zeros(3, 4, dtype=torch.long)
+    for tau in VANISHING:
+        for flt in ({}, dict(top_k=2), dict(top_p=0.5, min_p=0.5)):
+            for dev in ("cpu", "cuda"):
+                v = ops.verify(tl.to(dev), ids.to(dev), temperature=tau, **flt)
+                _same_verify(type(v)(*(t.cpu() for t in v)), _greedy_verify(tl, ids))
+                f = ops.filter_logits(tl.to(dev), temperature=tau, **flt)
+                assert torch.equal(f.cpu(), tl)
+                r = ops.denoise_step(tl.to(dev), tk.to(dev), cs.to(dev), step=0, num_steps=1,
+                                     temperature=tau, vocab_map=vm.to(dev), **flt)
+                assert torch.equal(r.tokens.cpu(), vm[tl.argmax(-1)]) and bool(r.valid.all())
+            a = ops.gather_logprobs(tl, ids[:, :1].expand(3, 4).contiguous(), tau)
+            b = ops.gather_logprobs(tl.cuda(), ids[:, :1].expand(3, 4).contiguous().cuda(), tau)
+            assert torch.equal(a.lse, b.lse.cpu()) and torch.equal(a.logprobs, b.logprobs.cpu())

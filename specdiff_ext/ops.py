@@ -639,7 +639,8 @@ def verify(
         Shape: (B, G). Positions that must use a point mass (``point_mass_mask`` of the
         sampler's commit steps keeps out-of-order unmasking exact).
     temperature, draft_temperature : float or float tensor
-        Shape: () or (B,). 0 means greedy (target) / argmax drafts (drafter).
+        Shape: () or (B,). 0 means greedy (target) / argmax drafts (drafter); so does a
+        temperature whose float32 inverse is infinite (below about 2.9e-39, docs/ops.md).
     seed : int or int64 tensor
         Shape: () or (B,). One seed for the batch (rows draw independent streams), or a seed
         per row (a row's result then does not depend on its neighbours).
@@ -750,7 +751,8 @@ def gather_logprobs(logits: ArrayLike, ids: ArrayLike, temperature: Union[float,
     ids : int32 or int64
         Shape: (B, N).
     temperature : float or float tensor
-        Shape: () or (B,). At 0: lse is the row max and logprob is 0 for the argmax, else -inf.
+        Shape: () or (B,). At 0 (or a vanishing temperature, read as 0): lse is the row max
+        and logprob is 0 for the argmax, else -inf.
     top_k, top_p, min_p : as in :func:`verify`: lse and logprobs of the filtered law (-inf for
         a dropped id).
 
