@@ -9,6 +9,7 @@
 #include <optional>
 #include <sstream>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "specdiff/dlpack.h"
@@ -261,12 +262,30 @@ const Rule kRepetitionRule{[](double r) { return std::isfinite(r) && r > 0.0; },
 const Rule kFiniteRule{[](double v) { return std::isfinite(v); }, "finite"};
 
 template <typename T>
-void check_value(const Rule& rule, const char* name, T v, const std::string& where = "") {
-  if (rule.ok(static_cast<double>(v))) return;
+[[noreturn]] void rule_error(const Rule& rule, const char* name, T v, const std::string& where) {
   std::ostringstream os;
   os.precision(9);
   os << name << " must be " << rule.text << ", got " << v << where;
   value_error(os.str());
+}
+
+template <typename T>
+void check_value(const Rule& rule, const char* name, T v, const std::string& where = "") {
+  if (!rule.ok(static_cast<double>(v))) rule_error(rule, name, v, where);
+}
+
+// A scalar setting the kernels read as a T: valid as given and as the T it becomes (a double
+// past the float32 range is an infinity there, a tiny one 0).
+template <typename T, typename S>
+void check_scalar(const Rule& rule, const char* name, S value) {
+  check_value(rule, name, value);
+  const T t = static_cast<T>(value);
+  if (!rule.ok(static_cast<double>(t))) {
+    std::ostringstream os;
+    os.precision(9);
+    os << " (" << t << " as the kernels' " << (std::is_same_v<T, float> ? "float32" : "int64") << ")";
+    rule_error(rule, name, value, os.str());
+  }
 }
 
 // A checked per-row setting: a (B,) array of `kind` (CPU values checked by `rule`), or the
@@ -275,7 +294,7 @@ template <typename T, typename S>
 const T* per_row_setting(py::handle arr, S value, const char* name, Kind kind, const Rule& rule,
                          int64_t B, DeviceCheck& dev, Array& holder) {
   if (arr.is_none()) {
-    check_value(rule, name, value);
+    check_scalar<T>(rule, name, value);
     return nullptr;
   }
   const T* data = take_contiguous<T>(holder, arr, name, kind, {B}, "(B,)", dev);
@@ -328,13 +347,13 @@ void check_sampling_py(std::optional<double> temperature, std::optional<int64_t>
                        std::optional<double> top_p, std::optional<double> min_p,
                        std::optional<double> repetition, std::optional<double> presence,
                        std::optional<double> frequency) {
-  if (temperature) check_value(kTemperatureRule, "temperature", *temperature);
-  if (top_k) check_value(kTopKRule, "top_k", *top_k);
-  if (top_p) check_value(kTopPRule, "top_p", *top_p);
-  if (min_p) check_value(kMinPRule, "min_p", *min_p);
-  if (repetition) check_value(kRepetitionRule, "repetition_penalty", *repetition);
-  if (presence) check_value(kFiniteRule, "presence_penalty", *presence);
-  if (frequency) check_value(kFiniteRule, "frequency_penalty", *frequency);
+  if (temperature) check_scalar<float>(kTemperatureRule, "temperature", *temperature);
+  if (top_k) check_scalar<int64_t>(kTopKRule, "top_k", *top_k);
+  if (top_p) check_scalar<float>(kTopPRule, "top_p", *top_p);
+  if (min_p) check_scalar<float>(kMinPRule, "min_p", *min_p);
+  if (repetition) check_scalar<float>(kRepetitionRule, "repetition_penalty", *repetition);
+  if (presence) check_scalar<float>(kFiniteRule, "presence_penalty", *presence);
+  if (frequency) check_scalar<float>(kFiniteRule, "frequency_penalty", *frequency);
 }
 
 uint64_t offset_arg(int64_t offset) {

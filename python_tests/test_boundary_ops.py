@@ -256,6 +256,7 @@ def _op_error(kw: dict) -> str:
     dict(repetition_penalty=0.0), dict(repetition_penalty=float("nan")),
     dict(presence_penalty=float("inf")), dict(frequency_penalty=float("-inf")),
     dict(top_k=2.0), dict(top_k=True), dict(temperature=False), dict(top_p="0.5"),
+    dict(temperature=3.5e38), dict(top_p=1e-46), dict(repetition_penalty=1e-50),  # float32's
 ], ids=str)
 def test_check_sampling_raises_what_the_ops_raise(kw) -> None:
     with pytest.raises((ValueError, TypeError)) as info:
