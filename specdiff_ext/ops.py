@@ -210,49 +210,43 @@ def _per_row(front: _Frontend, value: Any, name: str, B: int, device: torch.devi
     return t.to(torch.int64 if integer else torch.float32).contiguous()
 
 
+# The GPU value checks of the per-row settings given as (B,) arrays (the bindings check scalars
+# and CPU arrays, with the same rules): integer?, the bad-value mask, the message.
+_GPU_RULES = {
+    "top_k": (True, lambda t: t < 0, "top_k must be >= 0 (0 = off)"),
+    "top_p": (False, lambda x: ~((x > 0) & (x <= 1)), "top_p must be in (0, 1] (1 = off)"),
+    "min_p": (False, lambda x: ~((x >= 0) & (x <= 1)), "min_p must be in [0, 1] (0 = off)"),
+    "repetition_penalty": (False, lambda x: ~(torch.isfinite(x) & (x > 0)),
+                           "repetition_penalty must be finite and > 0"),
+    "presence_penalty": (False, lambda x: ~torch.isfinite(x), "presence_penalty must be finite"),
+    "frequency_penalty": (False, lambda x: ~torch.isfinite(x), "frequency_penalty must be finite"),
+}
+
+
+def _setting(front: _Frontend, value: Any, name: str, default: Scalar, B: int,
+             device: torch.device, checks: "_DeviceChecks") -> Tuple[Optional[Tensor], Any]:
+    """A per-row setting as the bindings take it: (tensor or None, scalar); None is `default`."""
+    if value is None:
+        return None, default
+    integer, bad, message = _GPU_RULES[name]
+    v = (_int_scalar if integer else _float_scalar)(value, name)
+    if v is not None:
+        return None, v
+    t = _per_row(front, value, name, B, device, integer)
+    checks.bad(t, bad, message)
+    return t, default
+
+
 def _filter_args(front: _Frontend, top_k: Any, top_p: Any, min_p: Any, B: int,
                  device: torch.device, checks: "_DeviceChecks") -> _Filters:
-    """top_k / top_p / min_p (None, a scalar, or a (B,) tensor per row) as the bindings take
-    them; the bindings check scalars and CPU values, ``checks`` the GPU ones."""
-    kt = pt = mt = None
-    kv, pv, mv = 0, 1.0, 0.0
-    if top_k is not None:
-        k = _int_scalar(top_k, "top_k")
-        if k is not None:
-            kv = k
-        else:
-            kt = _per_row(front, top_k, "top_k", B, device, True)
-            checks.bad(kt, lambda t: t < 0, "top_k must be >= 0 (0 = off)")
-    if top_p is not None:
-        p = _float_scalar(top_p, "top_p")
-        if p is not None:
-            pv = p
-        else:
-            pt = _per_row(front, top_p, "top_p", B, device, False)
-            checks.bad(pt, lambda x: ~((x > 0) & (x <= 1)), "top_p must be in (0, 1] (1 = off)")
-    if min_p is not None:
-        m = _float_scalar(min_p, "min_p")
-        if m is not None:
-            mv = m
-        else:
-            mt = _per_row(front, min_p, "min_p", B, device, False)
-            checks.bad(mt, lambda x: ~((x >= 0) & (x <= 1)), "min_p must be in [0, 1] (0 = off)")
+    """top_k / top_p / min_p (None, a scalar, or a (B,) tensor per row)."""
+    kt, kv = _setting(front, top_k, "top_k", 0, B, device, checks)
+    pt, pv = _setting(front, top_p, "top_p", 1.0, B, device, checks)
+    mt, mv = _setting(front, min_p, "min_p", 0.0, B, device, checks)
     return _Filters(kt, kv, pt, pv, mt, mv)
 
 
 _NO_FILTER = _Filters(None, 0, None, 1.0, None, 0.0)
-
-
-def _any_float(front: _Frontend, value: Any, name: str, B: int, device: torch.device,
-               positive: bool, checks: "_DeviceChecks") -> Tuple[Optional[Tensor], float]:
-    """A per-row float of any sign (penalties): (tensor or None, scalar)."""
-    v = _float_scalar(value, name)
-    if v is not None:
-        return None, v
-    t = _per_row(front, value, name, B, device, False)
-    checks.bad(t, (lambda x: ~(torch.isfinite(x) & (x > 0))) if positive else (lambda x: ~torch.isfinite(x)),
-               f"{name} must be finite{' and > 0' if positive else ''}")
-    return t, 0.0
 
 
 def _offset_arg(offset: Any) -> int:
@@ -994,9 +988,9 @@ def apply_penalties(
     else:
         ln = _per_row(f, lengths, "lengths", B, lg.device, True)
     checks = _DeviceChecks()
-    rt, rv = _any_float(f, repetition_penalty, "repetition_penalty", B, lg.device, True, checks)
-    pt, pv = _any_float(f, presence_penalty, "presence_penalty", B, lg.device, False, checks)
-    qt, qv = _any_float(f, frequency_penalty, "frequency_penalty", B, lg.device, False, checks)
+    rt, rv = _setting(f, repetition_penalty, "repetition_penalty", 1.0, B, lg.device, checks)
+    pt, pv = _setting(f, presence_penalty, "presence_penalty", 0.0, B, lg.device, checks)
+    qt, qv = _setting(f, frequency_penalty, "frequency_penalty", 0.0, B, lg.device, checks)
     if ix.dim() == 2 and ix.shape[0] == B:
         L = ix.shape[1]
         checks.bad(ln, lambda t: (t < 0) | (t > L - max(N - 1, 0)),  # t + N - 1 could wrap
@@ -1052,9 +1046,10 @@ def check_sampling(
                         ("frequency_penalty", frequency_penalty)):
         if value is None:
             continue
-        v = _int_scalar(value, name) if name == "top_k" else _float_scalar(value, name)
+        integer = name in _GPU_RULES and _GPU_RULES[name][0]
+        v = (_int_scalar if integer else _float_scalar)(value, name)
         if v is None:
-            raise TypeError(f"{name} must be {'an int' if name == 'top_k' else 'a float'}, "
+            raise TypeError(f"{name} must be {'an int' if integer else 'a float'}, "
                             f"got {type(value).__name__}")
         out[name] = v
     _C.check_sampling(**out)
