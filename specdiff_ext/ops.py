@@ -888,8 +888,8 @@ def filter_logits(
     mass reaches p; entries tied at the boundary are taken in the order of a stable ascending
     sort, as transformers' sort takes them), then min-p (probability >= min_p * the largest).
     At least one entry is always kept. No full sort: selection and pivot searches (docs/ops.md).
-    Rows at temperature 0 (greedy), rows with every filter off and rows holding NaN / +inf
-    come back unchanged. A boundary decided by a cumulative sum may differ from transformers'
+    Rows at temperature 0 (greedy; a vanishing temperature, whose float32 inverse is infinite,
+    reads as 0), rows with every filter off and rows holding NaN / +inf come back unchanged. A boundary decided by a cumulative sum may differ from transformers'
     only where that sum lies within float32 rounding of the threshold.
 
     Parameters
