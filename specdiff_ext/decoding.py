@@ -35,7 +35,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Callable, List, NamedTuple, Optional, Protocol, Union
+from typing import Any, Callable, List, NamedTuple, Optional, Protocol, Sequence, Union
 
 import torch
 from torch import Tensor
