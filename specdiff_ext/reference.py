@@ -407,11 +407,21 @@ def _per_row(value: Temperature, batch: int, name: str, dtype: torch.dtype, devi
         t = _row_shape(t, name, batch).to(dtype=torch.float32)
     elif isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
             value, (bool, np.bool_)):
-        t = torch.full((batch,), float(value), dtype=torch.float32, device=device)
+        v = float(value)
+        with np.errstate(over="ignore"):
+            v32 = float(np.float32(v))  # valid as given and as the float32 the kernels read
+        for i, w in enumerate((v, v32)):
+            if not (math.isfinite(w) and w >= 0):
+                extra = f" ({w} as the kernels' float32)" if i else ""
+                raise ValueError(f"{name} must be finite and >= 0, got {value!r}{extra}")
+        t = torch.full((batch,), v32, dtype=torch.float32, device=device)
     else:
         raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}")
     if t.numel() and not bool(((t >= 0) & torch.isfinite(t)).all()):
         raise ValueError(f"{name} must be finite and >= 0, got {t.tolist()[:8]}")
+    # A vanishing temperature, whose float32 inverse is infinite (tau < 2^-128), is read as 0:
+    # the greedy law, in every op (docs/ops.md, temperatures).
+    t = torch.where(torch.isinf(1.0 / t) & (t > 0), 0.0, t)
     return t.to(dtype)
 
 
@@ -460,8 +470,11 @@ def _unit_setting(value: Any, name: str, batch: int, device: Any, default: float
         raise TypeError(f"{name} must be a float or a (B,) tensor, got bool")
     if isinstance(value, (int, float, np.integer, np.floating)):
         v = float(value)
-        if not ((v > 0.0) if open_below else (v >= 0.0)) or not v <= 1.0:
-            raise ValueError(f"{name} must be in {rng}, got {value!r}")
+        v32 = float(np.float32(v))  # valid as given and as the float32 the kernels read
+        for i, w in enumerate((v, v32)):
+            if not ((w > 0.0) if open_below else (w >= 0.0)) or not w <= 1.0:
+                extra = f" ({w} as the kernels' float32)" if i else ""
+                raise ValueError(f"{name} must be in {rng}, got {value!r}{extra}")
         t = torch.full((batch,), v, dtype=torch.float32, device=device)
     else:
         t = _tensor(value, name)
@@ -483,8 +496,12 @@ def _penalty_setting(value: Any, name: str, batch: int, device: Any, positive: b
         raise TypeError(f"{name} must be a float or a (B,) tensor, got bool")
     if isinstance(value, (int, float, np.integer, np.floating)):
         v = float(value)
-        if not math.isfinite(v) or (positive and v <= 0):
-            raise ValueError(f"{what}, got {value!r}")
+        with np.errstate(over="ignore"):
+            v32 = float(np.float32(v))  # valid as given and as the float32 the kernels read
+        for i, w in enumerate((v, v32)):
+            if not math.isfinite(w) or (positive and w <= 0):
+                extra = f" ({w} as the kernels' float32)" if i else ""
+                raise ValueError(f"{what}, got {value!r}{extra}")
         t = torch.full((batch,), v, dtype=torch.float32, device=device)
     else:
         t = _tensor(value, name)
@@ -734,18 +751,25 @@ def apply_penalties(
 
 
 def _gather(l: Tensor, ids: Tensor, tau: Tensor) -> tuple[Tensor, Tensor]:
-    """lse and logprob for logits (B, N, V) in the compute dtype, ids (B, N), tau (B,)."""
+    """lse and logprob for logits (B, N, V) in the compute dtype, ids (B, N), tau (B,).
+
+    tau > 0: ``lse = m + log(s)`` with ``m = max(l) / tau``, ``s = sum exp((l - max(l)) / tau)``,
+    and ``logprob = (l[id] - max(l)) / tau - log(s)``: the difference to the row max is taken
+    before scaling (docs/ops.md).
+    """
     greedy = (tau == 0)[:, None]  # (B, 1)
-    inv_tau = torch.where(tau > 0, 1.0 / torch.where(tau > 0, tau, 1.0), 1.0)  # (B,)
-    s = l * inv_tau[:, None, None]  # (B, N, V)
-    lse_s = torch.logsumexp(s, dim=-1)  # (B, N)
-    lp_s = s.gather(-1, ids[..., None]).squeeze(-1) - lse_s
-    mx = l.max(dim=-1).values  # (B, N)
+    inv_tau = torch.where(tau > 0, 1.0 / torch.where(tau > 0, tau, 1.0), 1.0)[:, None, None]
+    bad = _invalid_rows(l)
+    mx = l.max(dim=-1, keepdim=True).values  # (B, N, 1)
+    mx_safe = torch.where(torch.isfinite(mx), mx, 0.0)  # invalid rows: NaN below in any case
+    d = (l - mx_safe) * inv_tau  # (B, N, V), <= 0
+    log_s = torch.log(torch.exp(d).sum(dim=-1))  # (B, N)
+    lse_s = mx_safe.squeeze(-1) * inv_tau[..., 0] + log_s
+    lp_s = d.gather(-1, ids[..., None]).squeeze(-1) - log_s
     am = l.argmax(dim=-1)  # lowest index among maxima
     lp_g = torch.where(am == ids, 0.0, -math.inf).to(l.dtype)
-    lse = torch.where(greedy, mx, lse_s)
+    lse = torch.where(greedy, mx.squeeze(-1), lse_s)
     lp = torch.where(greedy, lp_g, lp_s)
-    bad = _invalid_rows(l)
     nan = torch.full_like(lse, math.nan)
     return torch.where(bad, nan, lse), torch.where(bad, nan, lp)
 
