@@ -1,8 +1,11 @@
 """Shared pytest configuration: markers, devices and the implementation under test.
 
 The ops under test are `specdiff_ext.ops`. Setting ``SPECDIFF_TEST_IMPL=reference`` points the
-op-under-test at `specdiff_ext.reference` instead, which only checks the test machinery itself
-(the comparisons with the reference then hold trivially).
+op-under-test (the `ops` fixture, `sd_testutil.impl()`) at `specdiff_ext.reference` instead,
+the ops' twin by name and signature: every op test then runs against the executable spec
+(the comparisons with the reference hold trivially there; the structural checks, the laws and
+the comparisons with transformers do not). Tests about the compiled kernels themselves are
+marked `sd_testutil.compiled_only(reason)` and skipped there with their reason.
 """
 
 from __future__ import annotations

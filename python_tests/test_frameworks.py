@@ -4,7 +4,12 @@ import numpy as np
 import pytest
 import torch
 
+from sd_testutil import compiled_only
 from specdiff_ext import ops
+
+# torch.compile of the custom ops, their registration, numpy / CuPy / JAX intake through DLPack
+# and check_values' device syncs: all about the compiled ops' front doors.
+pytestmark = compiled_only("the compiled ops' front doors (custom ops, DLPack, device syncs)")
 
 
 def _case(device="cpu", B=3, G=4, V=257):
