@@ -414,7 +414,7 @@ def test_bench_with_sampling_controls(tied) -> None:
 
 
 @pytest.mark.parametrize("flag, value, match", [
-    ("--top-k", "-1", "--top-k must be an int >= 0"),
+    ("--top-k", "-1", "--top-k must be >= 0"),
     ("--top-p", "0", r"--top-p must be in \(0, 1\]"),
     ("--top-p", "nan", "--top-p must be in"),
     ("--min-p", "2", r"--min-p must be in \[0, 1\]"),

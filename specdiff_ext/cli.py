@@ -22,7 +22,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 def _make_data(argv: Sequence[str]) -> int:
     from .training import data
 
-    return data.main(argv)
+    return data.main(argv, prog="specdiff make-data")
 
 
 def _train_drafter(argv: Sequence[str]) -> int:
