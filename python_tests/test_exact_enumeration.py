@@ -197,7 +197,7 @@ def test_point_mass_mask_makes_every_schedule_exact(ops, V, tau, dtau, seed) -> 
 
 
 def test_soft_q_error_right_to_left_ballpark(ops) -> None:
-    """DESIGN.md: V = 2, G = 3, commit steps (2, 1, 0), soft q everywhere: TV about 0.08.
+    """docs/design.md section 3: V = 2, G = 3, commit steps (2, 1, 0), soft q everywhere: TV about 0.08.
 
     The size depends on the random tables; over a few of them the largest TV is several
     percent, far above rounding, while the point-mass rule stays exact on the same tables.

@@ -1057,7 +1057,7 @@ def check_sampling(
 
 
 def point_mass_mask(commit_step: ArrayLike) -> Any:
-    """The order-aware exactness rule (DESIGN section 3): position l must be verified against a
+    """The order-aware exactness rule (docs/design.md section 3): position l must be verified against a
     point mass on its draft when some position to its left was committed at a later step.
 
     ``point_mass[b, l] = max(commit_step[b, :l]) > commit_step[b, l]`` (False at l = 0).

@@ -1,4 +1,4 @@
-"""The drafters as decoding needs them (DESIGN section 4); training lives in
+"""The drafters as decoding needs them (docs/design.md section 4); training lives in
 `specdiff_ext.training`, which imports this package and never the reverse.
 
 - `DFlashConfig`, `DFlashDrafter`, `DFlashCache` (dflash.py): the DFlash-architecture

@@ -1,4 +1,4 @@
-"""The autoregressive drafter of the ar-spec baseline (DESIGN section 5), from the same pipeline.
+"""The autoregressive drafter of the ar-spec baseline (docs/design.md section 5), from the same pipeline.
 
 The baseline drafter is a plain Hugging Face causal LM with the target's architecture cut to a
 few layers, sharing the target's frozen input embedding and (tied) output head, exactly like the

@@ -1,4 +1,4 @@
-"""Configuration of the masked-diffusion drafter (DESIGN section 4).
+"""Configuration of the masked-diffusion drafter (docs/design.md section 4).
 
 Kept free of torch so that configs can be read, written and compared without loading a model.
 """
@@ -297,7 +297,7 @@ class DrafterConfig:
 
     vocab_size: int = 49152  # V: the target's vocabulary; the [MASK] id is V (one extra id)
     hidden_size: int = 576  # H: the target's hidden size (shared embedding and head are (V, H))
-    n_layers: int = 2  # drafter blocks; 2-4 (DESIGN section 4)
+    n_layers: int = 2  # drafter blocks; 2-4 (docs/design.md section 4)
     n_heads: int = 9  # query heads
     n_kv_heads: int = 3  # key/value heads (grouped-query attention); divides n_heads
     head_dim: Optional[int] = 64  # per-head width (even, for RoPE); None: hidden_size // n_heads

@@ -1,4 +1,4 @@
-"""The DFlash-architecture block-diffusion drafter (DESIGN section 4; arXiv 2602.06036).
+"""The DFlash-architecture block-diffusion drafter (docs/design.md section 4; arXiv 2602.06036).
 
 The drafter never re-reads context tokens. The hidden states of k target layers at every context
 position are concatenated, projected by one linear layer (`fc`) and RMS-normed (`hidden_norm`);

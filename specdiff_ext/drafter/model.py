@@ -1,5 +1,5 @@
 """The masked-diffusion drafter: a few transformer blocks over the target's frozen embedding
-and output head (DESIGN section 4).
+and output head (docs/design.md section 4).
 
 Attention is block-causal. Context positions attend causally to the context (TOKENS mode) and
 their per-layer keys and values are cached in a `DrafterCache` across denoising steps and

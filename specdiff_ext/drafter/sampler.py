@@ -4,7 +4,7 @@ Each step runs the drafter on the current block (committed tokens fed back, [MAS
 and `specdiff_ext.ops.denoise_step` draws tokens and decides which positions commit (the MDLM
 log-linear schedule, commit probability 1/(T - s) at step s, lives in that op). The block keeps,
 for every position, the logits row of the step at which it was committed, and the point-mass
-flags of the order-aware exactness rule (DESIGN section 3), so that `ops.verify` emits exactly
+flags of the order-aware exactness rule (docs/design.md section 3), so that `ops.verify` emits exactly
 the target's distribution whatever the commit order.
 """
 

@@ -1,4 +1,4 @@
-"""Distillation data: ShareGPT prompts and the target's continuations of them (DESIGN section 4).
+"""Distillation data: ShareGPT prompts and the target's continuations of them (docs/design.md section 4).
 
 - prompts: `read_sharegpt` and the held-out split `is_heldout` / `split_prompts` come from
   `specdiff_ext.prompts` (held-out prompts are never trained on; the trainer evaluates

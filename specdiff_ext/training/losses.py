@@ -1,4 +1,4 @@
-"""Training objective of the masked-diffusion drafter (DESIGN section 4).
+"""Training objective of the masked-diffusion drafter (docs/design.md section 4).
 
 Many draft blocks per sequence in one forward pass: each row is a clean sequence (the context,
 encoded causally exactly as `DiffusionDrafter.append_context` does) followed by K noised blocks

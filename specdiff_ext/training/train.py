@@ -1,4 +1,4 @@
-"""Distilling the masked-diffusion drafter from the target (DESIGN section 4).
+"""Distilling the masked-diffusion drafter from the target (docs/design.md section 4).
 
 ``python -m specdiff_ext.training.train --data DIR --out DIR`` (``specdiff train-drafter``).
 
