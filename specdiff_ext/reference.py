@@ -1369,7 +1369,7 @@ def point_mass_mask(commit_step: ArrayLike) -> Any:
     """Which draft positions need a point-mass q: ``max(commit_step[:, :l]) > commit_step[:, l]``.
 
     A position keeps its soft q only if every position to its left was committed at the same
-    step or earlier (DESIGN.md section 3).
+    step or earlier (docs/design.md section 3).
 
     Parameters
     ----------
