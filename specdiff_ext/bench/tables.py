@@ -116,8 +116,8 @@ def format_eval_table(rows: List[dict]) -> str:
             out.append(f"| {g} | " + " | ".join(cells) + " |")
         out.append("")
     out.append("| prompts | temperature | G | T | commit | accepted/round | first draft accepted "
-               "| rounds | accepted-length histogram |")
-    out.append("|---|---|---|---|---|---|---|---|---|")
+               "| rounds | accepted-length histogram | top-1 by position | top-4 by position |")
+    out.append("|---|---|---|---|---|---|---|---|---|---|---|")
     groups: Dict[tuple, List[dict]] = {}
     for r in rows:
         groups.setdefault((r["temperature"], r["gamma"], r["steps"], r["commit"]), []).append(r)
@@ -130,10 +130,34 @@ def format_eval_table(rows: List[dict]) -> str:
             listed.append({"prompts": "all", "temperature": t, "gamma": g, "steps": T, "commit": c,
                            "rounds": n, "accepted_histogram": hist,
                            "mean_accepted": sum(j * h for j, h in enumerate(hist)) / max(n, 1),
-                           "first_accept_rate": (n - hist[0]) / max(n, 1)})
+                           "first_accept_rate": (n - hist[0]) / max(n, 1),
+                           **_pool_positions(sub)})
     for r in listed:
         out.append(f"| {r['prompts']} | {r['temperature']} | {r['gamma']} | {r['steps']} | "
                    f"{r['commit']} | {r['mean_accepted']:.2f} | "
                    f"{r.get('first_accept_rate', float('nan')):.2f} | {r['rounds']} | "
-                   f"{r['accepted_histogram']} |")
+                   f"{r['accepted_histogram']} | {_rates(r.get('top1_by_position'))} | "
+                   f"{_rates(r.get('top4_by_position'))} |")
     return "\n".join(out)
+
+
+def _rates(v: Any) -> str:
+    """Hit rates by block position k = 1, 2, ..., as 0.62 / 0.41 / ... ('-': none)."""
+    if not v:
+        return "-"
+    return " / ".join("-" if x is None else f"{x:.2f}" for x in v)
+
+
+def _pool_positions(rows: List[dict]) -> dict:
+    """The hit rates by position of several eval-drafter rows pooled (hits over counts)."""
+    if not all(r.get("counted_by_position") is not None for r in rows):
+        return {}
+    G = max(len(r["counted_by_position"]) for r in rows)
+    n = [sum(r["counted_by_position"][k] for r in rows if k < len(r["counted_by_position"]))
+         for k in range(G)]
+    out: Dict[str, Any] = {"counted_by_position": n}
+    for key in ("top1_by_position", "top4_by_position"):
+        hits = [sum((r[key][k] or 0.0) * r["counted_by_position"][k] for r in rows
+                    if k < len(r["counted_by_position"])) for k in range(G)]
+        out[key] = [h / c if c else None for h, c in zip(hits, n)]
+    return out

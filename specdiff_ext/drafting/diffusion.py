@@ -57,6 +57,11 @@ class DiffusionDrafting:
         None: no limit of its own (the older tokens-context drafter).
     cache : DFlashCache or DrafterCache
         The drafter's context cache of the current text (after `start`).
+    last_logits : tensor or None
+        Shape: (1, g, Vd). The last `draft` block's drafter logits (each position's row of the
+        step that committed it: with T = 1 the block's marginals), at every temperature, columns
+        mapped to target ids by the drafter's ``vocab_map``; kept by reference for evals
+        (`bench.evals.position_hit_rates`), at no cost to the round.
     """
 
     def __init__(self, drafter: Union[DFlashDrafter, DiffusionDrafter], steps: Optional[int] = None,
@@ -80,6 +85,7 @@ class DiffusionDrafting:
         self.feature_layers = list(cfg.feature_layers) if feats else None
         self.max_drafts: Optional[int] = cfg.block_size - 1 if self.dflash else None
         self.cache: Any = None
+        self.last_logits: Optional[Tensor] = None
 
     def start(self, prompt: Tensor, seed: int, temperature: float,
               hidden: Optional[Tensor], filters: Optional[dict] = None) -> None:
@@ -105,6 +111,7 @@ class DiffusionDrafting:
         b = sample_block(self.drafter, self.cache, gamma, self.steps, self.commit,
                          temperature=self._dtau, seed=self._seed, offset=rnd,
                          filters=self._filters)
+        self.last_logits = b.logits
         return Draft(b.ids, b.logits if self._dtau > 0 else None, b.point_mass, self._dtau,
                      b.vocab_map)
 
