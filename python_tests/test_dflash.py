@@ -267,6 +267,13 @@ def test_train_dflash_learns_and_resumes(chat_target, tmp_path: Path) -> None:
     assert last < 0.97 * first
     assert hist[-1]["acc_ema"] > 0.25 and hist[-1]["acc_ema"] > 2 * hist[0]["acc_ema"]
     assert "accepted_per_round" in hist[-1] and (tmp_path / "a" / "best" / "config.json").is_file()
+    # the eval's hit rates by block position k = 1..3, from the same runs: a round accepts its
+    # first draft exactly when the drafter's position-1 argmax is the target's token
+    ev = hist[-1]
+    assert len(ev["top1_by_position"]) == len(ev["top4_by_position"]) == 3
+    assert all(t4 >= t1 for t1, t4 in zip(ev["top1_by_position"], ev["top4_by_position"]))
+    hit1 = round(ev["top1_by_position"][0] * ev["counted_by_position"][0])
+    assert hit1 == ev["rounds"] - ev["accepted_histogram"][0]
     b = tmp_path / "b"
     train(build_parser().parse_args(common + ["--out", str(b), "--steps", "5", "--eval-every",
                                               "0"]), target=chat_target, log=quiet)
@@ -293,3 +300,121 @@ def test_train_dflash_learns_and_resumes(chat_target, tmp_path: Path) -> None:
         train(build_parser().parse_args(common + ["--out", str(b), "--steps", "12", "--resume",
                                                   "--eval-every", "0"]),
               target=chat_target, log=quiet)
+
+
+# ------------------------------------------------------------------------------ feature cache
+
+def _long_data(seed: int = 5):
+    """Sequences of 30..70 tokens (prompts of 4..20): with --max-len 24 most windows start
+    past the sequence's first token."""
+    from specdiff_ext.training.data import TokenData
+
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(30, 71, (6,), generator=g)
+    offsets = torch.zeros(7, dtype=torch.int64)
+    offsets[1:] = lens.cumsum(0)
+    return TokenData(torch.randint(0, 61, (int(offsets[-1]),), generator=g), offsets,
+                     torch.randint(4, 21, (6,), generator=g))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_feature_cache_equals_fresh_features(dtype, tmp_path: Path) -> None:
+    from specdiff_ext.target import TargetModel
+    from specdiff_ext.training.dflash import block_loss, position_weights, sample_batch
+    from specdiff_ext.training.features import (FeatureCache, feature_bytes, target_features,
+                                                window_features)
+
+    t32 = tiny_target()
+    tgt = t32 if dtype == torch.float32 else TargetModel(t32.model.to(dtype), t32.tokenizer,
+                                                        t32.name)
+    d = _drafter(t32, bs=4).float()  # feature layers [0, 1]
+    layers, data = d.config.feature_layers, _long_data()
+    width = len(layers) * tgt.hidden_size
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+    mem = FeatureCache(data, layers, width, tgt.dtype)
+    disk = FeatureCache(data, layers, width, tgt.dtype, tmp_path / "fc", target_name=tgt.name)
+    assert mem.nbytes == disk.nbytes == feature_bytes(data, width, tgt.dtype)
+    g = torch.Generator().manual_seed(1)
+    pos_w = position_weights(3, 4.0)
+    late = 0
+    for _ in range(4):
+        b = sample_batch(data, 3, 8, 4, 24, 7, 0.2, g)
+        idx, starts, L = b["idx"].tolist(), b["starts"].tolist(), b["seqs"].shape[1]
+        late += sum(s > 0 for s in starts)
+        fresh = window_features(tgt, data, idx, starts, L, layers)
+        assert fresh.dtype == dtype and fresh.shape == (3, L, width)
+        # a position's states are those of the whole sequence up to it, whatever the window
+        for r, (i, s) in enumerate(zip(idx, starts)):
+            o0, o1 = int(data.offsets[i]), int(data.offsets[i + 1])
+            whole = target_features(tgt, data.tokens[None, o0:o1], torch.ones(1, o1 - o0,
+                                                                              dtype=torch.long),
+                                    layers)[0]
+            n = int(b["attn"][r].sum())
+            torch.testing.assert_close(fresh[r, :n].float(), whole[s:s + n].float(), **tol)
+        with torch.no_grad():
+            ref, _ = block_loss(d, fresh.float(), b, pos_w)
+            for cache in (mem, disk):
+                got = window_features(tgt, data, idx, starts, L, layers, cache)
+                assert got.dtype == dtype and got.shape == fresh.shape
+                torch.testing.assert_close(got.float(), fresh.float(), **tol)
+                loss, _ = block_loss(d, got.float(), b, pos_w)
+                torch.testing.assert_close(loss, ref, **tol)
+    assert late >= 4  # the windows past a sequence's start were exercised
+    assert mem.computed == disk.computed == int(mem.filled.sum()) and mem.hits > 0
+    # a second run on the folder reuses every stored sequence, with the same states
+    disk.flush()
+    again = FeatureCache(data, layers, width, tgt.dtype, tmp_path / "fc", target_name=tgt.name)
+    assert again.path == disk.path and torch.equal(again.filled, disk.filled)
+    i = int(torch.nonzero(again.filled)[0])
+    o0, o1 = int(data.offsets[i]), int(data.offsets[i + 1])
+    assert again.fill(tgt, [i]) == 0 and again.computed == 0
+    assert torch.equal(again.feats[o0:o1].float(), mem.feats[o0:o1].float())
+    # other settings get their own key; a meta file of other settings is refused
+    other = FeatureCache(data, layers[:1], width // 2, tgt.dtype, tmp_path / "fc",
+                         target_name=tgt.name)
+    assert other.path != disk.path and not bool(other.filled.any())
+    (disk.path / "meta.json").write_text(json.dumps({"layers": [9]}))
+    with pytest.raises(ValueError, match="other settings"):
+        FeatureCache(data, layers, width, tgt.dtype, tmp_path / "fc", target_name=tgt.name)
+
+
+def test_train_dflash_feature_cache_modes_agree(chat_target, tmp_path: Path) -> None:
+    from specdiff_ext.training.data import generate_dataset
+    from specdiff_ext.training.dflash import build_parser, train
+
+    g = torch.Generator().manual_seed(8)
+    prompts = [" ".join(f"w{int(i)}" for i in torch.randint(0, 50, (int(n),), generator=g))
+               for n in torch.randint(8, 20, (16,), generator=g)]
+    data_dir = tmp_path / "data"
+    generate_dataset(chat_target, data_dir, prompts=prompts, num_prompts=12, max_new_tokens=12,
+                     temperatures=(0.0,), shard_size=12, batch_size=6, heldout_fraction=0.0,
+                     progress=False)
+    # --max-len 20: windows start past 0 too
+    common = ["--data", str(data_dir), "--batch", "3", "--anchors", "6", "--block-size", "4",
+              "--layers", "1", "--warmup", "1", "--lr", "3e-3", "--eval-every", "0",
+              "--save-every", "3", "--max-len", "20"]
+    runs, logs = {}, {}
+    for mode in ("none", "memory", str(tmp_path / "fc")):
+        logs[mode] = []
+        runs[mode] = train(build_parser().parse_args(
+            common + ["--out", str(tmp_path / f"o{len(runs)}"), "--steps", "6",
+                      "--feature-cache", mode]), target=chat_target, log=logs[mode].append)
+    losses = {m: [h["loss"] for h in r["history"]] for m, r in runs.items()}
+    for m in losses:  # the same batches, the same features: the same training
+        assert losses[m] == pytest.approx(losses["none"], rel=1e-4, abs=1e-5), m
+    assert any("feature cache: none" in x for x in logs["none"])
+    assert any("feature cache: memory" in x for x in logs["memory"])
+    auto: list = []
+    train(build_parser().parse_args(common + ["--out", str(tmp_path / "auto"), "--steps", "1",
+                                              "--feature-cache-gb", "1e-9"]),
+          target=chat_target, log=auto.append)
+    assert any("feature cache: none (auto" in x for x in auto)
+    # a resumed run on the folder finds the sequences the first run stored
+    disk = str(tmp_path / "fc")
+    msgs: list = []
+    r = train(build_parser().parse_args(common + ["--out", str(tmp_path / "o2"), "--steps", "9",
+                                                  "--resume", "--feature-cache", disk]),
+              target=chat_target, log=msgs.append)
+    assert r["step"] == 9
+    stored = [x for x in msgs if x.startswith("feature cache:")][0]
+    assert " 0 stored already" not in stored and "stored already" in stored

@@ -3,8 +3,11 @@
 The recipe matches drafting (DESIGN section 4):
 - data: the target's greedy continuations of training prompts (`training.data` shards); the
   labels are the target's own tokens;
-- features: the target's feature-layer states, computed per batch by the target in the dtype it
-  decodes in (no features file on disk);
+- features: the target's feature-layer states in the dtype it decodes in, of each window as the
+  target computes them over the whole sequence (a window starting past 0 reads the states of
+  the full prefix, as decoding does: `training.features`); ``--feature-cache`` keeps each
+  sequence's states once computed (in memory, or in a folder a later run reuses), ``none``
+  recomputes them per batch;
 - blocks: up to ``--anchors`` anchors per sequence, drawn among the positions whose next token
   the target generated, all in one forward pass (a block sees the context before its anchor and
   itself); every block fully masked (the only state T = 1 drafting sees), except a fraction
@@ -12,7 +15,9 @@ The recipe matches drafting (DESIGN section 4):
   revealed positions carry no loss);
 - loss: cross-entropy weighted exp(-(k - 1) / g) at block position k;
 - AdamW, warm-up + cosine; checkpoints in the DFlash layout, resumable (``--resume``); the
-  acceptance eval runs the real decoder on held-out prompts; the best eval is kept in ``best/``.
+  acceptance eval runs the real decoder on held-out prompts (with the drafter's top-1 / top-4
+  hit rates per block position, `bench.evals.position_hit_rates`); the best eval is kept in
+  ``best/``.
 """
 
 from __future__ import annotations
@@ -29,11 +34,12 @@ import torch.nn.functional as F
 
 from ..drafter.checkpoint import load_drafter, save_dflash
 from .data import TokenData, load_shards, read_heldout
-from .features import target_features
+from .features import FeatureCache, feature_bytes, window_features
 from .train import lr_at
 from ..drafter.dflash import DFlashConfig, DFlashDrafter
 
-__all__ = ["build_parser", "train", "main", "position_weights", "sample_batch", "block_loss"]
+__all__ = ["build_parser", "train", "main", "position_weights", "sample_batch", "block_loss",
+           "make_feature_cache", "evaluate_dflash"]
 
 STATE_NAME = "trainer_state.pt"
 
@@ -79,6 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="start from this drafter's weights (a DFlash folder, e.g. the embedded "
                          "one) with a fresh optimizer, instead of a random init")
     ap.add_argument("--log", default=None, help="also append log lines to this file")
+    ap.add_argument("--feature-cache", default="auto", metavar="{auto,none,memory,DIR}",
+                    help="keep the target's features of each sequence once computed: memory, a "
+                         "folder (reused by later runs on the same data and target), none "
+                         "(recompute per batch); auto: memory when the whole dataset's features "
+                         "fit in --feature-cache-gb, else none")
+    ap.add_argument("--feature-cache-gb", type=float, default=8.0,
+                    help="most GB of features --feature-cache auto keeps in memory")
     return ap
 
 
@@ -98,16 +111,18 @@ def sample_batch(data: TokenData, B: int, A: int, bs: int, max_len: int, mask_id
     block is [x_a, MASK x (bs - 1)] and its labels x_{a+1..a+bs-1} (-1 past the end).
 
     Returns dict of seqs (B, L), attn (B, L), anchors (B, A) (-1 pads), block (B, A, bs),
-    labels (B, A, bs - 1).
+    labels (B, A, bs - 1), idx (B,) (the sequences drawn) and starts (B,) (their windows' first
+    tokens).
     """
     idx = torch.randint(0, len(data), (B,), generator=gen).tolist()
-    rows, plens = [], []
+    rows, plens, starts = [], [], []
     for i in idx:
         o0, o1 = int(data.offsets[i]), int(data.offsets[i + 1])
         p = int(data.prompt_lens[i])
         start = max(0, min(p - 1 - max_len // 2, o1 - o0 - max_len))  # keep the continuation
         rows.append(data.tokens[o0 + start: o0 + min(o1 - o0, start + max_len)])
         plens.append(p - start)
+        starts.append(start)
     L = max(r.numel() for r in rows)
     seqs = torch.zeros(B, L, dtype=torch.int64)
     attn = torch.zeros(B, L, dtype=torch.int64)
@@ -136,7 +151,9 @@ def sample_batch(data: TokenData, B: int, A: int, bs: int, max_len: int, mask_id
         reveal[:, :, 0] = False
         block = torch.where(reveal, tok, block)
         labels = labels.masked_fill(reveal[:, :, 1:], -1)
-    return {"seqs": seqs, "attn": attn, "anchors": anchors, "block": block, "labels": labels}
+    return {"seqs": seqs, "attn": attn, "anchors": anchors, "block": block, "labels": labels,
+            "idx": torch.tensor(idx, dtype=torch.int64),
+            "starts": torch.tensor(starts, dtype=torch.int64)}
 
 
 class _HeadCrossEntropy(torch.autograd.Function):
@@ -209,6 +226,55 @@ def _load_state(path: Path) -> dict:
     return state
 
 
+def make_feature_cache(mode: str, budget_gb: float, data: TokenData, target: Any,
+                       layers: Sequence[int], say: Any = print) -> Optional[FeatureCache]:
+    """The `FeatureCache` ``--feature-cache`` asks for: None for ``none`` (and for ``auto`` when
+    the dataset's features exceed `budget_gb`), in memory for ``memory`` / ``auto``, else on disk
+    in the folder `mode` names."""
+    width, dtype = len(layers) * int(target.hidden_size), target.dtype
+    need = feature_bytes(data, width, dtype)
+    gb = need / 1e9
+    if mode == "auto":
+        mode = "memory" if gb <= budget_gb else "none"
+        why = f"auto: {gb:.2f} GB {'<=' if mode == 'memory' else '>'} {budget_gb:g} GB"
+    else:
+        why = "asked"
+    if mode == "none":
+        say(f"feature cache: none ({why}); the target runs on every batch")
+        return None
+    cache = FeatureCache(data, layers, width, dtype, None if mode == "memory" else mode,
+                         target_name=target.name)
+    where = "memory" if cache.path is None else str(cache.path)
+    say(f"feature cache: {where} ({why}), {gb:.2f} GB of {str(dtype).replace('torch.', '')} "
+        f"states for {len(data)} sequences, {int(cache.filled.sum())} stored already; each "
+        f"sequence is computed on first use")
+    return cache
+
+
+def evaluate_dflash(drafter: DFlashDrafter, target: Any, prompts: Sequence[str], gamma: int,
+                    rounds: int, steps: int = 1, commit: str = "left_to_right") -> dict:
+    """The trainer's eval: greedy decoding of each prompt with `decoding.SpecDiffDecoder`
+    (`gamma`, `steps`, `commit`) for ``rounds * (gamma + 1)`` new tokens. Returns
+    accepted_per_round, first_accept_rate, tokens_per_round, rounds, accepted_histogram and the
+    drafter's hit rates by block position (top1_by_position, top4_by_position, counted_by_position:
+    `bench.evals.position_hit_rates`), all from the same decoding runs."""
+    from ..bench.evals import position_hit_rates
+
+    was_training = drafter.training
+    drafter.eval()
+    try:
+        r = position_hit_rates(target, drafter, prompts, rounds * (gamma + 1), gamma=gamma,
+                               steps=steps, commit=commit)
+    finally:
+        drafter.train(was_training)
+    return {"accepted_per_round": r.get("mean_accepted", 0.0),
+            "first_accept_rate": r.get("first_accept_rate", 0.0),
+            "tokens_per_round": r.get("tokens_per_round", 0.0),
+            "rounds": r.get("rounds", 0),
+            "accepted_histogram": r.get("accepted_histogram", []),
+            **{k: r[k] for k in ("top1_by_position", "top4_by_position", "counted_by_position")}}
+
+
 # ------------------------------------------------------------------------------ training
 
 def train(args: argparse.Namespace, target: Any = None, log: Any = print) -> dict:
@@ -216,7 +282,6 @@ def train(args: argparse.Namespace, target: Any = None, log: Any = print) -> dic
     from ..pretrained import parse_dtype
     from ..prompts import humaneval_prompts
     from ..target import load_target
-    from .train import evaluate_acceptance
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -290,6 +355,8 @@ def train(args: argparse.Namespace, target: Any = None, log: Any = print) -> dic
     pos_w = position_weights(cfg.block_size - 1, args.decay_g, dev)
     egamma = args.eval_gamma or cfg.block_size - 1
     adict = dict(vars(args))
+    cache = make_feature_cache(args.feature_cache, args.feature_cache_gb, data, target,
+                               cfg.feature_layers, say)
     say(f"dflash drafter: {cfg.n_layers} layers, features of target layers "
         f"{cfg.target_layer_ids}, block {cfg.block_size}, "
         f"{sum(p.numel() for p in params) / 1e6:.1f}M parameters; data {len(data)} sequences, "
@@ -301,7 +368,8 @@ def train(args: argparse.Namespace, target: Any = None, log: Any = print) -> dic
     while step < args.steps:
         batch = sample_batch(data, args.batch, args.anchors, cfg.block_size, args.max_len,
                              cfg.mask_token_id, args.partial_prob, gen)
-        feats = target_features(target, batch["seqs"], batch["attn"], cfg.feature_layers)
+        feats = window_features(target, data, batch["idx"].tolist(), batch["starts"].tolist(),
+                                batch["seqs"].shape[1], cfg.feature_layers, cache)
         lr = lr_at(step, args.lr, args.warmup, args.steps, args.min_lr_ratio)
         for g in opt.param_groups:
             g["lr"] = lr
@@ -319,12 +387,14 @@ def train(args: argparse.Namespace, target: Any = None, log: Any = print) -> dic
         acc_ema = acc if acc_ema is None else 0.98 * acc_ema + 0.02 * acc
         wall = wall0 + time.perf_counter() - t0
         if step % 20 == 0 or step == 1:
+            fc = (f" features cached {int(cache.filled.sum())}/{len(data)}"
+                  if cache is not None else "")
             say(f"step {step} loss {lv:.3f} (ema {loss_ema:.3f}) first-pos acc ema "
-                f"{acc_ema:.3f} lr {lr:.2e} labels {seen} wall {wall:.0f}s")
+                f"{acc_ema:.3f} lr {lr:.2e} labels {seen} wall {wall:.0f}s{fc}")
         rec: dict = {}
         if args.eval_every and (step % args.eval_every == 0 or step == args.steps):
             # the fp32 drafter reads the target's features in whatever dtype they come
-            ev = evaluate_acceptance(drafter, target, prompts, egamma, args.eval_rounds)
+            ev = evaluate_dflash(drafter, target, prompts, egamma, args.eval_rounds)
             rec = {"step": step, "wall": wall, "labels": seen, "loss": lv,
                    "loss_ema": loss_ema, "acc_ema": acc_ema, **ev}
             history.append(rec)
@@ -333,6 +403,8 @@ def train(args: argparse.Namespace, target: Any = None, log: Any = print) -> dic
             if not rec:
                 history.append({"step": step, "wall": wall, "labels": seen, "loss": lv,
                                 "loss_ema": loss_ema, "acc_ema": acc_ema})
+            if cache is not None:
+                cache.flush()
             _save(out, drafter, opt, step, gen, adict, history)
             if rec and rec["accepted_per_round"] > best:
                 best = rec["accepted_per_round"]
