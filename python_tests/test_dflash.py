@@ -418,3 +418,31 @@ def test_train_dflash_feature_cache_modes_agree(chat_target, tmp_path: Path) -> 
     assert r["step"] == 9
     stored = [x for x in msgs if x.startswith("feature cache:")][0]
     assert " 0 stored already" not in stored and "stored already" in stored
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_head_loss_matches_autograd_in_both_backward_modes(dtype) -> None:
+    from specdiff_ext.training.dflash import _HeadCrossEntropy
+
+    g = torch.Generator().manual_seed(2)
+    N, H, V = 37, 16, 300
+    h0 = torch.randn(N, H, generator=g)
+    head = (torch.randn(V, H, generator=g) * 0.5).to(dtype)
+    labels = torch.randint(0, V, (N,), generator=g)
+    labels[:5] = (h0[:5].to(dtype) @ head.T).float().argmax(-1)  # some rows hit
+    w = torch.rand(N, generator=g)
+    need = torch.rand(N, generator=g) < 0.7
+    need[:4] = True
+    ref_h = h0.clone().requires_grad_(True)
+    lg = (ref_h.to(dtype) @ head.T).float()
+    ref = (F.cross_entropy(lg, labels, reduction="none") * w).sum()
+    ref.backward(torch.tensor(1.7))
+    want_hit = (lg.argmax(-1) == labels) & need
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    for keep_bytes in (0, 1 << 30):  # recompute in the backward / keep the gradient rows
+        x = h0.clone().requires_grad_(True)
+        loss, hit = _HeadCrossEntropy.apply(x, head, labels, w, need, 8, keep_bytes)
+        loss.backward(torch.tensor(1.7))
+        torch.testing.assert_close(loss, ref.detach(), atol=1e-4, rtol=1e-5)
+        assert torch.equal(hit, want_hit) and int(hit.sum()) >= 3
+        torch.testing.assert_close(x.grad, ref_h.grad, **tol)

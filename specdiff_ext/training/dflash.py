@@ -156,54 +156,83 @@ def sample_batch(data: TokenData, B: int, A: int, bs: int, max_len: int, mask_id
             "starts": torch.tensor(starts, dtype=torch.int64)}
 
 
-class _HeadCrossEntropy(torch.autograd.Function):
-    """sum_i w_i * CE(h_i @ head.T, y_i), in row chunks: the (N, V) logits are never stored
-    (the backward recomputes them), and no log_softmax backward runs over the vocabulary.
+KEEP_BYTES = 1 << 29  # the head loss keeps its (N, V) gradient rows up to this size
 
-    Shape: h (N, H), head (V, H) frozen, labels (N,), w (N,) -> loss (), argmax (N,).
+
+class _HeadCrossEntropy(torch.autograd.Function):
+    """sum_i w_i * CE(h_i @ head.T, y_i), in row chunks, with no log_softmax backward over the
+    vocabulary; also whether each row's label is its argmax (for rows in `need`).
+
+    The forward keeps softmax - onehot of every row in the head's dtype when those N x V values
+    take at most `keep_bytes` (then the backward is one matmul, rows scaled by w); beyond, it
+    keeps nothing and the backward recomputes the logits chunk by chunk (large GPU batches).
+    Both give the gradient up to the rounding of that dtype.
+
+    Shape: h (N, H), head (V, H) frozen, labels (N,), w (N,), need (N,) bool -> loss (),
+    hit (N,) bool (argmax == label; False outside `need`).
     """
 
     @staticmethod
     def forward(ctx: Any, h: torch.Tensor, head: torch.Tensor, labels: torch.Tensor,
-                w: torch.Tensor, chunk: int) -> tuple:
+                w: torch.Tensor, need: torch.Tensor, chunk: int, keep_bytes: int) -> tuple:
         hc = h.to(head.dtype)
-        lse = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
-        tgt, top = torch.empty_like(lse), torch.empty_like(labels)
-        for i in range(0, h.shape[0], chunk):
-            lg = F.linear(hc[i:i + chunk], head).float()  # (c, V)
-            lse[i:i + chunk] = torch.logsumexp(lg, -1)
-            tgt[i:i + chunk] = lg.gather(1, labels[i:i + chunk, None])[:, 0]
-            top[i:i + chunk] = lg.argmax(-1)
-        ctx.save_for_backward(hc, head, labels, w, lse)
+        N, V = h.shape[0], head.shape[0]
+        keep = N * V * head.element_size() <= keep_bytes
+        lse = torch.empty(N, dtype=torch.float32, device=h.device)
+        tgt = torch.empty_like(lse)
+        hit = torch.zeros(N, dtype=torch.bool, device=h.device)
+        grad = torch.empty(N, V, dtype=head.dtype, device=h.device) if keep else None
+        rows = torch.arange(min(chunk, max(N, 1)), device=h.device)
+        for i in range(0, N, chunk):
+            j = slice(i, i + chunk)
+            lg = F.linear(hc[j], head).float()  # (c, V)
+            m = lg.amax(-1)
+            t = lg.gather(1, labels[j, None])[:, 0]
+            cand = (t >= m) & need[j]  # the label holds the max: is it the first max (argmax)?
+            if bool(cand.any()):
+                hit[j][cand] = lg[cand].argmax(-1) == labels[j][cand]
+            se = lg.sub_(m[:, None]).exp_().sum(-1)  # lg is now exp(logits - max)
+            lse[j], tgt[j] = m + se.log(), t
+            if grad is not None:
+                lg /= se[:, None]
+                lg[rows[: lg.shape[0]], labels[j]] -= 1.0
+                grad[j] = lg
+        ctx.save_for_backward(hc, head, labels, w, lse, grad)
         ctx.chunk, ctx.h_dtype = chunk, h.dtype
-        return ((lse - tgt) * w).sum(), top
+        return ((lse - tgt) * w).sum(), hit
 
     @staticmethod
-    def backward(ctx: Any, g_loss: torch.Tensor, _g_top: Any) -> tuple:
-        hc, head, labels, w, lse = ctx.saved_tensors
+    def backward(ctx: Any, g_loss: torch.Tensor, _g_hit: Any) -> tuple:
+        hc, head, labels, w, lse, grad = ctx.saved_tensors
+        scale = (w * g_loss).float()
+        none = (None,) * 6
+        if grad is not None:  # (softmax - onehot) @ head, each row scaled by w_i * g
+            return ((grad @ head).float() * scale[:, None]).to(ctx.h_dtype), *none
         gh = torch.empty(hc.shape, dtype=ctx.h_dtype, device=hc.device)
         rows = torch.arange(hc.shape[0], device=hc.device)
         for i in range(0, hc.shape[0], ctx.chunk):
             j = slice(i, i + ctx.chunk)
-            p = torch.exp(F.linear(hc[j], head).float() - lse[j, None])  # softmax (c, V)
+            p = F.linear(hc[j], head).float().sub_(lse[j, None]).exp_()  # softmax (c, V)
             p[rows[j] - i, labels[j]] -= 1.0
-            p *= (w[j] * g_loss)[:, None]
+            p *= scale[j, None]
             gh[j] = (p.to(head.dtype) @ head).to(ctx.h_dtype)
-        return gh, None, None, None, None
+        return gh, *none
 
 
 def block_loss(drafter: DFlashDrafter, feats: torch.Tensor, batch: dict,
-               pos_w: torch.Tensor, chunk: int = 128) -> tuple:
+               pos_w: torch.Tensor, chunk: int = 128, keep_bytes: int = KEEP_BYTES) -> tuple:
     """Weighted cross-entropy of the drafts against the labels; (loss, first-position acc)."""
     h = drafter.forward_blocks(feats, batch["anchors"], batch["block"])[:, :, 1:]  # (B,A,bs-1,H)
     labels = batch["labels"]  # (B, A, bs-1)
     keep = labels >= 0
     w = pos_w.expand_as(labels)[keep]
     w = w / w.sum().clamp(min=1e-6)
-    loss, top = _HeadCrossEntropy.apply(h[keep], drafter.head_weight(), labels[keep], w, chunk)
     first = keep.clone()
     first[:, :, 1:] = False
-    hit = (top == labels[keep])[first[keep]]
+    need = first[keep]
+    loss, hit = _HeadCrossEntropy.apply(h[keep], drafter.head_weight(), labels[keep], w, need,
+                                        chunk, keep_bytes)
+    hit = hit[need]
     return loss, (hit.float().mean().item() if hit.numel() else 0.0)
 
 
