@@ -26,7 +26,6 @@ from __future__ import annotations
 import sys
 from typing import Any, Dict, List, Optional, Sequence, Union
 
-import torch
 from torch import Tensor
 
 from .stats import pool_stats
