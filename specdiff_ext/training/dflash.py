@@ -1,6 +1,6 @@
 """Training of the DFlash drafter by distillation (``specdiff train-dflash``).
 
-The recipe matches drafting (DESIGN section 4):
+The recipe matches drafting (docs/design.md section 4):
 - data: the target's greedy continuations of training prompts (`training.data` shards); the
   labels are the target's own tokens;
 - features: the target's feature-layer states in the dtype it decodes in, of each window as the

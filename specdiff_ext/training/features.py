@@ -1,4 +1,4 @@
-"""Target features for the drafter's target_features context mode (DESIGN section 4).
+"""Target features for the drafter's target_features context mode (docs/design.md section 4).
 
 Convention (shared by training and `decoding.SpecDiffDecoder`): the drafter's context position t
 holds the token x_t and the target's hidden states at position t - 1 (zeros at t = 0), taken
