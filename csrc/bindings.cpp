@@ -527,6 +527,80 @@ void verify_py(py::handle target_logits, py::handle draft_ids, py::handle draft_
   }));
 }
 
+// ---------------------------------------------------------------- verify_tree
+// Host check of a CPU tree: parents[b, 0] == -1; for i >= 1, -1 <= parents[b, i] < i; a used
+// node's token (parents >= 0) in [0, V).  CUDA trees are checked by ops.py's device checks (the
+// kernel only compares these values, so bad ones cannot make it read out of bounds).
+void check_tree(const Array& pa, const IdView& parents, const Array& tk, const IdView& tokens,
+                int64_t B, int64_t N, int64_t V) {
+  if (pa.is_cuda()) return;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t i = 0; i < N; ++i) {
+      const int64_t q = parents.at(b, i);
+      const std::string at = " at (" + std::to_string(b) + ", " + std::to_string(i) + ")";
+      if (i == 0 && q != -1)
+        value_error("parents must be -1 at the root (node 0), got " + std::to_string(q) + at);
+      if (i > 0 && (q < -1 || q >= i))
+        value_error("parents must hold a node before each node (0 <= parents[b, i] < i) or -1 "
+                    "for an unused node, got " + std::to_string(q) + at);
+      if (i > 0 && q >= 0) {
+        const int64_t t = tokens.at(b, i);
+        if (t < 0 || t >= V)
+          value_error(tk.name() + " holds " + std::to_string(t) + at + ", outside [0, V) = [0, " +
+                      std::to_string(V) + ")");
+      }
+    }
+}
+
+void verify_tree_py(py::handle target_logits, py::handle tokens, py::handle parents,
+                    py::handle temperature, double temperature_value, py::handle seed,
+                    int64_t seed_value, int64_t offset, py::handle top_k, int64_t top_k_value,
+                    py::handle top_p, double top_p_value, py::handle min_p, double min_p_value,
+                    py::handle out_ids, py::handle out_num_accepted, py::handle out_path,
+                    py::handle out_valid, [[maybe_unused]] uint64_t stream) {
+  DeviceCheck dev;
+  Array tl, tk, pa, ta, sd, oi, on, op, ov, hk, hp, hm;
+  TreeVerifyParams p;
+  tl.take(target_logits, "target_logits");
+  tl.check_ndim(3, "(B, N, V)");
+  dev.add(tl);
+  p.B = tl.size(0);
+  p.N = tl.size(1);
+  p.V = tl.size(2);
+  if (p.N < 1) value_error("target_logits must have N >= 1 nodes (the root), got shape (" + std::to_string(p.B) + ", 0, " + std::to_string(p.V) + ")");
+  if (p.V < 1) value_error("target_logits must have a vocabulary of at least 1, got V = 0");
+  p.target = logits_view(tl);  // target_logits: (B, N, V)
+  tk.take(tokens, "tokens");
+  p.tokens = id_view(tk);
+  tk.check_shape({p.B, p.N}, "(B, N)");  // tokens: (B, N)
+  dev.add(tk);
+  pa.take(parents, "parents");
+  p.parents = id_view(pa);
+  pa.check_shape({p.B, p.N}, "(B, N)");  // parents: (B, N)
+  dev.add(pa);
+  p.tau = row_temperature(temperature, temperature_value, "temperature", p.B, dev, ta);
+  p.seed = row_seed_arg(seed, seed_value, p.B, dev, sd);
+  p.offset = offset_arg(offset);
+  p.filter = row_filter(top_k, top_k_value, top_p, top_p_value, min_p, min_p_value, p.B, dev, hk, hp, hm);
+  check_output(oi, out_ids, "out_ids", Kind::kInt64, {p.B, p.N}, "(B, N)", dev);
+  check_output(on, out_num_accepted, "out_num_accepted", Kind::kInt64, {p.B}, "(B,)", dev);
+  check_output(op, out_path, "out_path", Kind::kInt64, {p.B, p.N}, "(B, N)", dev);
+  check_output(ov, out_valid, "out_valid", Kind::kBool, {p.B}, "(B,)", dev);
+  p.out_ids = static_cast<int64_t*>(oi.data());
+  p.out_num_accepted = static_cast<int64_t*>(on.data());
+  p.out_path = static_cast<int64_t*>(op.data());
+  p.out_valid = static_cast<bool*>(ov.data());
+  check_tree(pa, p.parents, tk, p.tokens, p.B, p.N, p.V);
+  if (p.B == 0) return;
+
+  run_on_device("verify_tree", dev, [&] { cpu::verify_tree(p); }, SD_ON_CUDA([&] {
+    if (p.filter.any())
+      value_error("verify_tree on CUDA takes filtered logits (ops.filter_logits); top_k, top_p "
+                  "and min_p must be off here");
+    return cuda::verify_tree(p, cuda_stream(stream), dev.id);
+  }));
+}
+
 // ---------------------------------------------------------------- gather_logprobs
 void gather_py(py::handle logits, py::handle ids, py::handle temperature, double temperature_value,
                py::handle out_lse, py::handle out_logprobs, [[maybe_unused]] py::handle workspace,
@@ -720,6 +794,13 @@ PYBIND11_MODULE(_C, m) {
         py::arg("min_p_value"), py::arg("out_ids"),
         py::arg("out_num_accepted"), py::arg("out_valid"), py::arg("workspace"),
         py::arg("stream"));
+  m.def("verify_tree", &verify_tree_py,
+        "Sample-and-match verification of a draft tree (docs/design.md); fills the out_* arrays.",
+        py::arg("target_logits"), py::arg("tokens"), py::arg("parents"), py::arg("temperature"),
+        py::arg("temperature_value"), py::arg("seed"), py::arg("seed_value"), py::arg("offset"),
+        py::arg("top_k"), py::arg("top_k_value"), py::arg("top_p"), py::arg("top_p_value"),
+        py::arg("min_p"), py::arg("min_p_value"), py::arg("out_ids"),
+        py::arg("out_num_accepted"), py::arg("out_path"), py::arg("out_valid"), py::arg("stream"));
   m.def("gather_logprobs", &gather_py, "Log-sum-exp of each row and log-probability of one id per row.",
         py::arg("logits"), py::arg("ids"), py::arg("temperature"), py::arg("temperature_value"),
         py::arg("out_lse"), py::arg("out_logprobs"), py::arg("workspace"), py::arg("stream"));

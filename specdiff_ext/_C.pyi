@@ -12,6 +12,13 @@ def verify(
     top_p_value: float, min_p: Optional[Any], min_p_value: float, out_ids: Any,
     out_num_accepted: Any, out_valid: Any, workspace: Optional[Any], stream: int,
 ) -> None: ...
+def verify_tree(
+    target_logits: Any, tokens: Any, parents: Any, temperature: Optional[Any],
+    temperature_value: float, seed: Optional[Any], seed_value: int, offset: int,
+    top_k: Optional[Any], top_k_value: int, top_p: Optional[Any], top_p_value: float,
+    min_p: Optional[Any], min_p_value: float, out_ids: Any, out_num_accepted: Any, out_path: Any,
+    out_valid: Any, stream: int,
+) -> None: ...
 def gather_logprobs(
     logits: Any, ids: Any, temperature: Optional[Any], temperature_value: float, out_lse: Any,
     out_logprobs: Any, workspace: Optional[Any], stream: int,

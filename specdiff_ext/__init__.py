@@ -17,7 +17,7 @@ except ImportError as _exc:  # the source tree, without a compiled core beside i
         "another folder, or build in place with `pip install -e .` (an editable install puts _C "
         "here)."
     ) from _exc
-from .types import CommitMode, DenoiseResult, GatherResult, VerifyResult
+from .types import CommitMode, DenoiseResult, GatherResult, TreeVerifyResult, VerifyResult
 
 __version__ = _C.build_info()["version"]
 
@@ -52,5 +52,6 @@ __all__ = [
     "DenoiseResult",
     "GatherResult",
     "VerifyResult",
+    "TreeVerifyResult",
     "__version__",
 ]

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from torch.utils.dlpack import to_dlpack as _to_dlpack
 
-from .types import CommitMode, DenoiseResult, GatherResult, VerifyResult
+from .types import CommitMode, DenoiseResult, GatherResult, TreeVerifyResult, VerifyResult
 
 try:
     from . import _C
@@ -32,6 +32,7 @@ except ImportError as exc:  # pragma: no cover - only without a build
 
 __all__ = [
     "verify",
+    "verify_tree",
     "rejection_sample",
     "gather_logprobs",
     "denoise_step",
@@ -40,6 +41,7 @@ __all__ = [
     "apply_penalties",
     "check_sampling",
     "VerifyResult",
+    "TreeVerifyResult",
     "GatherResult",
     "DenoiseResult",
     "CommitMode",
@@ -416,6 +418,50 @@ def _verify_fake(target_logits, draft_ids, *args):  # noqa: ANN001, ANN002
     )
 
 
+@torch.library.custom_op("specdiff::verify_tree", mutates_args=())
+def _verify_tree_op(
+    target_logits: Tensor,
+    tokens: Tensor,
+    parents: Tensor,
+    temperature: Optional[Tensor],
+    temperature_value: float,
+    seed: Optional[Tensor],
+    seed_value: int,
+    offset: int,
+    top_k: Optional[Tensor] = None,
+    top_k_value: int = 0,
+    top_p: Optional[Tensor] = None,
+    top_p_value: float = 1.0,
+    min_p: Optional[Tensor] = None,
+    min_p_value: float = 0.0,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    B, N, _ = _dims3(target_logits, "target_logits", "(B, N, V)")
+    dev = target_logits.device
+    ids = torch.empty((B, N), dtype=torch.int64, device=dev)
+    num = torch.empty((B,), dtype=torch.int64, device=dev)
+    path = torch.empty((B, N), dtype=torch.int64, device=dev)
+    valid = torch.empty((B,), dtype=torch.bool, device=dev)
+    _C.verify_tree(
+        _dl(target_logits), _dl(tokens), _dl(parents), _dl(temperature), temperature_value,
+        _dl(seed), seed_value, offset, _dl(top_k), top_k_value, _dl(top_p), top_p_value,
+        _dl(min_p), min_p_value, _dl(ids), _dl(num), _dl(path), _dl(valid),
+        _stream(target_logits),
+    )
+    return ids, num, path, valid
+
+
+@_verify_tree_op.register_fake
+def _verify_tree_fake(target_logits, tokens, parents, *args):  # noqa: ANN001, ANN002
+    B, N, _ = _dims3(target_logits, "target_logits", "(B, N, V)")
+    dev = target_logits.device
+    return (
+        target_logits.new_empty((B, N), dtype=torch.int64),
+        torch.empty((B,), dtype=torch.int64, device=dev),
+        target_logits.new_empty((B, N), dtype=torch.int64),
+        torch.empty((B,), dtype=torch.bool, device=dev),
+    )
+
+
 @torch.library.custom_op("specdiff::gather_logprobs", mutates_args=())
 def _gather_op(
     logits: Tensor, ids: Tensor, temperature: Optional[Tensor], temperature_value: float
@@ -674,6 +720,114 @@ def verify(
         draft_temperature, seed, offset, vocab_map, None, None, bool(check_values), top_k, top_p,
         min_p,
     )
+
+
+def verify_tree(
+    target_logits: ArrayLike,
+    tokens: ArrayLike,
+    parents: ArrayLike,
+    *,
+    temperature: Union[float, ArrayLike] = 1.0,
+    seed: Union[int, ArrayLike] = 0,
+    offset: int = 0,
+    top_k: Union[int, ArrayLike, None] = None,
+    top_p: Union[float, ArrayLike, None] = None,
+    min_p: Union[float, ArrayLike, None] = None,
+    check_values: bool = True,
+) -> TreeVerifyResult:
+    """Verify a tree of drafts against the target in one call: a sample-and-match walk.
+
+    Starting at the root, the op draws x from the target's law at the current node
+    (``temperature``, then the filters in transformers' order, as :func:`verify`; greedy is
+    the argmax). If a child of the node carries x, x is accepted and the walk moves there;
+    otherwise x is emitted and the walk stops (at a leaf, x is the bonus token). The emitted
+    sequence is distributed exactly as the target samples it, for any tree fixed before the
+    target's draws. Draws are counter-based Philox keyed by (row seed, ``offset``, depth), the
+    numbers of :func:`verify`'s bonus draw at position = depth. Only the rows on the walked
+    path are read.
+
+    Parameters
+    ----------
+    target_logits : float32, bfloat16 or float16
+        Shape: (B, N, V). Row i is the target's logits for the token after node i.
+    tokens : int32 or int64
+        Shape: (B, N). The token of each node; node 0 is the root (the last emitted token),
+        whose token is ignored.
+    parents : int32 or int64
+        Shape: (B, N). ``parents[:, 0] = -1``; for i >= 1, ``0 <= parents[b, i] < i``, or -1
+        for an unused node (one batch may hold trees of different sizes). Siblings should
+        carry different tokens (of repeated ones, the lowest index is the one matched).
+    temperature : float or float tensor
+        Shape: () or (B,). 0 (or a temperature whose float32 inverse is infinite) is greedy.
+    seed : int or int64 tensor
+        Shape: () or (B,). One seed for the batch, or a seed per row.
+    offset : int
+        Advances the random stream between calls.
+    top_k, top_p, min_p : int / float or (B,) tensor, optional
+        Sampling controls of the target law, per row, as in :func:`verify`.
+    check_values : bool
+        False skips the value checks of GPU arrays (tree structure, tokens, temperatures,
+        filter settings) and their host sync. CPU values are always checked. Unchecked, a bad
+        GPU value never reads or writes out of bounds.
+
+    Returns
+    -------
+    TreeVerifyResult(ids, num_accepted, path, valid)
+        ids: (B, N) int64, the accepted tokens, then the emitted one, then -1;
+        num_accepted: (B,) int64; path: (B, N) int64, the node of each accepted token, then
+        -1; valid: (B,) bool, false where a row on the path held NaN or +inf or no finite
+        logit (that row is then all -1).
+
+    Examples
+    --------
+    >>> import torch, specdiff_ext
+    >>> logits = torch.randn(1, 4, 50)
+    >>> tokens = torch.tensor([[0, 7, 9, 3]])       # root, then three drafted nodes
+    >>> parents = torch.tensor([[-1, 0, 0, 1]])     # 7 and 9 follow the root, 3 follows 7
+    >>> res = specdiff_ext.ops.verify_tree(logits, tokens, parents, seed=1)
+    >>> res.ids.shape, res.path.shape
+    (torch.Size([1, 4]), torch.Size([1, 4]))
+    """
+    f = _Frontend()
+    tl = f.tensor(target_logits, "target_logits")
+    B, N, V = _dims3(tl, "target_logits", "(B, N, V)")
+    dev = tl.device
+    tl = _last_contiguous(tl)
+    tk = f.tensor(tokens, "tokens")
+    pa = f.tensor(parents, "parents")
+    ta, tv = _row_scalar(f, temperature, "temperature", B, dev)
+    sd, sv = _seed_arg(f, seed, B, dev)
+    off = _offset_arg(offset)
+    checks = _DeviceChecks()
+    flt = _filter_args(f, top_k, top_p, min_p, B, dev, checks)
+    checks.temperature(ta, "temperature")
+    if (pa.dim() == 2 and tuple(pa.shape) == (B, N) and tk.dim() == 2 and tuple(tk.shape) == (B, N)
+            and not pa.is_floating_point() and not tk.is_floating_point()):
+        checks.bad(_tree_faults(pa, tk, V), lambda t: t != 0,
+                   "parents must be -1 at the root and, for i >= 1, in [0, i) or -1 (unused), and "
+                   "a used node's token in [0, V): bad nodes")
+    if flt.any and dev.type != "cpu":
+        tl = _call(_filter_op, tl, ta, tv, *flt.args())
+        flt = _NO_FILTER
+    ids, num, path, valid = _call(_verify_tree_op, tl, tk, pa, ta, tv, sd, sv, off, *flt.args())
+    if check_values:
+        checks.run()
+    return TreeVerifyResult(f.out(ids), f.out(num), f.out(path), f.out(valid))
+
+
+def _tree_faults(parents: Tensor, tokens: Tensor, V: int) -> Optional[Tensor]:
+    """(B, N) int64, 1 at each node that breaks the tree rules (GPU trees only; the CPU
+    bindings check them on the host with a message naming the node)."""
+    if parents.device.type != "cuda":
+        return None
+    N = parents.shape[1]
+    pa = parents.to(torch.int64)
+    idx = torch.arange(N, device=pa.device)
+    bad = (pa < -1) | (pa >= idx) & (idx > 0)
+    bad[:, 0] = pa[:, 0] != -1
+    tk = tokens.to(torch.int64)
+    bad |= (pa >= 0) & ((tk < 0) | (tk >= V))
+    return bad.to(torch.int64)
 
 
 def rejection_sample(

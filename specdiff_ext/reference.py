@@ -31,13 +31,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .types import CommitMode, DenoiseResult, GatherResult, VerifyResult
+from .types import CommitMode, DenoiseResult, GatherResult, TreeVerifyResult, VerifyResult
 
 __all__ = [
     "CommitMode",
     "DenoiseResult",
     "GatherResult",
     "VerifyResult",
+    "TreeVerifyResult",
     "TAG_ACCEPT",
     "TAG_CORRECTION",
     "TAG_DENOISE_TOKEN",
@@ -52,6 +53,7 @@ __all__ = [
     "gather_logprobs",
     "rejection_sample",
     "verify",
+    "verify_tree",
     "denoise_step",
     "point_mass_mask",
     "naive_verify",
@@ -1175,6 +1177,147 @@ def verify(
         vocab_map=vocab_map, top_k=top_k, top_p=top_p, min_p=min_p, compute_dtype=compute_dtype,
     )
     return _numpy_out(res, as_numpy)
+
+
+def _check_tree(pa: Tensor, tk: Tensor, V: int) -> None:
+    """The tree rules of verify_tree, with the node that breaks one named."""
+    B, N = pa.shape
+    idx = torch.arange(N, device=pa.device).expand(B, N)
+    root_bad = pa[:, 0] != -1
+    if bool(root_bad.any()):
+        b = int(root_bad.nonzero()[0, 0])
+        raise ValueError(f"parents must be -1 at the root (node 0), got {int(pa[b, 0])} at ({b}, 0)")
+    bad = ((pa < -1) | (pa >= idx)) & (idx > 0)
+    if bool(bad.any()):
+        b, i = (int(v) for v in bad.nonzero()[0])
+        raise ValueError("parents must hold a node before each node (0 <= parents[b, i] < i) or -1 "
+                         f"for an unused node, got {int(pa[b, i])} at ({b}, {i})")
+    tbad = (pa >= 0) & ((tk < 0) | (tk >= V)) & (idx > 0)
+    if bool(tbad.any()):
+        b, i = (int(v) for v in tbad.nonzero()[0])
+        raise ValueError(f"tokens holds {int(tk[b, i])} at ({b}, {i}), outside [0, V) = [0, {V})")
+
+
+def verify_tree(
+    target_logits: ArrayLike,
+    tokens: ArrayLike,
+    parents: ArrayLike,
+    *,
+    temperature: Temperature = 1.0,
+    seed: Seed = 0,
+    offset: int = 0,
+    top_k: Any = None,
+    top_p: Any = None,
+    min_p: Any = None,
+    check_values: bool = True,
+    compute_dtype: torch.dtype = torch.float64,
+) -> TreeVerifyResult:
+    """Tree verification by a sample-and-match walk (docs/design.md, section 2).
+
+    Per row, from the root (node 0) at depth d = 0: draw x from the target's law at the current
+    node (row ``target_logits[b, node]``, at ``temperature`` after the filters; the argmax at
+    temperature 0) by the race of position d, tag TAG_CORRECTION (the numbers of verify's bonus
+    draw); if a child of the node (``parents == node``, lowest index first) carries x, accept
+    it and move there (d + 1), else emit x and stop. The emitted tokens follow the target's
+    law exactly for any tree fixed before the draws.
+
+    Parameters
+    ----------
+    target_logits : Tensor
+        float32, bfloat16, float16 or float64. Shape: (B, N, V).
+    tokens : Tensor
+        int32 or int64; a used node's token in [0, V) (node 0's is ignored). Shape: (B, N).
+    parents : Tensor
+        int32 or int64: -1 at node 0, else in [0, i), or -1 for an unused node. Shape: (B, N).
+    temperature : float or Tensor
+        >= 0; 0 is greedy. Shape: scalar, () or (B,).
+    seed : int or Tensor
+        One int for the batch or one int64 per row.
+    offset : int
+        Philox offset, 0 <= offset < 2^56.
+    top_k, top_p, min_p : optional
+        Sampling controls of the target law, per row; as in `filter_logits`.
+    check_values : bool
+        Taken for the ops' signature; the reference always checks every value.
+    compute_dtype : torch.dtype
+        float64 (default) or float32: the arithmetic (the reference only).
+
+    Returns
+    -------
+    TreeVerifyResult
+        ids (B, N) int64: the accepted tokens, the emitted one, then -1; num_accepted (B,)
+        int64; path (B, N) int64: the node of each accepted token, then -1; valid (B,) bool
+        (False: a row on the path held NaN / +inf or no finite logit; the row is all -1).
+
+    Examples
+    --------
+    >>> tl = torch.randn(2, 4, 10)
+    >>> tokens = torch.tensor([[0, 3, 5, 1]] * 2)
+    >>> parents = torch.tensor([[-1, 0, 0, 1]] * 2)
+    >>> verify_tree(tl, tokens, parents, seed=3).path.shape
+    torch.Size([2, 4])
+    """
+    as_numpy = isinstance(target_logits, np.ndarray)
+    cd = compute_dtype
+    tl = _tensor(target_logits, "target_logits")
+    tk = _tensor(tokens, "tokens")
+    pa = _tensor(parents, "parents")
+    _check_logits(tl, "target_logits")
+    _check_rank(tl, 3, "target_logits", "(B, N, V)")
+    B, N, V = tl.shape
+    dev = tl.device
+    if N < 1:
+        raise ValueError(f"target_logits must have N >= 1 nodes (the root), got {tuple(tl.shape)}")
+    for t, name in ((tk, "tokens"), (pa, "parents")):
+        if t.is_floating_point() or t.dtype == torch.bool or t.is_complex():
+            raise TypeError(f"{name} must be int32 or int64, got {t.dtype}")
+        if tuple(t.shape) != (B, N):
+            raise ValueError(f"{name} must have shape (B, N) = ({B}, {N}), got {tuple(t.shape)}")
+        _check_device(t, dev, name)
+    tk, pa = tk.to(torch.int64), pa.to(torch.int64)
+    _check_tree(pa, tk, V)
+    tau = _per_row(temperature, B, "temperature", cd, dev)
+    keys = _seed(seed, B, dev)
+    offset = _check_offset(offset)
+    tl = _filter(tl, tau, _filter_settings(top_k, top_p, min_p, B, dev), cd)
+
+    ids = torch.full((B, N), -1, dtype=torch.int64, device=dev)
+    path = torch.full((B, N), -1, dtype=torch.int64, device=dev)
+    num = torch.zeros(B, dtype=torch.int64, device=dev)
+    valid = torch.ones(B, dtype=torch.bool, device=dev)
+    active = torch.ones(B, dtype=torch.bool, device=dev)
+    node = torch.zeros(B, dtype=torch.int64, device=dev)
+    greedy = tau == 0
+    inv_tau = torch.where(greedy, 1.0, 1.0 / torch.where(greedy, 1.0, tau))
+    rows_all = torch.arange(B, device=dev)
+    for d in range(N):
+        l = tl[rows_all, node].to(cd)  # (B, V): each row's current node
+        bad = active & _invalid_rows(l)
+        valid &= ~bad
+        active &= ~bad
+        rows = active.nonzero().squeeze(1)
+        if rows.numel() == 0:
+            break
+        tok = l[rows].argmax(dim=-1)
+        samp = ~greedy[rows]
+        if bool(samp.any()):
+            r = rows[samp]
+            e = _exponentials_range(keys[r], offset, d, V, TAG_CORRECTION, cd)
+            tok[samp], _ = _race(l[r] * inv_tau[r, None], e)
+        ids[rows, d] = tok
+        child = (pa[rows] == node[rows, None]) & (tk[rows] == tok[:, None])  # (R, N)
+        has = child.any(dim=-1)
+        first = child.to(torch.int8).argmax(dim=-1)  # the lowest matching index
+        stop = rows[~has]
+        num[stop] = d
+        active[stop] = False
+        go = rows[has]
+        path[go, d] = first[has]
+        node[go] = first[has]
+    ids[~valid] = -1
+    path[~valid] = -1
+    num[~valid] = 0
+    return _numpy_out(TreeVerifyResult(ids, num, path, valid), as_numpy)
 
 
 def _denoise(

@@ -46,12 +46,13 @@ _DTYPES = (torch.float32, torch.bfloat16)
 
 
 class TargetOutput(NamedTuple):
-    """Output of :meth:`TargetModel.forward`.
+    """Output of :meth:`TargetModel.forward` and :meth:`TargetModel.forward_tree`.
 
     Attributes
     ----------
     logits : Tensor
-        Next-token logits at every given position, in the model's dtype.
+        Next-token logits at every given position (every tree node, for ``forward_tree``), in
+        the model's dtype.
         Shape: (B, T, V).
     cache : transformers.Cache
         The KV cache, now holding the given positions too (the same object that was passed in,
@@ -101,10 +102,15 @@ class TargetModel:
     # The keyword under which the model's forward takes the KV cache: "cache" in transformers
     # >= 5.x (which deprecates "past_key_values"), "past_key_values" before.
     _cache_kwarg: str = dataclasses.field(init=False, repr=False)
+    # Whether the model's forward takes ``cache_position`` (the cache slots the new entries are
+    # written to): transformers 4.x does (its masks and static caches use it); 5.x has no such
+    # argument (the slots follow from the cache's length, the positions from ``position_ids``).
+    _takes_cache_position: bool = dataclasses.field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         params = inspect.signature(self.model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        self._takes_cache_position = "cache_position" in params
         if self.dtype not in _DTYPES:
             raise ValueError(f"model dtype must be float32 or bfloat16, got {self.dtype}")
         self.model.eval()
@@ -247,14 +253,7 @@ class TargetModel:
         >>> out = target.forward(target.chat_prompt("Hi"), cache, hidden_layers=[-1])  # doctest: +SKIP
         >>> next_id = out.logits[:, -1].argmax(-1)  # (B,)  # doctest: +SKIP
         """
-        if not isinstance(input_ids, Tensor):
-            raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
-        if input_ids.dim() != 2 or input_ids.shape[0] < 1 or input_ids.shape[1] < 1:
-            raise ValueError(f"input_ids must have shape (B, T) with B, T >= 1, got {tuple(input_ids.shape)}")
-        if input_ids.dtype != torch.int64:
-            raise TypeError(f"input_ids must be int64, got {input_ids.dtype}")
-        if input_ids.device != self.device:
-            raise ValueError(f"input_ids must be on {self.device}, got {input_ids.device}")
+        self._check_input_ids(input_ids, "T")
         layers = None if hidden_layers is None else self._check_layers(hidden_layers)
         if cache is None:
             cache = self.new_cache()
@@ -307,6 +306,225 @@ class TargetModel:
             cache.crop(-remove)
         return cache
 
+    # ------------------------------------------------------------------ tree verification
+
+    @torch.inference_mode()
+    def forward_tree(
+        self,
+        input_ids: Tensor,
+        parents: Tensor,
+        cache: Any,
+        hidden_layers: Optional[Sequence[int]] = None,
+    ) -> TargetOutput:
+        """The tree verification forward: logits at every node of a draft tree, in one pass.
+
+        With a cache of length P, node i takes position P + depth(i) (the root, node 0, has
+        depth 0) and attends to the whole cached prefix, to its ancestors and to itself, so
+        ``logits[:, i]`` is the target's distribution for the token after the root-to-i path.
+        The root is the last emitted token, not yet in the cache. A node whose parent is -1
+        (other than the root) is unused padding: it sits at position P, attends to the prefix
+        and itself only, and no other node attends to it, so its (finite, meaningless) logits
+        leave every other node's unchanged. Afterwards the cache holds P + N entries, the
+        nodes' in node order; :meth:`keep_path` then keeps the accepted path.
+
+        Only the ``eager`` and ``sdpa`` attention implementations are supported (they apply the
+        4-D additive mask this builds as given).
+
+        Parameters
+        ----------
+        input_ids : Tensor
+            int64 node tokens on :attr:`device`; node 0 is the root.
+            Shape: (B, N), N >= 1.
+        parents : Tensor
+            int64 parent of each node (checked on the host; any device): ``parents[:, 0] == -1``,
+            and for i >= 1 either 0 <= ``parents[:, i]`` < i (a used node, whose parent must be
+            used too) or -1 (an unused node). A (N,) tensor is shared by the batch rows.
+            Shape: (B, N) or (N,).
+        cache : transformers.Cache
+            KV cache holding the same P positions for every row (from :meth:`forward`);
+            updated in place. None starts a new one (P = 0).
+        hidden_layers : sequence of int, optional
+            Which hidden states to return, as in :meth:`forward`.
+
+        Returns
+        -------
+        TargetOutput
+            ``logits`` (B, N, V) in the model's dtype, ``cache`` (now P + N long), and
+            ``hidden``: one (B, N, H) tensor per requested layer, or None.
+
+        Raises
+        ------
+        TypeError
+            input_ids or parents is not an int64 tensor, or the cache is not a ``DynamicCache``
+            of full-attention layers.
+        ValueError
+            Bad shapes, a parent out of order or out of range, or a cache of another batch size.
+        NotImplementedError
+            The model uses an attention implementation other than ``eager`` or ``sdpa``.
+
+        Examples
+        --------
+        >>> cache = target.new_cache()  # doctest: +SKIP
+        >>> _ = target.forward(prompt[:, :-1], cache)  # the root, prompt[:, -1], is not cached  # doctest: +SKIP
+        >>> ids = torch.cat([prompt[:, -1:], drafts], 1)  # (1, 5): root and 4 drafted nodes  # doctest: +SKIP
+        >>> parents = torch.tensor([[-1, 0, 0, 1, 1]])  # two children of the root, two of node 1  # doctest: +SKIP
+        >>> out = target.forward_tree(ids, parents, cache)  # doctest: +SKIP
+        >>> out.logits[:, 3]  # the distribution after root, node 1, node 3  # doctest: +SKIP
+        """
+        self._check_input_ids(input_ids, "N")
+        B, N = input_ids.shape
+        if not isinstance(parents, Tensor):
+            raise TypeError(f"parents must be a torch.Tensor, got {type(parents).__name__}")
+        if parents.dtype != torch.int64:
+            raise TypeError(f"parents must be int64, got {parents.dtype}")
+        if tuple(parents.shape) not in ((B, N), (N,)):
+            raise ValueError(
+                f"parents must have shape (B, N) = {(B, N)} or (N,) = {(N,)} like input_ids, "
+                f"got {tuple(parents.shape)}"
+            )
+        layers = None if hidden_layers is None else self._check_layers(hidden_layers)
+        impl = getattr(self.model.config, "_attn_implementation", None)
+        if impl not in (None, "eager", "sdpa"):
+            raise NotImplementedError(
+                f"forward_tree needs the 'eager' or 'sdpa' attention implementation (a 4-D additive mask), "
+                f"the model uses {impl!r}"
+            )
+        if cache is None:
+            cache = self.new_cache()
+        P = int(cache.get_seq_length())
+        _full_attention_layers(cache, P)  # the mask below is a full-attention one
+        cached_batch = _cache_batch(cache)
+        if P > 0 and cached_batch is not None and cached_batch != B:
+            raise ValueError(f"input_ids has {B} rows but the cache holds {cached_batch}")
+
+        ancestry, depth = _tree_ancestry(parents.detach().to("cpu"), B)  # (B, N, N) bool, (B, N)
+        ancestry, depth = ancestry.to(self.device), depth.to(self.device)
+        # Additive mask over [cached prefix (P), nodes (N)]: 0 where attended, the dtype's min
+        # where not. transformers 5.x hands a 4-D mask to the attention as it is.
+        tree = torch.zeros((B, N, N), dtype=self.dtype, device=self.device)
+        tree.masked_fill_(~ancestry, torch.finfo(self.dtype).min)
+        prefix = torch.zeros((B, N, P), dtype=self.dtype, device=self.device)
+        mask = torch.cat([prefix, tree], dim=-1).unsqueeze(1)  # (B, 1, N, P + N)
+        kwargs = {}
+        if self._takes_cache_position:
+            kwargs["cache_position"] = torch.arange(P, P + N, device=self.device)  # (N,)
+
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=P + depth,  # (B, N)
+            use_cache=True,
+            output_hidden_states=layers is not None,
+            **{self._cache_kwarg: cache},
+            **kwargs,
+        )
+        new_cache = getattr(out, "cache", None)
+        if new_cache is None:
+            new_cache = out.past_key_values
+        hidden = None if layers is None else [out.hidden_states[i] for i in layers]  # each (B, N, H)
+        return TargetOutput(out.logits, new_cache, hidden)  # logits (B, N, V)
+
+    @torch.inference_mode()
+    def keep_path(self, cache: Any, prefix_len: int, path: Union[Tensor, Sequence[int]]) -> Any:
+        """After :meth:`forward_tree`, keep the cached prefix and the accepted path's nodes only.
+
+        The cache then holds the ``prefix_len`` prefix entries followed by the entries of the
+        nodes in ``path``, in that order: ``prefix_len + K`` positions. For the next forward to
+        see a consistent sequence, ``path`` should be a root-to-node path of the tree
+        (``[0, ...]``, each node the child of the one before), so that the node kept at offset
+        j was computed at position ``prefix_len + j``.
+
+        Parameters
+        ----------
+        cache : transformers.Cache
+            A ``DynamicCache`` of full-attention layers holding ``prefix_len`` + N entries (the
+            prefix and the N tree nodes); changed in place (and returned).
+        prefix_len : int
+            P, the cache length before :meth:`forward_tree`.
+        path : Tensor or sequence of int
+            Node indices in root-to-leaf order, strictly increasing (a parent precedes its
+            children), each in [0, N). A 1-D path applies to every batch row; a (B, K) int64
+            tensor gives one path per row.
+            Shape: (K,) or (B, K), 0 <= K <= N.
+
+        Returns
+        -------
+        transformers.Cache
+            The same cache object, now ``prefix_len + K`` long.
+
+        Raises
+        ------
+        TypeError
+            Bad argument types, or a cache this cannot rearrange (e.g. sliding-window layers).
+        ValueError
+            prefix_len out of range, or a path of the wrong shape, out of range or not
+            increasing. The cache is left unchanged.
+
+        Examples
+        --------
+        >>> out = target.forward_tree(ids, parents, cache)  # cache: P -> P + N  # doctest: +SKIP
+        >>> target.keep_path(cache, P, [0, 1, 3])  # root, node 1, node 3 accepted  # doctest: +SKIP
+        >>> cache.get_seq_length() == P + 3  # doctest: +SKIP
+        True
+        """
+        current = int(cache.get_seq_length())
+        if isinstance(prefix_len, bool) or not isinstance(prefix_len, int):
+            raise TypeError(f"prefix_len must be an int, got {type(prefix_len).__name__}")
+        if not 0 <= prefix_len <= current:
+            raise ValueError(f"prefix_len must be in [0, {current}] (the cache holds {current}), got {prefix_len}")
+        N = current - prefix_len
+        if isinstance(path, Tensor):
+            if path.dtype != torch.int64:
+                raise TypeError(f"path must be int64, got {path.dtype}")
+            path = path.detach().to("cpu")
+        elif isinstance(path, (list, tuple)):
+            if not all(isinstance(i, int) and not isinstance(i, bool) for i in path):
+                raise TypeError("path must hold ints")
+            path = torch.tensor(list(path), dtype=torch.int64).reshape(-1)
+        else:
+            raise TypeError(f"path must be a torch.Tensor or a list of ints, got {type(path).__name__}")
+        if path.dim() not in (1, 2):
+            raise ValueError(f"path must have shape (K,) or (B, K), got {tuple(path.shape)}")
+        K = path.shape[-1]
+        if K > N:
+            raise ValueError(f"path must hold at most N = {N} nodes (the cache holds {N} past prefix_len), got {K}")
+        if K > 0:
+            if int(path.min()) < 0 or int(path.max()) >= N:
+                raise ValueError(f"path entries must be node indices in [0, {N}), got {path.tolist()}")
+            if K > 1 and not bool((path[..., 1:] > path[..., :-1]).all()):
+                raise ValueError(f"path must be strictly increasing (root to leaf), got {path.tolist()}")
+
+        kv_layers = _full_attention_layers(cache, current)
+        batch = _cache_batch(cache)
+        if path.dim() == 2 and batch is not None and path.shape[0] != batch:
+            raise ValueError(f"path must have one row per batch row ({batch}), got shape {tuple(path.shape)}")
+        keep = torch.cat([torch.arange(prefix_len).expand(*path.shape[:-1], prefix_len), prefix_len + path], -1)
+        for layer in kv_layers:
+            if keep.dim() == 1:
+                idx = keep.to(layer.keys.device)  # (S',)
+                layer.keys = layer.keys.index_select(-2, idx)
+                layer.values = layer.values.index_select(-2, idx)
+            else:
+                Bk, Hk, _, Dk = layer.keys.shape
+                idx = keep.to(layer.keys.device)[:, None, :, None]  # (B, 1, S', 1)
+                layer.keys = layer.keys.gather(2, idx.expand(Bk, Hk, -1, Dk))
+                Dv = layer.values.shape[-1]
+                layer.values = layer.values.gather(2, idx.expand(Bk, layer.values.shape[1], -1, Dv))
+        return cache
+
+    def _check_input_ids(self, input_ids: Tensor, length: str) -> None:
+        """input_ids must be an int64 (B, length) tensor on the model's device, B, length >= 1."""
+        if not isinstance(input_ids, Tensor):
+            raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
+        if input_ids.dim() != 2 or input_ids.shape[0] < 1 or input_ids.shape[1] < 1:
+            raise ValueError(
+                f"input_ids must have shape (B, {length}) with B, {length} >= 1, got {tuple(input_ids.shape)}"
+            )
+        if input_ids.dtype != torch.int64:
+            raise TypeError(f"input_ids must be int64, got {input_ids.dtype}")
+        if input_ids.device != self.device:
+            raise ValueError(f"input_ids must be on {self.device}, got {input_ids.device}")
+
     def _check_layers(self, hidden_layers: Sequence[int]) -> Tuple[int, ...]:
         L = self.num_layers
         layers = tuple(hidden_layers)
@@ -316,6 +534,94 @@ class TargetModel:
             if not -(L + 1) <= i <= L:
                 raise ValueError(f"hidden_layers entries must be in [-{L + 1}, {L}] (L = {L} layers), got {i}")
         return layers
+
+
+# ---------------------------------------------------------------------------------- trees and caches
+
+
+def _tree_ancestry(parents: Tensor, batch: int) -> Tuple[Tensor, Tensor]:
+    """Validate a draft tree's parents and return who attends to whom, and the node depths.
+
+    ``ancestry[b, i, j]`` is True where node j is node i or one of its ancestors; an unused node
+    (parent -1, other than the root) has itself only, and depth 0.
+
+    Shape:
+        parents: (B, N) or (N,) int64 on the CPU. Returns ancestry (B, N, N) bool and depth
+        (B, N) int64.
+    """
+    shared = parents.dim() == 1
+    rows = [parents.tolist()] if shared else parents.tolist()
+    N = parents.shape[-1]
+    for b, row in enumerate(rows):
+        where = (lambda i: f"parents[{i}]") if shared else (lambda i, b=b: f"parents[{b}, {i}]")
+        if row[0] != -1:
+            raise ValueError(f"{where(0)} must be -1 (node 0 is the root), got {row[0]}")
+        used = [True] + [False] * (N - 1)
+        for i in range(1, N):
+            p = row[i]
+            if p == -1:
+                continue
+            if not 0 <= p < i:
+                raise ValueError(
+                    f"{where(i)} must be -1 (unused) or a node index in [0, {i}) "
+                    f"(parents come before their children), got {p}"
+                )
+            if not used[p]:
+                raise ValueError(f"{where(i)} is {p}, an unused node (parent -1); a used node's parent must be used")
+            used[i] = True
+    parents = parents.expand(batch, N)
+    ar = torch.arange(batch)
+    ancestry = torch.zeros((batch, N, N), dtype=torch.bool)
+    depth = torch.zeros((batch, N), dtype=torch.int64)
+    ancestry[:, 0, 0] = True
+    for i in range(1, N):  # a parent's row is complete before its children's
+        p = parents[:, i]  # (B,)
+        used = p >= 0
+        pc = p.clamp(min=0)
+        ancestry[:, i] = ancestry[ar, pc] & used[:, None]
+        ancestry[:, i, i] = True
+        depth[:, i] = torch.where(used, depth[ar, pc] + 1, 0)
+    return ancestry, depth
+
+
+def _cache_batch(cache: Any) -> Optional[int]:
+    """Batch size of the cached keys, or None if no layer holds any."""
+    for layer in getattr(cache, "layers", ()):
+        keys = getattr(layer, "keys", None)
+        if isinstance(keys, Tensor) and keys.dim() == 4 and keys.shape[-2] > 0:
+            return int(keys.shape[0])
+    return None
+
+
+def _full_attention_layers(cache: Any, length: int) -> list:
+    """The cache's layers holding keys and values, each checked to be a plain full-attention
+    layer whose (B, heads, S, head_dim) tensors hold all ``length`` positions (transformers 5.x
+    ``DynamicLayer``); uninitialised layers are skipped."""
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        raise TypeError(f"cache must be a transformers 5.x Cache with .layers, got {type(cache).__name__}")
+    kept = []
+    for i, layer in enumerate(layers):
+        # sliding, static and quantised layers (they keep a count of their own, or a window)
+        other = getattr(layer, "is_sliding", False) or hasattr(layer, "cumulative_length")
+        if not other and not getattr(layer, "is_initialized", True):
+            continue
+        keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+        plain = (
+            not other
+            and isinstance(keys, Tensor)
+            and isinstance(values, Tensor)
+            and keys.dim() == 4
+            and values.dim() == 4
+        )
+        if not plain:
+            raise TypeError(
+                f"cache must be a DynamicCache of full-attention layers; layer {i} is a {type(layer).__name__}"
+            )
+        if keys.shape[-2] != length or values.shape[-2] != length:
+            raise TypeError(f"cache layer {i} holds {keys.shape[-2]} positions, not the cache's {length}")
+        kept.append(layer)
+    return kept
 
 
 # ---------------------------------------------------------------------------------- loading

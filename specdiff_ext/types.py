@@ -12,7 +12,7 @@ import enum
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Optional
 
-__all__ = ["CommitMode", "DenoiseResult", "GatherResult", "VerifyResult", "Draft"]
+__all__ = ["CommitMode", "DenoiseResult", "GatherResult", "VerifyResult", "TreeVerifyResult", "Draft"]
 
 
 class VerifyResult(NamedTuple):
@@ -31,6 +31,28 @@ class VerifyResult(NamedTuple):
 
     ids: Any
     num_accepted: Any
+    valid: Any
+
+
+class TreeVerifyResult(NamedTuple):
+    """Output of `verify_tree`.
+
+    Attributes
+    ----------
+    ids : int64, shape (B, N)
+        The accepted tokens (root to deepest accepted node), then the emitted one (the
+        correction, or the bonus token after a leaf), then -1. An invalid row is all -1.
+    num_accepted : int64, shape (B,)
+        Number of accepted tree nodes k (0 for an invalid row); ``ids[b, :k+1]`` is emitted.
+    path : int64, shape (B, N)
+        The node index of each accepted token (``path[b, :k]``), then -1.
+    valid : bool, shape (B,)
+        False where a row on the walked path held NaN or +inf, or had no finite logit.
+    """
+
+    ids: Any
+    num_accepted: Any
+    path: Any
     valid: Any
 
 

@@ -47,6 +47,30 @@ struct VerifyRow {
   }
 };
 
+// verify_tree: a sample-and-match walk down a draft tree (docs/design.md, section 2).
+struct TreeVerifyParams {
+  int64_t B = 0, N = 0, V = 0;
+  LogitsView target;  // (B, N, V): row i is the target's law of the token after node i
+  IdView tokens;      // (B, N): node tokens (node 0, the root, is ignored)
+  IdView parents;     // (B, N): -1 at the root and at unused nodes, else in [0, i)
+  RowTemperature tau;
+  RowSeed seed;
+  uint64_t offset = 0;
+  RowFilter filter;   // CPU only; the CUDA path is given filtered logits
+  int64_t* out_ids = nullptr;           // (B, N)
+  int64_t* out_num_accepted = nullptr;  // (B,)
+  int64_t* out_path = nullptr;          // (B, N)
+  bool* out_valid = nullptr;            // (B,)
+};
+
+// The child of `node` whose token is x (the lowest such index), or -1.  Children come after
+// their parent, so the scan starts at node + 1.  Shared by the CPU loop and the CUDA kernel.
+SD_HD int64_t tree_child(const TreeVerifyParams& p, int64_t b, int64_t node, int64_t x) {
+  for (int64_t j = node + 1; j < p.N; ++j)
+    if (p.parents.at(b, j) == node && p.tokens.at(b, j) == x) return j;
+  return -1;
+}
+
 // gather_logprobs.
 struct GatherParams {
   int64_t B = 0, N = 0, V = 0;
@@ -132,6 +156,7 @@ SD_HD void select_commits(unsigned char* state, const float* conf, int64_t G, in
 
 namespace cpu {
 void verify(const VerifyParams& p);
+void verify_tree(const TreeVerifyParams& p);
 void gather_logprobs(const GatherParams& p);
 void denoise_step(const DenoiseParams& p);
 void filter_logits(const FilterParams& p);
@@ -147,6 +172,7 @@ size_t gather_workspace_bytes(int64_t B, int64_t N, int64_t V, int device);
 size_t denoise_workspace_bytes(int64_t B, int64_t G, int64_t Vd, int device);
 // Launchers: return the first CUDA error (a cudaError_t value); `device` is made current.
 int verify(const VerifyParams& p, void* workspace, size_t workspace_bytes, void* stream, int device);
+int verify_tree(const TreeVerifyParams& p, void* stream, int device);
 int gather_logprobs(const GatherParams& p, void* workspace, size_t workspace_bytes, void* stream, int device);
 int denoise_step(const DenoiseParams& p, void* workspace, size_t workspace_bytes, void* stream, int device);
 size_t penalty_workspace_bytes(int64_t B, int64_t V);
