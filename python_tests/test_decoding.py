@@ -357,7 +357,8 @@ def test_decoders_own_checks_and_defaults(tiny: TargetModel, prompt: Tensor) -> 
     drafter = tiny_drafter(tiny)  # the tokens-context drafter: no trained block of its own
     with pytest.raises(ValueError, match="gamma is required"):
         SpecDiffDecoder(tiny, drafter)
-    spec = SpecDiffDecoder(tiny, drafter, gamma=3)
+    assert SpecDiffDecoder(tiny, drafter, gamma=3).tree_budget == DEFAULTS.tree_budget
+    spec = SpecDiffDecoder(tiny, drafter, gamma=3, tree_budget=0)
     assert spec.drafter.steps == DEFAULTS.steps and spec.drafter.commit.name.lower() == DEFAULTS.commit
     assert spec.drafter.draft_filters is DEFAULTS.draft_filters
     assert make_decoder("ar-spec", tiny, ar_drafter=tiny).gamma == DEFAULTS.ar_gamma

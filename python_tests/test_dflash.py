@@ -172,20 +172,24 @@ def test_decoder_is_exact_and_caches_the_target_states_at_each_position() -> Non
     prompt = torch.tensor([[5, 17, 3, 42, 8, 11]])
     want = ARDecoder(tgt).generate(prompt, 30).ids
     for mode, steps in (("left_to_right", 1), ("random", 3), ("confidence", 2)):
-        dec = SpecDiffDecoder(tgt, d, gamma=4, steps=steps, commit=mode)
+        dec = SpecDiffDecoder(tgt, d, gamma=4, steps=steps, commit=mode, tree_budget=0)
         got = dec.generate(prompt, 30)
         assert got.ids == want, mode
     # the context holds the target's states at every position before the block's last token
-    # (the final round, which ends the run, advances nothing)
-    full = torch.cat([prompt, torch.tensor([got.ids])], 1)
-    cache = dec.drafter.cache
-    n = cache.length
-    assert full.shape[1] - 1 - 5 <= n < full.shape[1] - 1 and int(cache.last) == int(full[0, n])
-    hid = torch.cat(tgt.forward(full[:, :n], hidden_layers=d.config.feature_layers).hidden, -1)
-    ref = d.new_cache(1).append_context(hid, last=full[:, n:n + 1])
-    for i in range(d.config.n_layers):
-        torch.testing.assert_close(cache.keys[i][:, :, :n], ref.keys[i][:, :, :n],
-                                   atol=1e-4, rtol=1e-4)
+    # (the final round, which ends the run, advances nothing); a tree round advances it by the
+    # states of its accepted path (gathered from the tree forward)
+    tree = SpecDiffDecoder(tgt, d, gamma=4, tree_budget=7, tree_ngram=False)
+    assert tree.generate(prompt, 30).ids == want
+    for dec in (dec, tree):
+        full = torch.cat([prompt, torch.tensor([want])], 1)
+        cache = dec.drafter.cache
+        n = cache.length
+        assert full.shape[1] - 1 - 5 <= n < full.shape[1] - 1 and int(cache.last) == int(full[0, n])
+        hid = torch.cat(tgt.forward(full[:, :n], hidden_layers=d.config.feature_layers).hidden, -1)
+        ref = d.new_cache(1).append_context(hid, last=full[:, n:n + 1])
+        for i in range(d.config.n_layers):
+            torch.testing.assert_close(cache.keys[i][:, :, :n], ref.keys[i][:, :, :n],
+                                       atol=1e-4, rtol=1e-4)
     sampled = SpecDiffDecoder(tgt, d, gamma=3, steps=2, commit="random").generate(
         prompt, 20, temperature=1.0, seed=5)
     assert len(sampled.ids) == 20

@@ -93,6 +93,12 @@ def _spec_args(ap: argparse.ArgumentParser) -> None:
                     help="denoising steps per block (specdiff)")
     ap.add_argument("--commit", default=DEFAULTS.commit,
                     choices=["left_to_right", "confidence", "random"], help="specdiff commit mode")
+    ap.add_argument("--tree-budget", type=int, default=None,
+                    help=f"specdiff draft tree nodes per round, verified in one target forward "
+                         f"(0: the plain chain of --gamma drafts; default {DEFAULTS.tree_budget})")
+    ap.add_argument("--tree-ngram", choices=["on", "off"], default=None,
+                    help=f"add prompt lookup's n-gram continuation to each draft tree "
+                         f"(default {'on' if DEFAULTS.tree_ngram else 'off'})")
 
 
 def _control_args(ap: argparse.ArgumentParser) -> None:
@@ -124,6 +130,10 @@ def _as_usage(ap: argparse.ArgumentParser, flags: Optional[Dict[str, str]] = Non
         ap.error(msg)
 
 
+def _on_off(v: Optional[str]) -> Optional[bool]:
+    return None if v is None else v == "on"
+
+
 def _check(ap: argparse.ArgumentParser, a: argparse.Namespace) -> dict:
     """Usage errors of the shared arguments, as one line on stderr and exit status 2, before
     any model loads. Returns the sampling controls that are set, as generate() keywords."""
@@ -142,6 +152,11 @@ def _check(ap: argparse.ArgumentParser, a: argparse.Namespace) -> dict:
         if getattr(a, flag, None) is not None:
             with _as_usage(ap, {"gamma": "--" + flag.replace("_", "-")}):
                 check_gamma(getattr(a, flag))
+    if getattr(a, "tree_budget", None) is not None:
+        from .drafting import check_budget
+
+        with _as_usage(ap, {"tree_budget": "--tree-budget"}):
+            check_budget(a.tree_budget)
     if isinstance(getattr(a, "steps", None), int):
         with _as_usage(ap):
             check_steps(a.steps)
@@ -219,7 +234,8 @@ def _generate(argv: Sequence[str]) -> int:
     tgt = pair.target
     dec = build_decoders([a.decoder], tgt, pair.drafter, pair.ar_drafter, gamma=a.gamma,
                          steps=a.steps, commit=a.commit, ar_gamma=a.gamma,
-                         pld_gamma=a.gamma)[a.decoder]
+                         pld_gamma=a.gamma, tree_budget=a.tree_budget,
+                         tree_ngram=_on_off(a.tree_ngram))[a.decoder]
     gamma = getattr(dec, "gamma", None)
     if a.no_chat_template:
         ids = torch.tensor([tgt.tokenizer.encode(a.prompt)], dtype=torch.int64, device=tgt.device)
@@ -247,7 +263,8 @@ def _generate(argv: Sequence[str]) -> int:
     text = tgt.tokenizer.decode(res.ids, skip_special_tokens=True)
     st = res.stats
     if a.json:
-        settings = {"gamma": gamma, "steps": a.steps, "commit": a.commit, "temperature": a.temperature,
+        settings = {"gamma": gamma, "tree_budget": getattr(dec, "tree_budget", None),
+                    "steps": a.steps, "commit": a.commit, "temperature": a.temperature,
                     "dtype": str(tgt.dtype).replace("torch.", ""), "device": str(tgt.device),
                     "controls": ctl}
         print(json.dumps({"decoder": a.decoder, "text": text, "ids": res.ids, "stats": st,
@@ -314,13 +331,15 @@ def _bench(argv: Sequence[str]) -> int:
     pair = _load(a, "specdiff" in names, bool({"ar-spec", "hf-assisted"} & set(names)))
     decs = build_decoders(names, pair.target, pair.drafter, pair.ar_drafter, gamma=a.gamma,
                           steps=a.steps, commit=a.commit, ar_gamma=a.ar_gamma,
-                          hf_assistant_tokens=a.hf_assistant_tokens, pld_gamma=a.pld_gamma)
+                          hf_assistant_tokens=a.hf_assistant_tokens, pld_gamma=a.pld_gamma,
+                          tree_budget=a.tree_budget, tree_ngram=_on_off(a.tree_ngram))
     t0 = time.perf_counter()
     rep = run_bench(pair.target, decs, prompts, max_new_tokens=a.max_new_tokens,
                     temperature=a.temperature, seed=a.seed, chat_template=not a.no_chat_template,
                     progress=not a.no_progress, controls=ctl)
     spec = decs.get("specdiff")
-    rep["settings"] = {"gamma": spec.gamma if spec is not None else a.gamma, "steps": a.steps,
+    rep["settings"] = {"gamma": spec.gamma if spec is not None else a.gamma,
+                       "tree_budget": getattr(spec, "tree_budget", None), "steps": a.steps,
                        "commit": a.commit, "ar_gamma": a.ar_gamma,
                        "hf_assistant_tokens": a.hf_assistant_tokens, "pld_gamma": a.pld_gamma,
                        "prompts": a.prompts or f"default({a.num_prompts})",

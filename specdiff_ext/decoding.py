@@ -46,6 +46,7 @@ from .defaults import DEFAULTS, DecoderDefaults
 from .drafter.dflash import DFlashDrafter
 from .drafter.model import DiffusionDrafter
 from .drafting import ARDrafting, DiffusionDrafting, PromptLookup
+from .drafting.tree import TreeDrafting, check_budget
 from .types import CommitMode, Draft
 
 __all__ = ["GenerateResult", "SamplingControls", "DecoderKind", "DEFAULTS", "DecoderDefaults",
@@ -158,13 +159,17 @@ class SamplingControls:
                                    repetition_penalty=self.repetition_penalty)
 
 
-def _cat_hidden(out: Any, n: Optional[int] = None) -> Optional[Tensor]:
+def _cat_hidden(out: Any, n: Union[int, List[int], None] = None) -> Optional[Tensor]:
     """The requested hidden states of a target forward at its first `n` positions (all when
-    None), concatenated over layers: (B, n, H_f), or None when none were requested."""
+    None; a list: those positions, e.g. a tree's accepted path), concatenated over layers:
+    (B, n, H_f), or None when none were requested."""
     hid = getattr(out, "hidden", None)
     if not hid:
         return None
-    hid = [h[:, :n] for h in hid] if n is not None else hid
+    if isinstance(n, list):
+        hid = [h[:, n] for h in hid]
+    elif n is not None:
+        hid = [h[:, :n] for h in hid]
     return hid[0] if len(hid) == 1 else torch.cat(hid, dim=-1)
 
 
@@ -251,16 +256,22 @@ class SpeculativeDecoder:
         Shape:
             input_ids: (1, T). Returns GenerateResult(ids: list of new tokens, stats).
         """
-        tgt, drafter = self.target, self.drafter
+        tgt, drafter, gamma = self.target, self.drafter, self.gamma
         ctl = SamplingControls.make(top_k, top_p, min_p, repetition_penalty)
+        chain = getattr(drafter, "chain_drafter", None)
+        if ctl.penalized and chain is not None:
+            # penalties read each position's history: a tree's nodes have different ones, so
+            # a penalized call drafts the tree drafter's chain
+            drafter, gamma = chain, min(gamma, chain.max_drafts or gamma)
         tau, prompt, base, eos, clock = _setup(tgt, input_ids, max_new_tokens, temperature,
                                                seed, eos_token_id, ctl)
         seen = prompt  # every token so far (the penalties' history)
         vseed = (2 * base) & _SEED_MASK  # verifier stream; the drafter uses 2 * base + 1
         layers = drafter.feature_layers
         out: List[int] = []
-        rounds = accepted = 0
-        hist = [0] * (self.gamma + 1)
+        rounds = accepted = nodes = 0
+        hist = [0] * (gamma + 1)
+        by_source = [0, 0, 0, 0]  # accepted tree nodes by source bits (drafting.tree)
         cache, hidden = tgt.new_cache(), None
         if max_new_tokens > 0:
             with clock("verify"):  # the target caches everything but the last token
@@ -270,33 +281,65 @@ class SpeculativeDecoder:
                 drafter.start(prompt, (2 * base + 1) & _SEED_MASK, tau, hidden, ctl.filters)
         length, last = prompt.shape[1] - 1, prompt[:, -1:]  # cached positions, (1, 1)
         while len(out) < max_new_tokens:
-            g = min(self.gamma, max_new_tokens - len(out) - 1)  # the last token is free
+            g = min(gamma, max_new_tokens - len(out) - 1)  # the last token is free
             with clock("draft"):
                 d = drafter.draft(g, rounds) if g > 0 else Draft(last.new_zeros((1, 0)))
             g = d.ids.shape[1]
+            tree = d.parents is not None
             with clock("verify"):
-                tout = tgt.forward(torch.cat([last, d.ids], dim=1), cache, hidden_layers=layers)
-                res = ops.verify(ctl.penalize(tout.logits, seen, d.ids), d.ids, d.logits,
-                                 draft_point_mass=d.point_mass, temperature=tau,
-                                 draft_temperature=d.temperature, seed=vseed, offset=rounds,
-                                 vocab_map=d.vocab_map, check_values=False, **ctl.filters)
-                # the one host sync of the round: ids, count and validity together
-                flat = torch.cat([res.ids[0], res.num_accepted, res.valid.long()]).tolist()
+                seq = torch.cat([last, d.ids], dim=1)  # (1, g + 1): the root, then the drafts
+                if tree:  # one forward over every node, the walk, the accepted path kept
+                    parents = torch.cat([d.parents.new_full((1, 1), -1), d.parents], 1)
+                    tout = tgt.forward_tree(seq, parents, cache, hidden_layers=layers)
+                    tres = ops.verify_tree(tout.logits, seq, parents, temperature=tau,
+                                           seed=vseed, offset=rounds, check_values=False,
+                                           **ctl.filters)
+                    ids_t = tres.ids
+                    # the one host sync of the round
+                    flat = torch.cat([tres.ids[0], tres.num_accepted, tres.valid.long(),
+                                      tres.path[0]]).tolist()
+                    path = flat[g + 3: g + 3 + flat[g + 1]]
+                else:
+                    tout = tgt.forward(seq, cache, hidden_layers=layers)
+                    res = ops.verify(ctl.penalize(tout.logits, seen, d.ids), d.ids, d.logits,
+                                     draft_point_mass=d.point_mass, temperature=tau,
+                                     draft_temperature=d.temperature, seed=vseed,
+                                     offset=rounds, vocab_map=d.vocab_map, check_values=False,
+                                     **ctl.filters)
+                    ids_t = res.ids
+                    # the one host sync of the round: ids, count and validity together
+                    flat = torch.cat([res.ids[0], res.num_accepted, res.valid.long()]).tolist()
+                    path = list(range(1, flat[g + 1] + 1))
                 n_acc = flat[g + 1]
                 if not flat[g + 2]:
                     raise RuntimeError("the target's logits held NaN / inf or no finite value")
-                length += 1 + n_acc  # the last token and the accepted drafts are now cached
-                tgt.crop(cache, length)
-            rounds, accepted = rounds + 1, accepted + n_acc
+                keep = [0] + path  # the root and the accepted nodes are now cached
+                if tree:
+                    tgt.keep_path(cache, length, keep)
+                length += 1 + n_acc
+                if not tree:
+                    tgt.crop(cache, length)
+            rounds, accepted, nodes = rounds + 1, accepted + n_acc, nodes + g
+            if n_acc >= len(hist):
+                hist += [0] * (n_acc + 1 - len(hist))
             hist[n_acc] += 1
+            if d.source is not None and path:
+                for s in d.source[0, [i - 1 for i in path]].tolist():
+                    by_source[s & 3] += 1
             if _emit(out, flat[: n_acc + 1], eos, max_new_tokens, stream):
                 break
             if ctl.penalized:
-                seen = torch.cat([seen, res.ids[:, : n_acc + 1]], 1)
+                seen = torch.cat([seen, ids_t[:, : n_acc + 1]], 1)
             with clock("draft"):
-                drafter.accept(res.ids[:, : n_acc + 1], n_acc, _cat_hidden(tout, n_acc + 1))
-            last = res.ids[:, n_acc: n_acc + 1]
-        return GenerateResult(out, run_stats(clock, len(out), rounds, accepted, base, hist))
+                drafter.accept(ids_t[:, : n_acc + 1], n_acc,
+                               _cat_hidden(tout, keep if tree else n_acc + 1))
+            last = ids_t[:, n_acc: n_acc + 1]
+        st = run_stats(clock, len(out), rounds, accepted, base, hist)
+        st["draft_nodes"] = nodes
+        if any(by_source):
+            st["accepted_by_source"] = {"drafter": by_source[1], "ngram": by_source[2],
+                                        "both": by_source[3]}
+        return GenerateResult(out, st)
 
 
 def _setup(target: Any, input_ids: Tensor, max_new_tokens: int, temperature: float,
@@ -381,15 +424,36 @@ class SpecDiffDecoder(SpeculativeDecoder):
         trained block and needs it given.
     steps, commit, draft_temperature, draft_filters : optional
         See `DiffusionDrafting` (None: `DEFAULTS`).
+    tree_budget : int, optional
+        Draft tree nodes per round (`drafting.TreeDrafting`: a best-first tree over the
+        drafter's block marginals, verified in one target forward by `ops.verify_tree`); 0:
+        the plain chain of `gamma` drafts (`ops.verify`, soft q). None: `DEFAULTS.tree_budget`.
+    tree_ngram : bool, optional
+        Add prompt lookup's n-gram continuation (up to `DEFAULTS.tree_ngram_len` tokens) to
+        each tree as a further branch. None: `DEFAULTS.tree_ngram`.
     """
 
     def __init__(self, target: Any, drafter: Union[DFlashDrafter, DiffusionDrafter],
                  gamma: Optional[int] = None, steps: Optional[int] = None,
                  commit: Union[CommitMode, str, None] = None,
                  draft_temperature: Optional[float] = None,
-                 draft_filters: Optional[bool] = None) -> None:
-        super().__init__(target, DiffusionDrafting(drafter, steps, commit, draft_temperature,
-                                                   draft_filters), gamma)
+                 draft_filters: Optional[bool] = None, tree_budget: Optional[int] = None,
+                 tree_ngram: Optional[bool] = None) -> None:
+        block = DiffusionDrafting(drafter, steps, commit, draft_temperature, draft_filters)
+        budget = check_budget(DEFAULTS.tree_budget if tree_budget is None else tree_budget)
+        self.tree_budget = budget
+        if budget == 0:
+            super().__init__(target, block, gamma)
+            return
+        if gamma is None and block.max_drafts is None:
+            raise ValueError(f"gamma is required: {type(drafter).__name__} has no block size "
+                             "of its own (max_drafts)")
+        if gamma is not None:  # the tree's drafter part drafts at most gamma deep
+            block.max_drafts = min(check_gamma(gamma), block.max_drafts or gamma)
+        ngram = DEFAULTS.tree_ngram if tree_ngram is None else bool(tree_ngram)
+        tree = TreeDrafting(block, budget, PromptLookup() if ngram else None,
+                            ngram_len=DEFAULTS.tree_ngram_len, topk=DEFAULTS.tree_topk)
+        super().__init__(target, tree, None)
 
 
 class ARSpecDecoder(SpeculativeDecoder):
@@ -429,7 +493,8 @@ class DecoderKind(str, Enum):
 def make_decoder(kind: Union[DecoderKind, str], target: Any, drafter: Any = None,
                  ar_drafter: Any = None, *, gamma: Optional[int] = None,
                  steps: Optional[int] = None, commit: Optional[str] = None,
-                 draft_filters: Optional[bool] = None) -> Any:
+                 draft_filters: Optional[bool] = None, tree_budget: Optional[int] = None,
+                 tree_ngram: Optional[bool] = None) -> Any:
     """A decoder by kind; whatever is None takes the decoder's default (`DEFAULTS`, or the
     drafter's own block for specdiff).
 
@@ -441,6 +506,8 @@ def make_decoder(kind: Union[DecoderKind, str], target: Any, drafter: Any = None
     gamma : drafts per round
     steps, commit : specdiff's denoising steps and commit mode
     draft_filters : draft with the target's top-k / top-p / min-p (specdiff, ar-spec)
+    tree_budget, tree_ngram : specdiff's draft tree nodes per round (0: the chain) and its
+        n-gram branch
     """
     try:
         k = DecoderKind(kind)
@@ -453,7 +520,8 @@ def make_decoder(kind: Union[DecoderKind, str], target: Any, drafter: Any = None
         if drafter is None:
             raise ValueError("the specdiff decoder needs a diffusion drafter")
         return SpecDiffDecoder(target, drafter, gamma=gamma, steps=steps, commit=commit,
-                               draft_filters=draft_filters)
+                               draft_filters=draft_filters, tree_budget=tree_budget,
+                               tree_ngram=tree_ngram)
     if k is DecoderKind.AR_SPEC:
         if ar_drafter is None:
             raise ValueError("the ar-spec decoder needs an autoregressive drafter")

@@ -27,6 +27,9 @@ class DecoderDefaults:
     - ``draft_filters``: drafters sample with the target's top-k / top-p / min-p (more
       accepted, ``benchmarks/results/draft_filters_cpu.md``).
     - ``pld_max_ngram`` 3, ``pld_min_ngram`` 1: the n-gram lengths prompt lookup tries.
+    - ``tree_budget``: specdiff's draft tree nodes per round (0: the chain); ``tree_ngram``:
+      prompt lookup's continuation (up to ``tree_ngram_len`` tokens) joins each tree;
+      ``tree_topk``: ranks per block position the best-first expansion considers.
     """
 
     steps: int = 1
@@ -36,6 +39,10 @@ class DecoderDefaults:
     draft_filters: bool = True
     pld_max_ngram: int = 3
     pld_min_ngram: int = 1
+    tree_budget: int = 16
+    tree_ngram: bool = True
+    tree_ngram_len: int = 8
+    tree_topk: int = 8
 
 
 DEFAULTS = DecoderDefaults()

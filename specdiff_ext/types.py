@@ -157,6 +157,14 @@ class Draft:
         The temperature `logits` are read at.
     vocab_map : int64 tensor or None
         Shape: (Vd,). Target id of each logits column (reduced vocabulary).
+    parents : int64 tensor or None
+        Shape: (1, g). A draft tree: the parent of each draft node, numbering the root (the
+        last emitted token) 0 and ``ids[:, j]`` node j + 1, so ``parents[:, j]`` is in
+        [0, j]. None: a chain (``parents[:, j] = j``), verified by `ops.verify` (soft q
+        allowed); a tree is verified by `ops.verify_tree` (point masses).
+    source : int64 tensor or None
+        Shape: (1, g). Bits of where each tree node came from (`drafting.tree`: 1 the
+        drafter's marginals, 2 the n-gram branch), for statistics.
     """
 
     ids: Any
@@ -164,3 +172,5 @@ class Draft:
     point_mass: Optional[Any] = None
     temperature: float = 0.0
     vocab_map: Optional[Any] = None
+    parents: Optional[Any] = None
+    source: Optional[Any] = None

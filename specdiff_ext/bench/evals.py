@@ -132,7 +132,8 @@ def position_hit_rates(target: Any, drafter: Any, prompts: Sequence[Union[str, T
     from ..decoding import SpecDiffDecoder
 
     enc = [target.chat_prompt(p) if isinstance(p, str) else p for p in prompts]
-    dec = SpecDiffDecoder(target, drafter, gamma=gamma, steps=steps, commit=commit)
+    # the drafter's own chain: position k's hit rates are read off one block of G drafts
+    dec = SpecDiffDecoder(target, drafter, gamma=gamma, steps=steps, commit=commit, tree_budget=0)
     return evaluate_positions(dec, enc, max_new_tokens, temperature=temperature, seed=seed,
                               controls=controls)
 
@@ -162,7 +163,7 @@ def eval_drafter(target: Any, drafter: Any, prompt_sets: Dict[str, Sequence[str]
                    file=sys.stderr)
     rows = []
     for s, t, g, T, c in grid:
-        dec = SpecDiffDecoder(target, drafter, gamma=g, steps=T, commit=c)
+        dec = SpecDiffDecoder(target, drafter, gamma=g, steps=T, commit=c, tree_budget=0)
         pooled = evaluate_positions(dec, encoded[s], max_new_tokens, temperature=t, seed=seed)
         row = {"prompts": s, "temperature": t, "gamma": dec.gamma, "steps": T, "commit": c,
                **{k: pooled[k] for k in ("mean_accepted", "first_accept_rate", "tokens_per_round",

@@ -106,7 +106,8 @@ def build_decoders(names: Sequence[str], target: Any, drafter: Any, ar_drafter: 
                    gamma: Optional[int] = None, steps: Optional[int] = None,
                    commit: Optional[str] = None, ar_gamma: Optional[int] = None,
                    hf_assistant_tokens: Optional[int] = None,
-                   pld_gamma: Optional[int] = None) -> Dict[str, Any]:
+                   pld_gamma: Optional[int] = None, tree_budget: Optional[int] = None,
+                   tree_ngram: Optional[bool] = None) -> Dict[str, Any]:
     """Decoder objects by name (see the module doc): this package's through
     `decoding.make_decoder` (defaults: `decoding.DEFAULTS`), transformers' peers here."""
     from ..decoding import DEFAULTS, DecoderKind, make_decoder
@@ -121,7 +122,9 @@ def build_decoders(names: Sequence[str], target: Any, drafter: Any, ar_drafter: 
             out[n] = _HF(target, prompt_lookup=pld_gamma if pld_gamma is not None else DEFAULTS.pld_gamma)
         elif n in {k.value for k in DecoderKind}:
             g = {"specdiff": gamma, "ar-spec": ar_gamma, "pld": pld_gamma}.get(n)
-            out[n] = make_decoder(n, target, drafter, ar_drafter, gamma=g, steps=steps, commit=commit)
+            kw = dict(tree_budget=tree_budget, tree_ngram=tree_ngram) if n == "specdiff" else {}
+            out[n] = make_decoder(n, target, drafter, ar_drafter, gamma=g, steps=steps,
+                                  commit=commit, **kw)
         else:
             raise ValueError(f"unknown decoder {n!r}; choose from {', '.join(DECODERS)}")
     return out

@@ -230,7 +230,8 @@ def evaluate_acceptance(drafter: DiffusionDrafter, target: Any, prompts: Sequenc
         dec: Any = ARSpecDecoder(target, TargetModel(drafter, target.tokenizer, "ar"), gamma=gamma)
     else:
         drafter.eval()
-        dec = SpecDiffDecoder(target, drafter, gamma=gamma, steps=steps, commit=commit)
+        dec = SpecDiffDecoder(target, drafter, gamma=gamma, steps=steps, commit=commit,
+                              tree_budget=0)
     try:
         pooled = run(dec, [target.chat_prompt(text) for text in prompts],
                      rounds * (gamma + 1), temperature=temperature, seed=seed)
