@@ -37,8 +37,15 @@ row lifted by 12); on CUDA also
 FlashInfer's top_k_top_p_sampling_from_logits against ours sampling one token per row under
 the same top-k / top-p (verify with G = 0 over the B * (G+1) rows).
 
+Tree verification (--tree): ops.verify_tree against a plain-torch walk of the same trees
+(softmax of every node row at once, then the walk: a draw per depth with torch.multinomial, or
+the argmax, and the child lookup on the host), on random trees of --N nodes (each child carries
+its parent row's argmax with probability 0.6, and rows are peaked at their argmax, p ~ 0.9, so
+walks go deep), per batch size.
+
 Usage:
     python3 benchmarks/bench_ops.py --quick --device cpu
+    python3 benchmarks/bench_ops.py --tree --device cpu --B 1,8,32 --N 16,64 --V 49152
     python3 benchmarks/bench_ops.py --filters --device cpu --B 1,8,32 --G 8 --V 49152
     python3 benchmarks/bench_ops.py --device cuda --json bench.json
     python3 benchmarks/bench_ops.py --ops verify --B 1,8,32 --G 8 --V 49152
@@ -736,6 +743,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     ap.add_argument("--json", default=None, help="write all results to this path")
     ap.add_argument("--filters", action="store_true",
                     help="benchmark the sampling controls instead (see above)")
+    ap.add_argument("--tree", action="store_true",
+                    help="benchmark verify_tree against a plain-torch walk instead (see above)")
+    ap.add_argument("--N", default="16,64", help="--tree: comma list of tree nodes per row")
     args = ap.parse_args(argv)
 
     ops = []
@@ -809,6 +819,19 @@ def _filter_inputs(B: int, G: int, V: int, kind: str, dtype: torch.dtype, dev: s
             "dlf": masked[:, :G].contiguous().to(dev)}
 
 
+def _median_ms(fns: Dict[str, Callable], sets: List[Dict[str, Any]], dev: str, flush: torch.Tensor,
+               args: argparse.Namespace) -> Dict[str, float]:
+    """Median ms of each fn over the input sets: interleaved wall clock after a warm-up call on
+    the CPU, CUDA events with the L2 flushed on a GPU."""
+    if dev == "cpu":
+        for f in fns.values():
+            f(sets[0])
+        t = time_cpu_interleaved(fns, sets, args.budget_s, args.min_reps, args.max_reps)
+        return {k: v[0] for k, v in t.items()}
+    return {k: time_cuda(f, sets, flush, args.warmup_ms, args.rep_ms, args.min_reps,
+                         args.max_reps)[0] for k, f in fns.items()}
+
+
 def bench_filters(args: argparse.Namespace, devices: List[str]) -> int:
     """verify with the sampling controls against verify at plain temperature (and FlashInfer's
     top-k / top-p sampler on CUDA); prints a markdown table, optionally JSON."""
@@ -853,14 +876,7 @@ def bench_filters(args: argparse.Namespace, devices: List[str]) -> int:
                                                             draft_temperature=tau, seed=1, check_values=False, **st),
                         "mask": lambda i, st=st: ops.filter_logits(i["tl"], temperature=tau, **st),
                     }
-                    if dev == "cpu":
-                        for f in fns.values():
-                            f(sets[0])
-                        t = time_cpu_interleaved(fns, sets, args.budget_s, args.min_reps, args.max_reps)
-                        ms = {k: v[0] for k, v in t.items()}
-                    else:
-                        ms = {k: time_cuda(f, sets, flush, args.warmup_ms, args.rep_ms, args.min_reps,
-                                           args.max_reps)[0] for k, f in fns.items()}
+                    ms = _median_ms(fns, sets, dev, flush, args)
                     acc = float(fns["filt"](sets[0]).num_accepted.float().mean())
                     row = {"device": dev, "dtype": str(dtype).replace("torch.", ""), "logits": kind,
                            "B": B, "G": G, "V": V, "filters": label, "base_ms": ms["base"],
@@ -894,6 +910,82 @@ def bench_filters(args: argparse.Namespace, devices: List[str]) -> int:
     return 0
 
 
+def _torch_tree_walk(tl: torch.Tensor, tokens: torch.Tensor, parents: torch.Tensor, tau: float,
+                     gen: Optional[torch.Generator]) -> torch.Tensor:
+    """The plain-torch baseline of verify_tree: softmax of every node row, then the walk."""
+    B, N, _ = tl.shape
+    probs = torch.softmax(tl.float() / tau, dim=-1) if tau > 0 else None
+    am = tl.argmax(dim=-1) if tau == 0 else None
+    par, tok = parents.tolist(), tokens.tolist()
+    out = torch.full((B, N), -1, dtype=torch.int64)
+    for b in range(B):
+        node = 0
+        for d in range(N):
+            x = int(am[b, node]) if am is not None else int(torch.multinomial(probs[b, node], 1, generator=gen))
+            out[b, d] = x
+            nxt = next((j for j in range(node + 1, N) if par[b][j] == node and tok[b][j] == x), -1)
+            if nxt < 0:
+                break
+            node = nxt
+    return out
+
+
+def _tree_inputs(B: int, N: int, V: int, dtype: torch.dtype, dev: str, gen: torch.Generator) -> Dict[str, Any]:
+    tl = torch.randn(B, N, V, generator=gen) * 2.0
+    am = tl.argmax(-1)
+    parents = torch.full((B, N), -1, dtype=torch.int64)
+    tokens = torch.zeros((B, N), dtype=torch.int64)
+    for i in range(1, N):
+        q = torch.randint(0, i, (B,), generator=gen)
+        parents[:, i] = q
+        rnd = torch.randint(0, V, (B,), generator=gen)
+        tokens[:, i] = torch.where(torch.rand(B, generator=gen) < 0.6, am.gather(1, q[:, None])[:, 0], rnd)
+    # peak each row at its argmax (p ~ 0.9), so that sampled walks go deep too
+    tl.scatter_add_(2, am[..., None], torch.full((B, N, 1), 12.0))
+    return {"tl": tl.to(dtype).to(dev), "tk": tokens.to(dev), "pa": parents.to(dev)}
+
+
+def bench_tree(args: argparse.Namespace, devices: List[str]) -> int:
+    from specdiff_ext import ops  # noqa: PLC0415
+
+    Bs = args.B or (1, 8, 32)
+    Ns = parse_int_list(args.N)
+    V = (args.V or (49152,))[0]
+    tau = args.temperature
+    rows: List[Dict[str, Any]] = []
+    print(f"# verify_tree vs a plain-torch walk, V = {V}, temperature {tau}; median ms per call",
+          flush=True)
+    print("| device | dtype | B | N | ours ms | torch walk ms | x torch | mean accepted |", flush=True)
+    print("|---|---|---|---|---|---|---|---|", flush=True)
+    for dev in devices:
+        dtype = torch.float32 if dev == "cpu" else torch.bfloat16
+        if args.dtypes:
+            dtype = getattr(torch, args.dtypes.split(",")[0].strip())
+        flush = torch.empty(2 * _l2_bytes() if dev == "cuda" else 1, dtype=torch.uint8, device=dev)
+        for B in Bs:
+            for N in Ns:
+                gen = torch.Generator().manual_seed(B * 31 + N)
+                sets = [_tree_inputs(B, N, V, dtype, dev, gen) for _ in range(2)]
+                wgen = torch.Generator(device=dev).manual_seed(0)
+                fns = {
+                    "ours": lambda i: ops.verify_tree(i["tl"], i["tk"], i["pa"], temperature=tau,
+                                                      seed=1, check_values=False),
+                    "torch": lambda i: _torch_tree_walk(i["tl"], i["tk"], i["pa"], tau, wgen),
+                }
+                ms = _median_ms(fns, sets, dev, flush, args)
+                acc = float(fns["ours"](sets[0]).num_accepted.float().mean())
+                row = {"device": dev, "dtype": str(dtype).replace("torch.", ""), "B": B, "N": N,
+                       "V": V, "temperature": tau, "ours_ms": ms["ours"], "torch_walk_ms": ms["torch"],
+                       "speedup": ms["torch"] / ms["ours"], "mean_accepted": acc}
+                rows.append(row)
+                print(f"| {dev} | {row['dtype']} | {B} | {N} | {ms['ours']:.3f} | {ms['torch']:.3f} | "
+                      f"{row['speedup']:.1f} | {acc:.2f} |", flush=True)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"verify_tree": rows, "torch": torch.__version__}, fh, indent=1)
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     if args.threads:
@@ -907,6 +999,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         devices = [d for d in devices if d != "cuda"]
     if args.filters:
         return bench_filters(args, devices)
+    if args.tree:
+        return bench_tree(args, devices)
     if not args.verbose_compile:  # graph-break warnings and guard errors would swamp the table
         for name in ("torch._dynamo", "torch._inductor", "torch._guards", "torch.fx"):
             logging.getLogger(name).setLevel(logging.CRITICAL)

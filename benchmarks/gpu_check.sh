@@ -262,6 +262,11 @@ timeout -k 10 "$(limit 120 8)" $PY benchmarks/bench_ops.py --filters --device cu
   --json "$RES/filters_cuda.json" --warmup-ms 5 --rep-ms 20 $FI_ARG >"$W/filters.log" 2>&1
 echo $? >"$W/filters.rc"
 keep "bench_ops.py --filters" "$W/filters.log"
+say "== 6a' verify_tree against a plain-torch walk at $(elapsed) s"
+timeout -k 10 "$(limit 60 4)" $PY benchmarks/bench_ops.py --tree --device cuda --B 1,8,32 --N 16,64 \
+  --json "$RES/tree_cuda.json" --warmup-ms 5 --rep-ms 20 >"$W/tree.log" 2>&1
+echo $? >"$W/tree.rc"
+keep "bench_ops.py --tree" "$W/tree.log"
 say "== 6b kernel profile at $(elapsed) s"
 timeout -k 5 "$(limit 90 8)" $PY benchmarks/profile_ops.py --json "$RES/profile_cuda.json" >"$W/profile.log" 2>&1
 echo $? >"$W/profile.rc"
