@@ -34,7 +34,7 @@ from specdiff_ext.prompts import heldout_sharegpt_prompts, humaneval_prompts  # 
 
 CONFIGS = [("chain", 0, False), ("tree 8", 8, False), ("tree 16", 16, False),
            ("tree 32", 32, False), ("tree 8 + n-gram", 8, True), ("tree 16 + n-gram", 16, True),
-           ("tree 32 + n-gram", 32, True)]
+           ("tree 32 + n-gram", 32, True), ("tree 64 + n-gram", 64, True)]
 
 
 def cpu_name() -> str:
