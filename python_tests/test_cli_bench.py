@@ -234,7 +234,7 @@ def test_bench_runs_all_decoders_and_greedy_outputs_match(tied) -> None:
 
 def test_bench_plot(tied, tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
-    decs = bench.build_decoders(["ar", "specdiff"], tied, _tiny_drafter(tied), None)
+    decs = bench.build_decoders(["ar", "specdiff"], tied, _tiny_drafter(tied), None, gamma=3)
     rep = bench.run_bench(tied, decs, _words(1, 2), max_new_tokens=8, progress=False)
     bench.plot_bench(rep, str(tmp_path / "p.png"))
     assert (tmp_path / "p.png").stat().st_size > 1000
