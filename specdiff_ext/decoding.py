@@ -313,12 +313,12 @@ class SpeculativeDecoder:
                 n_acc = flat[g + 1]
                 if not flat[g + 2]:
                     raise RuntimeError("the target's logits held NaN / inf or no finite value")
-                keep = [0] + path  # the root and the accepted nodes are now cached
-                if tree:
+                keep = [0] + path  # the root and the accepted nodes stay cached
+                if tree:  # moves the path's entries into place, then crops
                     tgt.keep_path(cache, length, keep)
+                else:
+                    tgt.crop(cache, length + 1 + n_acc)
                 length += 1 + n_acc
-                if not tree:
-                    tgt.crop(cache, length)
             rounds, accepted, nodes = rounds + 1, accepted + n_acc, nodes + g
             if n_acc >= len(hist):
                 hist += [0] * (n_acc + 1 - len(hist))

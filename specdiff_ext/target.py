@@ -258,11 +258,17 @@ class TargetModel:
         if cache is None:
             cache = self.new_cache()
 
+        return self._run(input_ids, cache, layers)
+
+    def _run(self, input_ids: Tensor, cache: Any, layers: Optional[Tuple[int, ...]],
+             **kwargs: Any) -> TargetOutput:
+        """The model call of `forward` and `forward_tree` (kwargs: mask and positions)."""
         out = self.model(
             input_ids=input_ids,
             use_cache=True,
             output_hidden_states=layers is not None,
             **{self._cache_kwarg: cache},
+            **kwargs,
         )
         # transformers 5.x names the field "cache"; earlier versions "past_key_values".
         new_cache = getattr(out, "cache", None)
@@ -409,20 +415,8 @@ class TargetModel:
         if self._takes_cache_position:
             kwargs["cache_position"] = torch.arange(P, P + N, device=self.device)  # (N,)
 
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=mask,
-            position_ids=P + depth,  # (B, N)
-            use_cache=True,
-            output_hidden_states=layers is not None,
-            **{self._cache_kwarg: cache},
-            **kwargs,
-        )
-        new_cache = getattr(out, "cache", None)
-        if new_cache is None:
-            new_cache = out.past_key_values
-        hidden = None if layers is None else [out.hidden_states[i] for i in layers]  # each (B, N, H)
-        return TargetOutput(out.logits, new_cache, hidden)  # logits (B, N, V)
+        return self._run(input_ids, cache, layers, attention_mask=mask,
+                         position_ids=P + depth, **kwargs)  # positions (B, N)
 
     @torch.inference_mode()
     def keep_path(self, cache: Any, prefix_len: int, path: Union[Tensor, Sequence[int]]) -> Any:
@@ -498,19 +492,21 @@ class TargetModel:
         batch = _cache_batch(cache)
         if path.dim() == 2 and batch is not None and path.shape[0] != batch:
             raise ValueError(f"path must have one row per batch row ({batch}), got shape {tuple(path.shape)}")
-        keep = torch.cat([torch.arange(prefix_len).expand(*path.shape[:-1], prefix_len), prefix_len + path], -1)
-        for layer in kv_layers:
-            if keep.dim() == 1:
-                idx = keep.to(layer.keys.device)  # (S',)
-                layer.keys = layer.keys.index_select(-2, idx)
-                layer.values = layer.values.index_select(-2, idx)
-            else:
-                Bk, Hk, _, Dk = layer.keys.shape
-                idx = keep.to(layer.keys.device)[:, None, :, None]  # (B, 1, S', 1)
-                layer.keys = layer.keys.gather(2, idx.expand(Bk, Hk, -1, Dk))
-                Dv = layer.values.shape[-1]
-                layer.values = layer.values.gather(2, idx.expand(Bk, layer.values.shape[1], -1, Dv))
-        return cache
+        # Only the path's K entries move (into slots prefix_len .. prefix_len + K - 1; a path
+        # that is already in place, like an accepted chain, moves nothing); the crop then drops
+        # the rest, so a round costs O(K), not a copy of the whole cache.
+        src = prefix_len + path  # (K,) or (B, K)
+        if not bool((src == torch.arange(prefix_len, prefix_len + K)).all()):
+            for layer in kv_layers:
+                for name in ("keys", "values"):
+                    t = getattr(layer, name)  # (B, heads, S, head_dim)
+                    if src.dim() == 1:
+                        moved = t.index_select(2, src.to(t.device))
+                    else:
+                        idx = src.to(t.device)[:, None, :, None].expand(t.shape[0], t.shape[1], K, t.shape[3])
+                        moved = t.gather(2, idx)
+                    t[:, :, prefix_len:prefix_len + K] = moved
+        return self.crop(cache, prefix_len + K)
 
     def _check_input_ids(self, input_ids: Tensor, length: str) -> None:
         """input_ids must be an int64 (B, length) tensor on the model's device, B, length >= 1."""
