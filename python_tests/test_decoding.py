@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Optional
 
 import pytest
 import torch
@@ -235,11 +235,8 @@ def _law_p_value(target: TargetModel, prompt: Tensor, runs: int, unsafe: bool) -
     drafter = CopyDrafter(cfg, target.input_embeddings, target.lm_head_weight)
     drafting = (SoftQEverywhere if unsafe else DiffusionDrafting)(drafter, 2, "confidence")
     dec = SpeculativeDecoder(target, drafting, gamma=2)
-    counts = torch.zeros(V * V, dtype=torch.int64)
-    for s in range(runs):
-        # 3 new tokens: the first round drafts 2 (gamma = min(2, 3 - 1)), in either order
-        ids = dec.generate(prompt, 3, temperature=1.0, seed=s).ids
-        counts[ids[0] * V + ids[1]] += 1
+    # 3 new tokens: the first round drafts 2 (gamma = min(2, 3 - 1)), in either order
+    counts = _controlled_counts(dec, target, prompt, runs, controls={})
     return chi_square(counts, _exact_law(target, prompt))[2]
 
 
@@ -307,11 +304,15 @@ def _controlled_law(target: TargetModel, prompt: Tensor, controls: dict) -> Tens
     return (p1[:, None] * p2).reshape(-1)
 
 
-def _controlled_counts(dec: Any, target: TargetModel, prompt: Tensor, runs: int) -> Tensor:
+def _controlled_counts(dec: Any, target: TargetModel, prompt: Tensor, runs: int,
+                       controls: Optional[dict] = None) -> Tensor:
+    """Counts of the first two of 3 tokens sampled at temperature 1 (seeds 0 .. runs - 1),
+    flattened to t1 * V + t2; controls: generate's sampling controls (None: CONTROLS)."""
     V = target.vocab_size
     counts = torch.zeros(V * V, dtype=torch.int64)
     for s in range(runs):
-        ids = dec.generate(prompt, 3, temperature=1.0, seed=s, **CONTROLS).ids
+        ids = dec.generate(prompt, 3, temperature=1.0, seed=s,
+                           **(CONTROLS if controls is None else controls)).ids
         counts[ids[0] * V + ids[1]] += 1
     return counts
 

@@ -25,7 +25,8 @@ from specdiff_ext.target import TargetModel
 
 pytest.importorskip("transformers")
 
-from test_decoding import OracleDrafter, _exact_law, tiny_drafter, tiny_target  # noqa: E402
+from test_decoding import (OracleDrafter, _controlled_counts, _exact_law, tiny_drafter,  # noqa: E402
+                           tiny_target)
 from test_dflash import _drafter  # noqa: E402
 from test_distribution import chi_square  # noqa: E402
 
@@ -109,14 +110,10 @@ def test_tree_budget_is_checked(tiny: TargetModel) -> None:
 
 
 def _tree_law_p(target: TargetModel, prompt: Tensor) -> float:
-    V = target.vocab_size
     block = DiffusionDrafting(tiny_drafter(target, init_std=0.5), 1, "left_to_right")
     block.max_drafts = 2
     dec = SpeculativeDecoder(target, TreeDrafting(block, 6, None, topk=3), None)
-    counts = torch.zeros(V * V, dtype=torch.int64)
-    for s in range(RUNS):
-        ids = dec.generate(prompt, 3, temperature=1.0, seed=s).ids
-        counts[ids[0] * V + ids[1]] += 1
+    counts = _controlled_counts(dec, target, prompt, RUNS, controls={})
     return chi_square(counts, _exact_law(target, prompt))[2]
 
 
