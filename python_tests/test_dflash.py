@@ -450,3 +450,110 @@ def test_head_loss_matches_autograd_in_both_backward_modes(dtype) -> None:
         torch.testing.assert_close(loss, ref.detach(), atol=1e-4, rtol=1e-5)
         assert torch.equal(hit, want_hit) and int(hit.sum()) >= 3
         torch.testing.assert_close(x.grad, ref_h.grad, **tol)
+
+
+# ------------------------------------------------------------------------------ draft vocabulary
+
+def test_draft_vocabulary_scores_a_subset_and_keeps_the_decoder_exact(tmp_path: Path) -> None:
+    """A draft vocabulary (`vocab_map`): the logits are the full head's columns at those ids; it
+    round-trips through the folder (beside the published weights, which stay the published
+    layout); greedy decoding stays the target's own, also when the target's tokens lie outside
+    the subset; export (draft_vocab=False) drops it."""
+    import safetensors.torch as st
+
+    from specdiff_ext.drafter.checkpoint import DRAFT_VOCAB_NAME
+    from specdiff_ext.drafter.dflash import frequent_vocab
+
+    tgt = tiny_target()
+    d = _drafter(tgt, std=0.5)
+    g = torch.Generator().manual_seed(1)
+    feats = torch.randn(1, 6, d.config.feature_size, generator=g)
+    cache = d.new_cache(1).append_context(feats, last=torch.tensor([[4]]))
+    block = torch.full((1, 4), 7)
+    with torch.no_grad():
+        full = d.block_logits(cache, block)
+        vm = torch.tensor([3, 8, 9, 21, 30, 44, 50, 60])
+        d.set_draft_vocab(vm)
+        assert d.config.draft_vocab_size == 8 and d.config.drafter_vocab_size == 8
+        torch.testing.assert_close(d.block_logits(cache, block), full[..., vm])
+    save_dflash(d, tmp_path / "k")
+    assert set(st.load_file(str(tmp_path / "k" / "model.safetensors"))) == set(d.state_dict())
+    assert "vocab_map" not in d.state_dict()
+    hf = json.loads((tmp_path / "k" / "config.json").read_text())
+    assert hf["specdiff"]["draft_vocab_size"] == 8
+    back = load_drafter(tmp_path / "k", tgt.input_embeddings, tgt.lm_head_weight,
+                        target_name=tgt.name)
+    assert torch.equal(back.vocab_map, vm) and back.config.draft_vocab_size == 8
+    prompt = torch.tensor([[5, 17, 3, 42, 8, 11]])
+    want = ARDecoder(tgt).generate(prompt, 24).ids
+    assert any(t not in vm.tolist() for t in want)  # some target tokens cannot be drafted
+    for budget in (0, 6):
+        assert SpecDiffDecoder(tgt, back, gamma=4, tree_budget=budget,
+                               tree_ngram=False).generate(prompt, 24).ids == want
+    save_dflash(back, tmp_path / "k", draft_vocab=False)  # rewritten in place: the map goes
+    assert not (tmp_path / "k" / DRAFT_VOCAB_NAME).exists()
+    assert load_drafter(tmp_path / "k", tgt.input_embeddings, tgt.lm_head_weight,
+                        target_name=tgt.name).vocab_map is None
+    # bad maps and folders: clear errors naming what is wrong
+    for bad, msg in ((torch.tensor([1, 1]), "repeat"), (torch.tensor([0, 61]), r"\[0, V\)"),
+                     (torch.tensor([[1, 2]]), "shape"), (torch.tensor([0.5]), "integer")):
+        with pytest.raises(ValueError, match=msg):
+            d.set_draft_vocab(bad)
+    save_dflash(d, tmp_path / "m")
+    (tmp_path / "m" / DRAFT_VOCAB_NAME).unlink()
+    with pytest.raises(ValueError, match="draft_vocab.safetensors: no such file"):
+        load_drafter(tmp_path / "m", tgt.input_embeddings, tgt.lm_head_weight,
+                     target_name=tgt.name)
+    with pytest.raises(ValueError, match="draft_vocab_size"):
+        DFlashDrafter(DFlashConfig(vocab_size=50, hidden_size=32, n_heads=4, n_kv_heads=2,
+                                   head_dim=8, intermediate_size=64, num_target_layers=6,
+                                   mask_token_id=3, draft_vocab_size=5),
+                      torch.randn(50, 32), torch.randn(50, 32))
+    assert frequent_vocab(torch.tensor([0, 3, 3, 1]), 2).tolist() == [1, 2]
+
+
+def test_train_dflash_with_a_draft_vocabulary(chat_target, tmp_path: Path) -> None:
+    """--draft-vocab K: the K most frequent generated training tokens; the loss only over them
+    (labels outside carry none); the checkpoint keeps the map; resuming keeps it, and asking a
+    resumed run for another size is refused."""
+    from specdiff_ext.training.data import generate_dataset, generated_token_counts, load_shards
+    from specdiff_ext.training.dflash import build_parser, draft_labels, train
+
+    assert draft_labels(torch.tensor([[5, -1, 2, 9]]), torch.tensor([2, 9]), 10).tolist() == \
+        [[-1, -1, 0, 1]]
+    g = torch.Generator().manual_seed(4)
+    prompts = [" ".join(f"w{int(i)}" for i in torch.randint(0, 50, (int(n),), generator=g))
+               for n in torch.randint(2, 9, (30,), generator=g)]
+    data_dir = tmp_path / "data"
+    generate_dataset(chat_target, data_dir, prompts=prompts, num_prompts=16, max_new_tokens=12,
+                     temperatures=(0.0,), shard_size=16, batch_size=8, heldout_fraction=0.2,
+                     progress=False)
+    data = load_shards(data_dir, [0.0])[0]
+    counts = generated_token_counts(data, 60)
+    # the counts are of generated tokens only: prompt tokens are not labels
+    gen = [int(t) for i in range(len(data)) for t in
+           data.tokens[int(data.offsets[i]) + int(data.prompt_lens[i]):int(data.offsets[i + 1])]]
+    assert counts.tolist() == torch.bincount(torch.tensor(gen), minlength=60).tolist()
+    common = ["--data", str(data_dir), "--batch", "2", "--anchors", "4", "--block-size", "3",
+              "--layers", "1", "--warmup", "1", "--eval-every", "0", "--save-every", "3",
+              "--max-len", "48", "--draft-vocab", "6"]
+    quiet = lambda *a: None  # noqa: E731
+    out = tmp_path / "run"
+    r = train(build_parser().parse_args(common + ["--out", str(out), "--steps", "3"]),
+              target=chat_target, log=quiet)
+    vm = r["drafter"].vocab_map
+    assert vm is not None and vm.numel() == 6
+    assert set(vm.tolist()) == set(counts.topk(6).indices.tolist()) or \
+        sorted(counts[vm].tolist()) == sorted(counts.topk(6).values.tolist())
+    loaded = load_drafter(out, chat_target.input_embeddings, chat_target.lm_head_weight,
+                          target_name=chat_target.name)
+    assert torch.equal(loaded.vocab_map.cpu(), vm.cpu())
+    msgs: list = []
+    r2 = train(build_parser().parse_args(common + ["--out", str(out), "--steps", "5",
+                                                   "--resume"]), target=chat_target,
+               log=msgs.append)
+    assert r2["step"] == 5 and torch.equal(r2["drafter"].vocab_map.cpu(), vm.cpu())
+    with pytest.raises(ValueError, match="--draft-vocab 8"):
+        train(build_parser().parse_args(common[:-1] + ["8", "--out", str(out), "--steps", "6",
+                                                       "--resume"]), target=chat_target,
+              log=quiet)

@@ -62,11 +62,15 @@ def _export_dflash(argv: Sequence[str]) -> int:
     if not isinstance(d, DFlashDrafter):
         raise SystemExit(f"specdiff export-dflash: the drafter {a.drafter or '(embedded)'} is not "
                          "a DFlash-architecture drafter (train one with `specdiff train-dflash`)")
+    k = d.config.draft_vocab_size
+    # the published architecture scores the full head: the draft vocabulary stays behind
     save_dflash(d, a.out_dir, extra={"exported_from": a.drafter or "embedded"},
-                dtype=getattr(torch, a.dtype))
+                dtype=getattr(torch, a.dtype), draft_vocab=False)
     print(f"wrote {a.out_dir}/config.json and model.safetensors (DFlashDraftModel, "
           f"{d.config.n_layers} layers, target layers {d.config.target_layer_ids}, "
-          f"block_size {d.config.block_size}, mask_token_id {d.config.mask_token_id})")
+          f"block_size {d.config.block_size}, mask_token_id {d.config.mask_token_id}"
+          + (f"; the full head of {d.config.vocab_size} tokens in place of this drafter's draft "
+             f"vocabulary of {k}" if k else "") + ")")
     return 0
 
 

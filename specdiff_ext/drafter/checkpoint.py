@@ -16,14 +16,17 @@ from torch import Tensor, nn
 
 from .config import (MAX_BLOCK, MAX_FFN_RATIO, MAX_LAYERS, MAX_TARGET_LAYERS, DrafterConfig,
                      FieldError, check_field, check_hf_layers, require)
-from .dflash import DFlashConfig, DFlashDrafter
+from .dflash import DFlashConfig, DFlashDrafter, check_vocab_map
 from .model import DiffusionDrafter
 
 __all__ = ["save_drafter", "load_drafter", "save_dflash", "read_dflash_config", "is_dflash_folder",
-           "CONFIG_NAME", "WEIGHTS_NAME"]
+           "CONFIG_NAME", "WEIGHTS_NAME", "DRAFT_VOCAB_NAME"]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+# a DFlash folder's draft vocabulary (`DFlashDrafter.vocab_map`), beside the published weights
+# so that their layout stays the published one
+DRAFT_VOCAB_NAME = "draft_vocab.safetensors"
 FORMAT_VERSION = 1
 
 
@@ -80,10 +83,16 @@ def save_drafter(model: DiffusionDrafter, folder: Union[str, os.PathLike],
 
 # ------------------------------------------------------------------------------ DFlash layout
 
-def _dflash_hf_config(cfg: DFlashConfig, dtype: torch.dtype, extra: Optional[dict]) -> dict:
+def _dflash_hf_config(cfg: DFlashConfig, dtype: torch.dtype, extra: Optional[dict],
+                      draft_vocab: bool = True) -> dict:
     """The published DFlash config.json (Qwen3 layer fields, block_size, num_target_layers,
-    dflash_config), plus a ``specdiff`` entry naming the target (other readers ignore it)."""
+    dflash_config), plus a ``specdiff`` entry naming the target and the draft vocabulary's size
+    (other readers ignore it)."""
     n = cfg.n_layers
+    own: dict = {"target_name": cfg.target_name, "target_hidden_size": cfg.target_hidden_size,
+                 "extra": extra or {}}
+    if draft_vocab and cfg.draft_vocab_size is not None:
+        own["draft_vocab_size"] = cfg.draft_vocab_size
     return {
         "architectures": ["DFlashDraftModel"],
         "model_type": "qwen3",
@@ -114,9 +123,7 @@ def _dflash_hf_config(cfg: DFlashConfig, dtype: torch.dtype, extra: Optional[dic
         "use_cache": True,
         "use_sliding_window": False,
         "vocab_size": cfg.vocab_size,
-        "specdiff": {"target_name": cfg.target_name,
-                     "target_hidden_size": cfg.target_hidden_size,
-                     "extra": extra or {}},
+        "specdiff": own,
     }
 
 
@@ -181,19 +188,26 @@ def read_dflash_config(folder: Union[str, os.PathLike]) -> tuple[DFlashConfig, d
                           lo=1, hi=MAX_FFN_RATIO * layers["hidden_size"], optional=True)
         name = check_field("specdiff.target_name", own.get("target_name", ""), "str")
         check_field("specdiff.extra", own.get("extra", {}), "dict")
+        k = check_field("specdiff.draft_vocab_size", own.get("draft_vocab_size"), "int", lo=1,
+                        hi=layers["vocab_size"], optional=True)
         cfg = DFlashConfig(**layers, num_target_layers=nt, target_layer_ids=ids,
                            target_hidden_size=h_t, mask_token_id=mask, block_size=block,
-                           target_name=name)
+                           target_name=name, draft_vocab_size=k)
     except FieldError as exc:
         raise exc.located(path, "DFlash") from None
     return cfg, hf
 
 
 def save_dflash(model: DFlashDrafter, folder: Union[str, os.PathLike],
-                extra: Optional[dict] = None, dtype: Optional[torch.dtype] = None) -> None:
+                extra: Optional[dict] = None, dtype: Optional[torch.dtype] = None,
+                draft_vocab: bool = True) -> None:
     """Write a DFlash folder: ``config.json`` in the published layout and ``model.safetensors``
     with the published weight names (``layers.i.self_attn.q_proj.weight``, ``fc.weight``, ...),
     in `dtype` (default: the model's).
+
+    A drafter with a draft vocabulary also gets ``draft_vocab.safetensors`` (its vocab_map) and
+    ``specdiff.draft_vocab_size`` in the config, unless `draft_vocab` is False: then the folder
+    is the published architecture alone, which scores the full head (``export-dflash``).
 
     Examples
     --------
@@ -213,8 +227,15 @@ def save_dflash(model: DFlashDrafter, folder: Union[str, os.PathLike],
     dt = dtype if dtype is not None else model.fc.weight.dtype
     state = {k: v.detach().to("cpu", dt).contiguous() for k, v in model.state_dict().items()}
     st.save_file(state, os.path.join(folder, WEIGHTS_NAME), metadata={"format": "pt"})
+    vocab = os.path.join(folder, DRAFT_VOCAB_NAME)
+    if draft_vocab and model.vocab_map is not None:
+        st.save_file({"vocab_map": model.vocab_map.detach().to("cpu", torch.int64).contiguous()},
+                     vocab, metadata={"format": "pt"})
+    elif os.path.exists(vocab):  # never leave another drafter's vocabulary beside these weights
+        os.remove(vocab)
     with open(os.path.join(folder, CONFIG_NAME), "w") as fh:
-        json.dump(_dflash_hf_config(model.config, dt, extra), fh, indent=2, sort_keys=True)
+        json.dump(_dflash_hf_config(model.config, dt, extra, draft_vocab), fh, indent=2,
+                  sort_keys=True)
         fh.write("\n")
 
 
@@ -256,8 +277,24 @@ def _load_dflash(folder: Union[str, os.PathLike], emb: Tensor, target_head: Tens
                          f"with target name {cfg.target_name!r}, but the target given has "
                          f"target name {target_name!r}")
     _check_target_shapes(emb, target_head, cfg.vocab_size, cfg.hidden_size)
-    return _load_weights(DFlashDrafter(cfg, emb, target_head), folder, "DFlash", device, dtype,
-                         target_head.device)
+    vocab_map = None
+    if cfg.draft_vocab_size is not None:
+        path = os.path.join(folder, DRAFT_VOCAB_NAME)
+        try:
+            vocab_map = _safetensors().load_file(path).get("vocab_map")
+        except FileNotFoundError:
+            raise ValueError(f"{path}: no such file (config.json sets specdiff.draft_vocab_size "
+                             f"= {cfg.draft_vocab_size})") from None
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+            raise ValueError(f"{path}: not a readable safetensors file ({exc})") from None
+        if vocab_map is None:
+            raise ValueError(f"{path}: no tensor named vocab_map")
+        try:
+            vocab_map = check_vocab_map(vocab_map, cfg.vocab_size, cfg.draft_vocab_size)
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
+    return _load_weights(DFlashDrafter(cfg, emb, target_head, vocab_map), folder, "DFlash",
+                         device, dtype, target_head.device)
 
 
 def read_drafter_config(folder: Union[str, os.PathLike]) -> tuple[DrafterConfig, dict]:

@@ -34,7 +34,44 @@ from .config import FieldError, check_field
 from .model import (Attention, RMSNorm, SwiGLU, _apply_rope, _rope_cos_sin,
                     frozen_target_weights, init_weights)
 
-__all__ = ["DFlashConfig", "DFlashDrafter", "DFlashCache", "build_target_layer_ids"]
+__all__ = ["DFlashConfig", "DFlashDrafter", "DFlashCache", "build_target_layer_ids",
+           "check_vocab_map", "frequent_vocab"]
+
+
+def check_vocab_map(vocab_map: Any, V: int, K: Optional[int] = None) -> Tensor:
+    """`vocab_map` as an int64 CPU tensor, checked: shape (K,) (any K >= 1 when K is None),
+    distinct ids in [0, V). ValueError naming vocab_map otherwise."""
+    vm = torch.as_tensor(vocab_map)
+    if vm.dtype.is_floating_point or vm.dtype == torch.bool or vm.is_complex():
+        raise ValueError(f"vocab_map must hold integer target ids, got dtype {vm.dtype}")
+    vm = vm.detach().to("cpu", torch.int64)
+    if vm.dim() != 1 or vm.numel() == 0 or (K is not None and vm.numel() != K):
+        want = f"({K},)" if K is not None else "(K,) with K >= 1"
+        raise ValueError(f"vocab_map must have shape {want}, got {tuple(vm.shape)}")
+    if int(vm.min()) < 0 or int(vm.max()) >= V:
+        raise ValueError(f"vocab_map ids must lie in [0, V) = [0, {V}), got "
+                         f"[{int(vm.min())}, {int(vm.max())}]")
+    if vm.unique().numel() != vm.numel():
+        raise ValueError("vocab_map must not repeat a target id")
+    return vm
+
+
+def frequent_vocab(counts: Tensor, K: int) -> Tensor:
+    """The draft vocabulary of size K: the K most frequent target ids by `counts` (shape (V,);
+    ties to the smaller id), sorted by id. Shape: (K,) int64.
+
+    >>> frequent_vocab(torch.tensor([5, 0, 9, 5, 1]), 3).tolist()
+    [0, 2, 3]
+    """
+    counts = torch.as_tensor(counts).to(torch.float64)
+    if counts.dim() != 1 or not 1 <= K <= counts.numel():
+        raise ValueError(f"K must lie in [1, V] = [1, {counts.numel()}] for counts of shape "
+                         f"(V,), got K={K} and shape {tuple(counts.shape)}")
+    V = counts.numel()
+    # stable order: by count descending, then by id ascending
+    key = counts * (V + 1) - torch.arange(V, dtype=torch.float64)
+    top = key.topk(K).indices
+    return top.sort().values.to(torch.int64)
 
 
 def build_target_layer_ids(num_target_layers: int, num_draft_layers: int) -> list:
@@ -82,6 +119,9 @@ class DFlashConfig:
     attention_bias: bool = False  # biases on q/k/v/o
     init_std: float = 0.02  # normal init of the linear weights
     target_name: str = ""  # the target it was distilled from (checked when loading)
+    # K: the drafter scores only K target tokens (its `vocab_map`, the draft vocabulary); None:
+    # the whole vocabulary
+    draft_vocab_size: Optional[int] = None
 
     def __post_init__(self) -> None:
         """Every field type- and range-checked by `config.check_field` (an int must be an int:
@@ -110,6 +150,8 @@ class DFlashConfig:
                                          hi=self.vocab_size - 1)
         check_field("attention_bias", self.attention_bias, "bool")
         check_field("target_name", self.target_name, "str")
+        self.draft_vocab_size = check_field("draft_vocab_size", self.draft_vocab_size, "int",
+                                            lo=1, hi=self.vocab_size, optional=True)
 
     @property
     def mask_id(self) -> int:
@@ -118,7 +160,8 @@ class DFlashConfig:
 
     @property
     def drafter_vocab_size(self) -> int:
-        return self.vocab_size
+        """Vd: the columns of the drafter's logits (K with a draft vocabulary, else V)."""
+        return self.draft_vocab_size or self.vocab_size
 
     @property
     def feature_size(self) -> int:
@@ -282,6 +325,11 @@ class DFlashDrafter(nn.Module):
         Shape: (V, H).
     target_head : tensor
         Shape: (V, H).
+    vocab_map : int tensor, optional
+        Shape: (K,), K = ``config.draft_vocab_size``. The draft vocabulary: logit column j is
+        target id ``vocab_map[j]`` (distinct ids in [0, V)); the head is those rows of the
+        target's. Required exactly when the config has a draft_vocab_size; a non-persistent
+        buffer (`checkpoint.save_dflash` stores it beside the published weights).
 
     Examples
     --------
@@ -295,12 +343,11 @@ class DFlashDrafter(nn.Module):
     torch.Size([1, 4, 50])
     """
 
-    vocab_map = None  # the full target vocabulary
-
     def __init__(self, config: DFlashConfig, target_embed: Union[nn.Embedding, Tensor],
-                 target_head: Tensor) -> None:
+                 target_head: Tensor, vocab_map: Optional[Tensor] = None) -> None:
         super().__init__()
         cfg = self.config = config
+        self.register_buffer("vocab_map", None, persistent=False)
         self.layers = nn.ModuleList(DFlashLayer(cfg) for _ in range(cfg.n_layers))
         self.fc = nn.Linear(cfg.feature_size, cfg.hidden_size, bias=False)
         self.hidden_norm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
@@ -309,6 +356,10 @@ class DFlashDrafter(nn.Module):
         inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, hs, 2, dtype=torch.float32) / hs)
         self.register_buffer("inv_freq", inv_freq, persistent=False)  # (hs/2,)
         self.set_target_weights(target_embed, target_head)
+        if cfg.draft_vocab_size is not None and vocab_map is None:
+            raise ValueError(f"config.draft_vocab_size is {cfg.draft_vocab_size}: give its "
+                             f"vocab_map (K target ids)")
+        self.set_draft_vocab(vocab_map)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -316,15 +367,43 @@ class DFlashDrafter(nn.Module):
         norm gains."""
         init_weights(self, self.config.init_std, self.config.n_layers)
 
+    def set_draft_vocab(self, vocab_map: Optional[Tensor]) -> "DFlashDrafter":
+        """Score only the target ids `vocab_map` (shape (K,), distinct, in [0, V)) from now on,
+        or the whole vocabulary (None); sets ``config.draft_vocab_size``. The weights are
+        unchanged: a drafter trained on the full head can draft over a subset and back.
+        ValueError naming vocab_map for a bad map."""
+        V = self.config.vocab_size
+        if vocab_map is None:
+            self.vocab_map = None
+            self.config.draft_vocab_size = None
+        else:
+            vm = check_vocab_map(vocab_map, V)
+            self.vocab_map = vm.to(self.fc.weight.device if hasattr(self, "fc") else "cpu")
+            self.config.draft_vocab_size = int(vm.numel())
+        self.__dict__["_head_cache"] = None
+        return self
+
     def set_target_weights(self, target_embed: Union[nn.Embedding, Tensor],
                            target_head: Tensor) -> None:
         """Point the drafter at the target's embedding and head (frozen, never saved)."""
         emb, head = frozen_target_weights(self.config, target_embed, target_head)
         self.__dict__["_embed_weight"] = emb
         self.__dict__["_head_weight"] = head
+        self.__dict__["_head_cache"] = None
 
     def head_weight(self) -> Tensor:
-        return self._head_weight
+        """The head the drafter scores with: the target's, or its rows `vocab_map` (cached
+        until the map or the head changes). Shape: (Vd, H)."""
+        if self.vocab_map is None:
+            return self._head_weight
+        key = (self.vocab_map.data_ptr(), self.vocab_map._version, self._head_weight.data_ptr(),
+               self._head_weight.device)
+        cached = self.__dict__.get("_head_cache")
+        if cached is None or cached[0] != key:
+            rows = self.vocab_map.to(self._head_weight.device)
+            cached = (key, self._head_weight.index_select(0, rows))
+            self.__dict__["_head_cache"] = cached
+        return cached[1]
 
     def new_cache(self, batch_size: int) -> DFlashCache:
         return DFlashCache(self, batch_size)
@@ -367,7 +446,7 @@ class DFlashDrafter(nn.Module):
         Returns
         -------
         tensor
-            Shape: (B, G, V).
+            Shape: (B, G, Vd). Column j is target id ``vocab_map[j]`` with a draft vocabulary.
         """
         B = cache.batch_size
         if block_tokens.dim() != 2 or block_tokens.shape[0] != B:
@@ -381,7 +460,7 @@ class DFlashDrafter(nn.Module):
         S = cache.length
         kv = [(k[:, :, :S], v[:, :, :S]) for k, v in zip(cache.keys, cache.values)]
         h = self.hidden(tokens, pos, kv, None)[:, 1:]  # (B, G, H)
-        head = self._head_weight
+        head = self.head_weight()
         # 2-D and contiguous: a strided 3-D input sends F.linear through a batched matmul that
         # copies the whole (V, H) head on every call
         flat = h.reshape(B * G, -1).to(head.dtype).contiguous()  # (B*G, H)

@@ -29,7 +29,7 @@ from torch import Tensor
 from ..drafter.config import FieldError, check_field
 
 __all__ = ["read_sharegpt", "is_heldout", "split_prompts", "generate_dataset", "load_shards",
-           "TokenData", "MANIFEST"]
+           "TokenData", "MANIFEST", "generated_token_counts"]
 
 MANIFEST = "manifest.json"
 HELDOUT_FILE = "heldout.jsonl"
@@ -288,6 +288,16 @@ class TokenData:
     @property
     def lengths(self) -> Tensor:
         return self.offsets[1:] - self.offsets[:-1]
+
+
+def generated_token_counts(data: TokenData, vocab_size: int) -> Tensor:
+    """How often each target id occurs among the generated tokens of `data` (the positions at
+    and past each sequence's prompt: the labels the drafter learns). Shape: (vocab_size,)
+    int64."""
+    n = data.lengths
+    pos = torch.arange(data.tokens.numel()) - torch.repeat_interleave(data.offsets[:-1], n)
+    gen = pos >= torch.repeat_interleave(data.prompt_lens, n)
+    return torch.bincount(data.tokens[gen], minlength=vocab_size)[:vocab_size]
 
 
 def _check_ids(path: Path, name: str, ids: Tensor, vocab: Optional[int]) -> None:

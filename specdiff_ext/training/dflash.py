@@ -33,12 +33,13 @@ import torch
 import torch.nn.functional as F
 
 from ..drafter.checkpoint import load_drafter, save_dflash
-from .data import TokenData, load_shards, read_heldout
+from .data import TokenData, generated_token_counts, load_shards, read_heldout
 from .features import FeatureCache, feature_bytes, window_features
 from .train import lr_at
-from ..drafter.dflash import DFlashConfig, DFlashDrafter
+from ..drafter.dflash import DFlashConfig, DFlashDrafter, frequent_vocab
 
 __all__ = ["build_parser", "train", "main", "position_weights", "sample_batch", "block_loss",
+           "draft_labels",
            "make_feature_cache", "evaluate_dflash"]
 
 STATE_NAME = "trainer_state.pt"
@@ -70,6 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="position weights exp(-(k-1)/g); 0 = flat")
     ap.add_argument("--partial-prob", type=float, default=0.1,
                     help="fraction of blocks with some positions revealed (for T > 1)")
+    ap.add_argument("--draft-vocab", type=int, default=None, metavar="K",
+                    help="draft vocabulary: score only the K target tokens most frequent among "
+                         "the training data's generated tokens (labels outside it carry no "
+                         "loss); 0: the full vocabulary; default: the --init-from / resumed "
+                         "drafter's")
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast for the drafter")
     ap.add_argument("--norm-init", choices=["ones", "target"], default="ones",
                     help="final norm gain at init: ones, or the target's final norm")
@@ -219,11 +225,24 @@ class _HeadCrossEntropy(torch.autograd.Function):
         return gh, *none
 
 
+def draft_labels(labels: torch.Tensor, vocab_map: Optional[torch.Tensor], V: int) -> torch.Tensor:
+    """Target-id labels as drafter columns: unchanged without a draft vocabulary; with one, the
+    column of each id in `vocab_map` and -1 (no loss) for ids outside it and for -1 pads.
+    Shape: as labels."""
+    if vocab_map is None:
+        return labels
+    col = torch.full((V,), -1, dtype=torch.int64, device=labels.device)
+    col[vocab_map.to(labels.device)] = torch.arange(vocab_map.numel(), device=labels.device)
+    return torch.where(labels >= 0, col[labels.clamp(min=0)], labels)
+
+
 def block_loss(drafter: DFlashDrafter, feats: torch.Tensor, batch: dict,
                pos_w: torch.Tensor, chunk: int = 128, keep_bytes: int = KEEP_BYTES) -> tuple:
-    """Weighted cross-entropy of the drafts against the labels; (loss, first-position acc)."""
+    """Weighted cross-entropy of the drafts against the labels, over the drafter's vocabulary
+    (labels outside a draft vocabulary carry no loss); (loss, first-position acc among the
+    first positions that carry a loss)."""
     h = drafter.forward_blocks(feats, batch["anchors"], batch["block"])[:, :, 1:]  # (B,A,bs-1,H)
-    labels = batch["labels"]  # (B, A, bs-1)
+    labels = draft_labels(batch["labels"], drafter.vocab_map, drafter.config.vocab_size)
     keep = labels >= 0
     w = pos_w.expand_as(labels)[keep]
     w = w / w.sum().clamp(min=1e-6)
@@ -362,6 +381,24 @@ def train(args: argparse.Namespace, target: Any = None, log: Any = print) -> dic
         if args.norm_init == "target" and norm is not None:  # the head's expected scale
             with torch.no_grad():
                 drafter.norm.weight.copy_(norm.weight.float())
+    if args.draft_vocab is not None and not (resume and args.draft_vocab == (
+            drafter.config.draft_vocab_size or 0)):
+        if resume:
+            raise ValueError(f"--draft-vocab {args.draft_vocab}: the run in {out} trains a draft "
+                             f"vocabulary of {drafter.config.draft_vocab_size or 'all'} tokens; "
+                             f"resume without --draft-vocab or start a new --out")
+        V = drafter.config.vocab_size
+        if not 0 <= args.draft_vocab <= V:
+            raise ValueError(f"--draft-vocab must lie in [0, {V}], got {args.draft_vocab}")
+        if args.draft_vocab in (0, V):
+            drafter.set_draft_vocab(None)
+        else:
+            counts = generated_token_counts(data, V)
+            vm = frequent_vocab(counts, args.draft_vocab)
+            cover = float(counts[vm].sum()) / max(1, int(counts.sum()))
+            drafter.set_draft_vocab(vm)
+            say(f"draft vocabulary: the {args.draft_vocab} most frequent generated tokens, "
+                f"{100 * cover:.1f}% of the training labels")
     drafter.to(dev).float().train()
     cfg = drafter.config
     params = list(drafter.parameters())
