@@ -341,6 +341,35 @@ class SpeculativeDecoder:
                                         "both": by_source[3]}
         return GenerateResult(out, st)
 
+    def generate_batch(self, prompts: Sequence[Tensor], max_new_tokens: int,
+                       temperature: float = 0.0, seed: Union[int, Sequence[int], None] = None,
+                       eos_token_id: Optional[int] = None, *, top_k: Optional[int] = None,
+                       top_p: Optional[float] = None, min_p: Optional[float] = None,
+                       repetition_penalty: Optional[float] = None) -> List[GenerateResult]:
+        """`generate` for B prompts at once (`batching.generate_batch`): each row's law is that
+        of decoding it alone (float32 greedy: the same tokens), with its own EOS and limit.
+
+        Shape:
+            prompts: a list of (1, T_i) tensors. seed: an int (row i: seed + i, the streams of a
+            solo call with that seed) or a list of B ints. Returns one GenerateResult per
+            prompt, in order.
+        """
+        from .batching import generate_batch
+
+        ctl = SamplingControls.make(top_k, top_p, min_p, repetition_penalty)
+        drafter, gamma = self.drafter, self.gamma
+        chain = getattr(drafter, "chain_drafter", None)
+        if ctl.penalized and chain is not None:  # as in generate: penalties draft the chain
+            drafter, gamma = chain, min(gamma, chain.max_drafts or gamma)
+        return generate_batch(self, drafter, gamma, prompts, max_new_tokens, temperature, seed,
+                              eos_token_id, ctl, max_nodes=_max_nodes(drafter, gamma))
+
+
+def _max_nodes(drafter: Any, gamma: int) -> int:
+    """The most nodes (root included) one round of `drafter` sends to the target."""
+    budget = getattr(drafter, "budget", None)
+    return 1 + (int(budget) if budget is not None else gamma)
+
 
 def _setup(target: Any, input_ids: Tensor, max_new_tokens: int, temperature: float,
            seed: Optional[int], eos_token_id: Optional[int], controls: SamplingControls) -> tuple:
@@ -405,6 +434,26 @@ class ARDecoder:
             if ctl.penalized:
                 hist = torch.cat([hist, nxt], 1)
         return GenerateResult(out, run_stats(clock, len(out), rounds, 0, base))
+
+    def generate_batch(self, prompts: Sequence[Tensor], max_new_tokens: int,
+                       temperature: float = 0.0, seed: Union[int, Sequence[int], None] = None,
+                       eos_token_id: Optional[int] = None, *, top_k: Optional[int] = None,
+                       top_p: Optional[float] = None, min_p: Optional[float] = None,
+                       repetition_penalty: Optional[float] = None) -> List[GenerateResult]:
+        """Plain decoding of B prompts at once (`batching.generate_batch` over a drafter that
+        never drafts; tokens drawn by `ops.verify`'s bonus draw): each row's law is that
+        of decoding it alone (float32 greedy: the same tokens), with its own EOS and limit.
+
+        Shape:
+            prompts: a list of (1, T_i) tensors. seed: an int (row i: seed + i, the streams of a
+            solo call with that seed) or a list of B ints. Returns one GenerateResult per
+            prompt, in order.
+        """
+        from .batching import NullDrafting, generate_batch
+
+        ctl = SamplingControls.make(top_k, top_p, min_p, repetition_penalty)
+        return generate_batch(self, NullDrafting(), 0, prompts, max_new_tokens, temperature,
+                              seed, eos_token_id, ctl, max_nodes=1)
 
 
 # ------------------------------------------------------------------------------ decoders

@@ -137,6 +137,16 @@ class TreeDrafting:
         """The block drafter's context cache (None without one)."""
         return self.block.cache if self.block is not None else None
 
+    def fork(self) -> "TreeDrafting":
+        """A fresh adapter with the same settings and models and its own state (a batch row)."""
+        import copy
+
+        new = copy.copy(self)
+        new.block = copy.copy(self.block) if self.block is not None else None
+        new.lookup = copy.copy(self.lookup) if self.lookup is not None else None
+        new.chain_drafter = new.block if new.block is not None else new.lookup
+        return new
+
     @property
     def last_logits(self) -> Optional[Tensor]:
         """The last block's drafter logits (`DiffusionDrafting.last_logits`)."""
