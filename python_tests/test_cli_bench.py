@@ -232,6 +232,31 @@ def test_bench_runs_all_decoders_and_greedy_outputs_match(tied) -> None:
         bench.build_decoders(["nope"], tied, None, None)
 
 
+def test_bench_batch_size_runs_generate_batch(tied) -> None:
+    """--batch-size B: B prompts per generate_batch call; greedy outputs still ar's, each
+    batch's wall time counted once, and transformers' decoders refused."""
+    ar = TargetModel(build_ar_drafter(tied, 1, [0]), tied.tokenizer, "ar")
+    names = ["ar", "specdiff", "ar-spec", "pld"]
+    decs = bench.build_decoders(names, tied, _tiny_drafter(tied), ar, gamma=4, steps=2,
+                                commit="confidence", ar_gamma=3)
+    prompts = _words(3, 4)
+    one = bench.run_bench(tied, decs, prompts, max_new_tokens=12, progress=False,
+                          keep_outputs=True)
+    rep = bench.run_bench(tied, decs, prompts, max_new_tokens=12, progress=False,
+                          keep_outputs=True, batch_size=2)
+    assert rep["batch_size"] == 2 and "batch size 2" in bench.format_table(rep)
+    for n in names:
+        d = rep["decoders"][n]
+        assert d["matches_ar"] == 3 and d["new_tokens"] == 36, n
+        assert d["outputs"] == one["decoders"][n]["outputs"], n
+    assert rep["decoders"]["specdiff"]["rounds"] == one["decoders"]["specdiff"]["rounds"]
+    with pytest.raises(ValueError, match="generate_batch"):
+        bench.run_bench(tied, {"ar": decs["ar"], "hf": bench.build_decoders(
+            ["hf"], tied, None, None)["hf"]}, prompts, progress=False, batch_size=2)
+    with pytest.raises(ValueError, match="batch_size"):
+        bench.run_bench(tied, decs, prompts, progress=False, batch_size=0)
+
+
 def test_bench_plot(tied, tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     decs = bench.build_decoders(["ar", "specdiff"], tied, _tiny_drafter(tied), None, gamma=3)
@@ -323,6 +348,14 @@ def test_generate_command_real_pair_greedy_identical_to_ar() -> None:
     rc, out, err = _cli("generate", "--dtype", "float32", "--max-new-tokens", "40", prompt)
     assert rc == 0 and out.rstrip("\n") == want["text"]
     assert "[specdiff]" in err and "tok/s" in err and "accepted" in err
+    # several prompts: one batch, each row the prompt's own output
+    other = "Name three colours."
+    rc, out, _ = _cli("generate", "--decoder", "ar", *common, other)
+    want2 = json.loads(out)
+    rc, out, err = _cli("generate", *common, prompt, other)
+    rows = [json.loads(x) for x in out.splitlines()]
+    assert rc == 0 and [r["ids"] for r in rows] == [want["ids"], want2["ids"]]
+    assert rows[0]["stats"]["batch_size"] == 2 and "batch of 2" in err
 
 
 @pytest.mark.slow

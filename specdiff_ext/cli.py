@@ -214,7 +214,12 @@ def _load(a: argparse.Namespace, need_drafter: bool, need_ar: bool) -> Any:
 def _generate(argv: Sequence[str]) -> int:
     ap = argparse.ArgumentParser(prog="specdiff generate", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                  description="Generate an answer, streamed as it is decoded.")
-    ap.add_argument("prompt", help="the user message (or raw text with --no-chat-template)")
+    ap.add_argument("prompt", nargs="*",
+                    help="the user message (or raw text with --no-chat-template); several "
+                         "prompts are decoded together in one batch (generate_batch)")
+    ap.add_argument("--prompts", default=None, metavar="FILE",
+                    help="also decode the prompts of this JSON-lines file (a \"prompt\" field "
+                         "per line), in one batch with the ones given")
     ap.add_argument("--decoder", choices=["specdiff", "ar", "ar-spec", "pld"], default="specdiff",
                     help="specdiff (diffusion drafter), ar (plain decoding), ar-spec (autoregressive "
                          "drafter), pld (prompt lookup)")
@@ -230,6 +235,16 @@ def _generate(argv: Sequence[str]) -> int:
                     help="print one JSON object {decoder, text, ids, stats} instead of streaming")
     a = ap.parse_args(argv)
     ctl = _check(ap, a)
+    texts = list(a.prompt)
+    if a.prompts:
+        from .prompts import read_prompts
+
+        try:
+            texts += read_prompts(a.prompts)
+        except (OSError, ValueError) as exc:
+            ap.error(f"--prompts: {exc}")
+    if not texts:
+        ap.error("give a prompt (or several, or --prompts FILE)")
     import torch
 
     from .bench import build_decoders
@@ -241,10 +256,33 @@ def _generate(argv: Sequence[str]) -> int:
                          pld_gamma=a.gamma, tree_budget=a.tree_budget,
                          tree_ngram=_on_off(a.tree_ngram))[a.decoder]
     gamma = getattr(dec, "gamma", None)
-    if a.no_chat_template:
-        ids = torch.tensor([tgt.tokenizer.encode(a.prompt)], dtype=torch.int64, device=tgt.device)
-    else:
-        ids = tgt.chat_prompt(a.prompt)
+
+    def encode(text: str) -> "torch.Tensor":
+        if a.no_chat_template:
+            return torch.tensor([tgt.tokenizer.encode(text)], dtype=torch.int64, device=tgt.device)
+        return tgt.chat_prompt(text)
+
+    settings = {"gamma": gamma, "tree_budget": getattr(dec, "tree_budget", None),
+                "steps": a.steps, "commit": a.commit, "temperature": a.temperature,
+                "dtype": str(tgt.dtype).replace("torch.", ""), "device": str(tgt.device),
+                "controls": ctl}
+    if len(texts) > 1:  # one batch, each row as if decoded alone (row i: seed + i)
+        results = dec.generate_batch([encode(t) for t in texts], a.max_new_tokens,
+                                     temperature=a.temperature, seed=a.seed, **ctl)
+        total = sum(r.stats["new_tokens"] for r in results)
+        secs = results[0].stats["seconds"]
+        for i, r in enumerate(results):
+            text = tgt.tokenizer.decode(r.ids, skip_special_tokens=True)
+            if a.json:
+                print(json.dumps({"decoder": a.decoder, "prompt": texts[i], "text": text,
+                                  "ids": r.ids, "stats": r.stats, "settings": settings}))
+            else:
+                print(f"--- [{i}] {texts[i][:60]!r}\n{text}")
+        print(f"[{a.decoder}] batch of {len(texts)}: {total} tokens in {secs:.2f} s "
+              f"({total / secs if secs > 0 else 0.0:.1f} tok/s, {tgt.dtype}, {tgt.device})",
+              file=sys.stderr)
+        return 0
+    ids = encode(texts[0])
     got: list = []
     shown = [""]
 
@@ -267,10 +305,6 @@ def _generate(argv: Sequence[str]) -> int:
     text = tgt.tokenizer.decode(res.ids, skip_special_tokens=True)
     st = res.stats
     if a.json:
-        settings = {"gamma": gamma, "tree_budget": getattr(dec, "tree_budget", None),
-                    "steps": a.steps, "commit": a.commit, "temperature": a.temperature,
-                    "dtype": str(tgt.dtype).replace("torch.", ""), "device": str(tgt.device),
-                    "controls": ctl}
         print(json.dumps({"decoder": a.decoder, "text": text, "ids": res.ids, "stats": st,
                           "settings": settings}))
         return 0
@@ -303,6 +337,8 @@ def _bench(argv: Sequence[str]) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--batch-size", type=int, default=1,
+                    help="decode the prompts B at a time (generate_batch); 1: one at a time")
     _control_args(ap)
     _spec_args(ap)
     from .decoding import DEFAULTS
@@ -320,6 +356,11 @@ def _bench(argv: Sequence[str]) -> int:
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
     ctl = _check(ap, a)
+    if a.batch_size < 1:
+        ap.error(f"--batch-size must be >= 1, got {a.batch_size}")
+    if a.batch_size > 1 and {"hf", "hf-assisted", "hf-pld"} & set(a.decoders.split(",")):
+        ap.error("--batch-size > 1: transformers' decoders (hf, hf-assisted, hf-pld) decode one "
+                 "prompt at a time")
     if a.plot:  # before the run, not after it: the table must not be lost
         import importlib.util
 
@@ -340,13 +381,14 @@ def _bench(argv: Sequence[str]) -> int:
     t0 = time.perf_counter()
     rep = run_bench(pair.target, decs, prompts, max_new_tokens=a.max_new_tokens,
                     temperature=a.temperature, seed=a.seed, chat_template=not a.no_chat_template,
-                    progress=not a.no_progress, controls=ctl)
+                    progress=not a.no_progress, controls=ctl, batch_size=a.batch_size)
     spec = decs.get("specdiff")
     rep["settings"] = {"gamma": spec.gamma if spec is not None else a.gamma,
                        "tree_budget": getattr(spec, "tree_budget", None), "steps": a.steps,
                        "commit": a.commit, "ar_gamma": a.ar_gamma,
                        "hf_assistant_tokens": a.hf_assistant_tokens, "pld_gamma": a.pld_gamma,
                        "prompts": a.prompts or f"default({a.num_prompts})",
+                       "batch_size": a.batch_size,
                        "wall_seconds": time.perf_counter() - t0}
     if a.out:
         with open(a.out, "w") as fh:

@@ -130,15 +130,44 @@ def build_decoders(names: Sequence[str], target: Any, drafter: Any, ar_drafter: 
     return out
 
 
+def _batch_record(results: Sequence[Any]) -> dict:
+    """One batch's rows as one run record for `pool_stats`: the rows' tokens, rounds,
+    acceptance and histograms summed, the batch's wall time (and its split) counted once."""
+    st = [r.stats for r in results]
+    rec = {k: st[0][k] for k in ("seconds", "draft_seconds", "verify_seconds", "other_seconds")
+           if k in st[0]}
+    rec["new_tokens"] = sum(s["new_tokens"] for s in st)
+    if "rounds" in st[0]:
+        rec["rounds"] = sum(s["rounds"] for s in st)
+        rec["accepted"] = sum(s["accepted"] for s in st)
+        hist = [0] * max(len(s["accepted_histogram"]) for s in st)
+        for s in st:
+            for j, c in enumerate(s["accepted_histogram"]):
+                hist[j] += c
+        rec["accepted_histogram"] = hist
+    return rec
+
+
 def run_bench(target: Any, decoders: Dict[str, Any], prompts: Sequence[str], *,
               max_new_tokens: int = 128, temperature: float = 0.0, seed: int = 0,
               chat_template: bool = True, warmup: bool = True, progress: bool = True,
-              keep_outputs: bool = False, controls: Optional[dict] = None) -> dict:
+              keep_outputs: bool = False, controls: Optional[dict] = None,
+              batch_size: int = 1) -> dict:
     """Run every decoder on every prompt (interleaved) and aggregate; see the module doc.
-    controls: top_k / top_p / min_p / repetition_penalty for every decoder's generate()."""
+    controls: top_k / top_p / min_p / repetition_penalty for every decoder's generate().
+    batch_size B > 1: the prompts go B at a time through each decoder's ``generate_batch``
+    (row i of the batch starting at prompt j gets seed ``seed + j + i``, the seed of its
+    one-at-a-time run); tokens/s is then all new tokens over the batches' wall time."""
     ctl = dict(controls or {})
     if "ar" not in decoders:
         raise ValueError("the decoders must include 'ar' (the baseline of every speedup)")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if batch_size > 1:
+        lacking = [n for n, d in decoders.items() if not hasattr(d, "generate_batch")]
+        if lacking:
+            raise ValueError(f"batch_size {batch_size}: the decoders {lacking} have no "
+                             f"generate_batch (transformers' decoders run one prompt at a time)")
     encoded = [target.chat_prompt(p) if chat_template else
                torch.tensor([target.tokenizer.encode(p)], device=target.device) for p in prompts]
     if warmup:
@@ -152,23 +181,31 @@ def run_bench(target: Any, decoders: Dict[str, Any], prompts: Sequence[str], *,
         from tqdm import tqdm
         bar = tqdm(total=len(encoded) * len(decoders), desc="bench", unit="gen",
                    dynamic_ncols=True, file=sys.stderr)
-    for i, ids in enumerate(encoded):
+    records: Dict[str, List[dict]] = {n: [] for n in decoders}
+    for i in range(0, len(encoded), batch_size):
+        chunk = encoded[i:i + batch_size]
         for name, dec in decoders.items():
-            res = dec.generate(ids, max_new_tokens=max_new_tokens, temperature=temperature,
-                               seed=seed + i, **ctl)
-            runs[name].append(res)
+            if batch_size == 1:
+                got = [dec.generate(chunk[0], max_new_tokens=max_new_tokens,
+                                    temperature=temperature, seed=seed + i, **ctl)]
+                records[name].append(got[0].stats)
+            else:
+                got = dec.generate_batch(chunk, max_new_tokens, temperature=temperature,
+                                         seed=seed + i, **ctl)
+                records[name].append(_batch_record(got))
+            runs[name].extend(got)
             if bar is not None:
-                bar.update(1)
+                bar.update(len(chunk))
                 bar.set_postfix(prompt=i, decoder=name)
     if bar is not None:
         bar.close()
     report: Dict[str, Any] = {
         "device": _device_name(target.device), "dtype": str(target.dtype).replace("torch.", ""),
         "max_new_tokens": max_new_tokens, "temperature": temperature, "prompts": len(encoded),
-        "controls": ctl,
+        "controls": ctl, "batch_size": batch_size,
         "torch": torch.__version__, "decoders": {}}
     for name, rs in runs.items():
-        d = pool_stats([r.stats for r in rs])
+        d = pool_stats(records[name])
         if name == "ar":  # plain decoding: its "rounds" are tokens, nothing is drafted
             d = {k: d[k] for k in ("new_tokens", "seconds", "tokens_per_second")}
         if keep_outputs:

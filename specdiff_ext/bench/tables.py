@@ -16,6 +16,7 @@ def format_table(report: dict) -> str:
     head = (f"device: {report['device']}, dtype {report['dtype']}, temperature "
             f"{report['temperature']}, max_new_tokens {report['max_new_tokens']}, "
             f"{report['prompts']} prompts"
+            + (f", batch size {report['batch_size']}" if report.get("batch_size", 1) > 1 else "")
             + "".join(f", {k} {v}" for k, v in (report.get("controls") or {}).items()) + "\n\n")
     greedy = report["temperature"] == 0.0
     cols = ["decoder", "tok/s", "x ar", "accepted/round", "tokens/round", "draft s", "verify s",
