@@ -35,7 +35,8 @@ from torch import Tensor
 from . import ops
 from .target import TargetOutput, _tree_ancestry
 
-__all__ = ["SlotCache", "BatchedTarget", "generate_batch", "fork_drafter", "NullDrafting"]
+__all__ = ["SlotCache", "BatchedTarget", "generate_batch", "fork_drafter", "prefetch_blocks",
+           "NullDrafting"]
 
 
 class SlotCache:
@@ -61,7 +62,8 @@ class SlotCache:
                      for _ in range(layers)]
         self.values = [torch.zeros_like(k) for k in self.keys]
         self.write: Optional[Tensor] = None
-        self.live: Optional[Tensor] = None  # (B, W) bool: slots a row may read this call
+        self.live: Optional[Tensor] = None  # (B', W) bool: slots a row may read this call
+        self.rows: Optional[Tensor] = None  # (B',) the batch rows this call runs; None: all
         self.is_sliding = [False] * layers
 
     @property
@@ -77,13 +79,20 @@ class SlotCache:
             raise RuntimeError("SlotCache.update outside a BatchedTarget forward (no write slots)")
         k, v = self.keys[layer_idx], self.values[layer_idx]
         B, H, T, D = key_states.shape
-        idx = self.write[:, None, :, None].expand(B, H, T, D)
-        k.scatter_(2, idx, key_states.to(k.dtype))
-        v.scatter_(2, idx, value_states.to(v.dtype))
         W = self.live.shape[1]
+        if self.rows is None:
+            idx = self.write[:, None, :, None].expand(B, H, T, D)
+            k.scatter_(2, idx, key_states.to(k.dtype))
+            v.scatter_(2, idx, value_states.to(v.dtype))
+            kw, vw = k[:, :, :W], v[:, :, :W]
+        else:  # a subset of the rows: write through (row, slot) pairs, read their windows
+            r = self.rows[:, None].expand(B, T)
+            k.permute(0, 2, 1, 3)[r, self.write] = key_states.permute(0, 2, 1, 3).to(k.dtype)
+            v.permute(0, 2, 1, 3)[r, self.write] = value_states.permute(0, 2, 1, 3).to(v.dtype)
+            kw, vw = k[:, :, :W].index_select(0, self.rows), v[:, :, :W].index_select(0, self.rows)
         live = self.live[:, None, :, None]
         zero = k.new_zeros(())
-        return torch.where(live, k[:, :, :W], zero), torch.where(live, v[:, :, :W], zero)
+        return torch.where(live, kw, zero), torch.where(live, vw, zero)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """The slot count (positions are always passed explicitly)."""
@@ -118,8 +127,11 @@ class BatchedTarget:
         self._len = torch.zeros(batch, dtype=torch.int64, device=target.device)
 
     def forward_nodes(self, ids: Tensor, parents: Optional[Tensor], used: Tensor,
-                      hidden_layers: Optional[Sequence[int]] = None) -> TargetOutput:
-        """One model call over N nodes per row, after each row's accepted prefix.
+                      hidden_layers: Optional[Sequence[int]] = None,
+                      rows: Optional[Sequence[int]] = None) -> TargetOutput:
+        """One model call over N nodes per row, after each row's accepted prefix; `rows`
+        (increasing batch-row indices, one per row of ids; None: all B) runs a subset, e.g.
+        the rows still decoding.
 
         Parameters
         ----------
@@ -138,6 +150,9 @@ class BatchedTarget:
         """
         tgt, dev = self.target, self.target.device
         B, N = ids.shape
+        sub = rows is not None and len(rows) < self.batch
+        if rows is not None and len(rows) != B:
+            raise ValueError(f"rows must name one batch row per row of ids ({B}), got {len(rows)}")
         used = used.to(dev)
         if parents is None:
             anc = torch.ones(N, N, dtype=torch.bool).tril().expand(B, N, N)
@@ -146,12 +161,14 @@ class BatchedTarget:
             anc, depth = _tree_ancestry(parents.detach().to("cpu"), B)  # (B, N, N), (B, N)
         anc, depth = anc.to(dev), depth.to(dev)
         S = self.slots
-        L = self._len  # (B,)
+        rows_t = torch.tensor(list(rows), dtype=torch.int64, device=dev) if sub else None
+        L = self._len[rows_t] if sub else self._len  # (B,)
+        lens = [self.lengths[b] for b in rows] if sub else self.lengths
         slot = torch.where(used, L[:, None] + torch.arange(N, device=dev), S - 1)  # (B, N)
         # the call reads the first W slots only: every row's prefix and this round's nodes
-        W = max(self.lengths) + N
+        W = max(lens) + N
         if W >= S:
-            raise ValueError(f"the batch's slots are full: a row at {max(self.lengths)} "
+            raise ValueError(f"the batch's slots are full: a row at {max(lens)} "
                              f"positions cannot take {N} more nodes in {S - 1} slots")
         j = torch.arange(W, device=dev)
         rel = j[None, :] - L[:, None]  # (B, S): slot's node index in this round
@@ -167,13 +184,13 @@ class BatchedTarget:
         vis = torch.where(used[:, :, None], vis, prefix[:, None, :])
         mask = torch.zeros(B, 1, N, W, dtype=tgt.dtype, device=dev)
         mask.masked_fill_(~vis[:, None], torch.finfo(tgt.dtype).min)
-        self.cache.write, self.cache.live = slot, live
+        self.cache.write, self.cache.live, self.cache.rows = slot, live, rows_t
         layers = None if hidden_layers is None else tgt._check_layers(hidden_layers)
         try:
             return tgt._run(ids, self.cache, layers, attention_mask=mask,
                             position_ids=L[:, None] + depth)
         finally:
-            self.cache.write = self.cache.live = None
+            self.cache.write = self.cache.live = self.cache.rows = None
 
     def prefill(self, prompts: Sequence[Tensor],
                 hidden_layers: Optional[Sequence[int]] = None) -> List[Optional[Tensor]]:
@@ -238,6 +255,36 @@ class NullDrafting:
 
     def accept(self, emitted: Tensor, n_acc: int, hidden: Optional[Tensor]) -> None:
         pass
+
+
+def prefetch_blocks(drafters: Sequence[Any], gammas: Sequence[int]) -> None:
+    """Compute the first denoising step of every row's coming block in one drafter pass
+    (`DFlashDrafter.batch_block_logits`), for DFlash rows drafting in one step
+    (`DiffusionDrafting`, alone or inside a `TreeDrafting`); each row's ``draft`` then uses
+    its logits. Other drafters are left alone (they draft row by row)."""
+    from .drafter.dflash import DFlashDrafter
+    from .drafting import DiffusionDrafting
+
+    rows = [getattr(d, "block", d) for d in drafters]
+    for blk in rows:  # a round's prefetch never outlives it (a tree may not draft its block)
+        if isinstance(blk, DiffusionDrafting):
+            blk.prefetched = None
+    blocks, gs = [], []
+    for blk, g in zip(rows, gammas):
+        if not isinstance(blk, DiffusionDrafting) or not isinstance(blk.drafter, DFlashDrafter):
+            return
+        if blk.steps != 1 or blk.cache is None:
+            return
+        g = min(g, blk.max_drafts or g)
+        if g > 0:
+            blocks.append(blk)
+            gs.append(g)
+    if len(blocks) < 2:
+        return
+    with torch.no_grad():
+        logits = blocks[0].drafter.batch_block_logits([b.cache for b in blocks], gs)
+    for blk, lg in zip(blocks, logits):
+        blk.prefetched = lg
 
 
 def fork_drafter(drafter: Any) -> Any:
@@ -323,6 +370,9 @@ def generate_batch(decoder: Any, drafter: Any, gamma: int, prompts: Sequence[Ten
     r = 0
     while any(active):
         with clock("draft"):
+            prefetch_blocks([drafters[b] for b in range(B) if active[b]],
+                            [min(gamma, max_new_tokens - len(outs[b]) - 1)
+                             for b in range(B) if active[b]])
             drafts: List[Any] = []
             for b in range(B):
                 if not active[b]:
@@ -331,62 +381,56 @@ def generate_batch(decoder: Any, drafter: Any, gamma: int, prompts: Sequence[Ten
                 g = min(gamma, max_new_tokens - len(outs[b]) - 1)
                 drafts.append(drafters[b].draft(g, r) if g > 0
                               else Draft(last[b].new_zeros((1, 0))))
-        tree = any(d is not None and d.parents is not None for d in drafts)
-        G = max(int(d.ids.shape[1]) for d in drafts if d is not None)
+        act = [b for b in range(B) if drafts[b] is not None]  # finished rows leave the batch
+        ds = [drafts[b] for b in act]
+        A = len(act)
+        tree = any(d.parents is not None for d in ds)
+        N = max(int(d.ids.shape[1]) for d in ds) + 1
         with clock("verify"):
-            N = G + 1
-            seq = torch.zeros(B, N, dtype=torch.int64, device=dev)
-            used = torch.zeros(B, N, dtype=torch.bool, device=dev)
-            par = torch.full((B, N), -1, dtype=torch.int64)
-            for b, d in enumerate(drafts):
-                if d is None:
-                    continue
+            seq = torch.zeros(A, N, dtype=torch.int64, device=dev)
+            used = torch.zeros(A, N, dtype=torch.bool, device=dev)
+            par = torch.full((A, N), -1, dtype=torch.int64)
+            for i, (b, d) in enumerate(zip(act, ds)):
                 g = int(d.ids.shape[1])
-                seq[b, 0] = last[b][0, 0]
-                seq[b, 1:g + 1] = d.ids[0]
-                used[b, :g + 1] = True
+                seq[i, 0] = last[b][0, 0]
+                seq[i, 1:g + 1] = d.ids[0]
+                used[i, :g + 1] = True
                 if tree:
                     if d.parents is not None:
-                        par[b, 1:g + 1] = d.parents[0].cpu()
+                        par[i, 1:g + 1] = d.parents[0].cpu()
                     else:  # a chain inside a tree round (point masses only)
-                        par[b, 1:g + 1] = torch.arange(g)
-            out = bt.forward_nodes(seq, par if tree else None, used, layers)
+                        par[i, 1:g + 1] = torch.arange(g)
+            out = bt.forward_nodes(seq, par if tree else None, used, layers, rows=act)
+            seeds_a = vseed[act] if A < B else vseed
             if tree:
-                res = ops.verify_tree(out.logits, seq, par.to(dev), temperature=tau, seed=vseed,
-                                      offset=r, check_values=False, **ctl.filters)
+                res = ops.verify_tree(out.logits, seq, par.to(dev), temperature=tau,
+                                      seed=seeds_a, offset=r, check_values=False, **ctl.filters)
                 flat = torch.cat([res.ids.reshape(-1), res.num_accepted, res.valid.long(),
                                   res.path.reshape(-1)]).tolist()
             else:
                 logits = out.logits
                 if ctl.penalized:
-                    logits = torch.cat([ctl.penalize(logits[b:b + 1], seen[b], seq[b:b + 1, 1:])
-                                        for b in range(B)], 0)
-                res = _verify_chains(logits, seq, drafts, tau, vseed, r, ctl.filters)
+                    logits = torch.cat([ctl.penalize(logits[i:i + 1], seen[b], seq[i:i + 1, 1:])
+                                        for i, b in enumerate(act)], 0)
+                res = _verify_chains(logits, seq, ds, tau, seeds_a, r, ctl.filters)
                 flat = torch.cat([res.ids.reshape(-1), res.num_accepted,
                                   res.valid.long()]).tolist()
             # the one host sync of the round, for every row
-            ids_h = [flat[b * N:(b + 1) * N] for b in range(B)]
-            n_acc = flat[B * N: B * N + B]
-            valid = flat[B * N + B: B * N + 2 * B]
-            keep: List[List[int]] = []
-            for b in range(B):
-                if drafts[b] is None:
-                    keep.append([])
-                    continue
-                if not valid[b]:
+            keep: List[List[int]] = [[] for _ in range(B)]
+            n_acc: List[int] = [0] * B
+            for i, b in enumerate(act):
+                if not flat[A * N + A + i]:
                     raise RuntimeError(f"row {b}: the target's logits held NaN / inf or no "
                                        f"finite value")
+                n_acc[b] = flat[A * N + i]
                 if tree:
-                    pth = flat[B * N + 2 * B + b * N: B * N + 2 * B + (b + 1) * N]
-                    keep.append([0] + pth[:n_acc[b]])
+                    pth = flat[A * N + 2 * A + i * N: A * N + 2 * A + (i + 1) * N]
+                    keep[b] = [0] + pth[:n_acc[b]]
                 else:
-                    keep.append(list(range(n_acc[b] + 1)))
+                    keep[b] = list(range(n_acc[b] + 1))
             bt.commit(keep)
         with clock("draft"):
-            for b in range(B):
-                d = drafts[b]
-                if d is None:
-                    continue
+            for i, (b, d) in enumerate(zip(act, ds)):
                 n = n_acc[b]
                 rounds[b] += 1
                 acc[b] += n
@@ -394,14 +438,14 @@ def generate_batch(decoder: Any, drafter: Any, gamma: int, prompts: Sequence[Ten
                 if n >= len(hist[b]):
                     hist[b] += [0] * (n + 1 - len(hist[b]))
                 hist[b][n] += 1
-                if _emit(outs[b], ids_h[b][: n + 1], eos, max_new_tokens, None):
+                if _emit(outs[b], flat[i * N: i * N + n + 1], eos, max_new_tokens, None):
                     active[b] = False
                     continue
-                em = res.ids[b:b + 1, : n + 1]
+                em = res.ids[i:i + 1, : n + 1]
                 if ctl.penalized:
                     seen[b] = torch.cat([seen[b], em], 1)
                 hid = _cat_hidden(out, keep[b]) if layers else None
-                drafters[b].accept(em, n, None if hid is None else hid[b:b + 1])
+                drafters[b].accept(em, n, None if hid is None else hid[i:i + 1])
                 last[b] = em[:, n:n + 1]
         r += 1
     results = []

@@ -466,6 +466,44 @@ class DFlashDrafter(nn.Module):
         flat = h.reshape(B * G, -1).to(head.dtype).contiguous()  # (B*G, H)
         return F.linear(flat, head).view(B, G, -1)  # (B, G, V)
 
+    def batch_block_logits(self, caches: list, gammas: list) -> list:
+        """`block_logits` of fully masked blocks for several single-row caches in one pass:
+        row b's block ``[last, MASK x gammas[b]]`` over its own context (the rows' contexts
+        padded to the longest, each masked to its own length, each block to its own size), so
+        row b's logits are those `block_logits` gives it alone, up to rounding.
+
+        Shape: caches: B `DFlashCache` of one row each; returns B tensors (1, gammas[b], Vd).
+        """
+        if len(caches) != len(gammas) or not caches:
+            raise ValueError(f"caches and gammas must be non-empty lists of the same length, got "
+                             f"{len(caches)} and {len(gammas)}")
+        if any(c.batch_size != 1 or c.last is None for c in caches):
+            raise ValueError("batch_block_logits takes caches of one row each, with a last token")
+        cfg = self.config
+        B, G = len(caches), max(gammas)
+        dev = caches[0].device
+        lens = torch.tensor([c.length for c in caches], device=dev)  # (B,)
+        S = int(max(c.length for c in caches))
+        kv = []
+        for i in range(cfg.n_layers):
+            k = caches[0].keys[i].new_zeros(B, cfg.n_kv_heads, S, cfg.head_dim)
+            v = torch.zeros_like(k)
+            for b, c in enumerate(caches):
+                k[b, :, :c.length] = c.keys[i][0, :, :c.length]
+                v[b, :, :c.length] = c.values[i][0, :, :c.length]
+            kv.append((k, v))
+        last = torch.cat([c.last for c in caches], 0)  # (B, 1)
+        tokens = torch.cat([last, last.new_full((B, G), cfg.mask_id)], 1)  # (B, G + 1)
+        pos = lens[:, None] + torch.arange(G + 1, device=dev)
+        ctx = torch.arange(S, device=dev)[None, :] < lens[:, None]  # (B, S)
+        blk = torch.arange(G + 1, device=dev)[None, :] <= torch.tensor(gammas, device=dev)[:, None]
+        mask = torch.cat([ctx, blk], 1)[:, None, None, :].expand(B, 1, G + 1, S + G + 1)
+        h = self.hidden(tokens, pos, kv, mask)[:, 1:]  # (B, G, H)
+        head = self.head_weight()
+        flat = h.reshape(B * G, -1).to(head.dtype).contiguous()
+        lg = F.linear(flat, head).view(B, G, -1)
+        return [lg[b:b + 1, :g] for b, g in enumerate(gammas)]
+
     def forward_blocks(self, features: Tensor, anchors: Tensor, block_tokens: Tensor) -> Tensor:
         """Training forward: A blocks per row in one pass, each seeing the context before its
         anchor (block-diagonal mask), as `block_logits` would see it at that anchor.

@@ -86,6 +86,9 @@ class DiffusionDrafting:
         self.max_drafts: Optional[int] = cfg.block_size - 1 if self.dflash else None
         self.cache: Any = None
         self.last_logits: Optional[Tensor] = None
+        # the next round's first-step logits, computed for a batch of rows at once
+        # (`batching.prefetch_blocks`); used by `draft` when they fit, then dropped
+        self.prefetched: Optional[Tensor] = None
 
     def start(self, prompt: Tensor, seed: int, temperature: float,
               hidden: Optional[Tensor], filters: Optional[dict] = None) -> None:
@@ -108,7 +111,11 @@ class DiffusionDrafting:
             self.cache.append_context(prompt, feats)
 
     def draft(self, gamma: int, rnd: int) -> Draft:
-        b = sample_block(self.drafter, self.cache, gamma, self.steps, self.commit,
+        pre, self.prefetched = self.prefetched, None
+        model: Any = self.drafter
+        if pre is not None and pre.shape[1] == gamma:
+            model = _FirstStep(self.drafter, pre)
+        b = sample_block(model, self.cache, gamma, self.steps, self.commit,
                          temperature=self._dtau, seed=self._seed, offset=rnd,
                          filters=self._filters)
         self.last_logits = b.logits
@@ -120,3 +127,17 @@ class DiffusionDrafting:
             self.cache.append_context(hidden, last=emitted[:, n_acc:])
         else:  # tokens [x_1 .. x_n, correction] with the states at [last, x_1 .. x_n]
             self.cache.append_context(emitted, hidden)
+
+
+class _FirstStep:
+    """The drafter, but its first `block_logits` call answers with logits computed already."""
+
+    def __init__(self, drafter: Any, logits: Tensor) -> None:
+        self._drafter, self._logits = drafter, logits
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._drafter, name)
+
+    def block_logits(self, cache: Any, block_tokens: Tensor) -> Tensor:
+        lg, self._logits = self._logits, None
+        return lg if lg is not None else self._drafter.block_logits(cache, block_tokens)
