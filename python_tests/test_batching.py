@@ -217,3 +217,45 @@ def test_batched_law_negative_control_is_rejected(law_world: tuple, monkeypatch)
     monkeypatch.setattr(batching, "_seeds", lambda seed, B: [seed] * B)
     counts = _batched_law_counts(target, prompt, _law_decoder(target))
     assert chi_square(counts, _exact_law(target, prompt))[2] < ALPHA
+
+
+def test_batched_block_logits_equal_each_row_alone(tiny: TargetModel) -> None:
+    """`DFlashDrafter.batch_block_logits`: rows of different context lengths and block sizes in
+    one pass give each row's own `block_logits` (float32)."""
+    d = _drafter(tiny, std=0.5)
+    g = torch.Generator().manual_seed(2)
+    caches, gammas = [], [4, 2, 3]
+    for n, last in ((7, 3), (2, 9), (12, 40)):
+        feats = torch.randn(1, n, d.config.feature_size, generator=g)
+        caches.append(d.new_cache(1).append_context(feats, last=torch.tensor([[last]])))
+    with torch.no_grad():
+        got = d.batch_block_logits(caches, gammas)
+        for c, k, lg in zip(caches, gammas, got):
+            want = d.block_logits(c, torch.full((1, k), d.config.mask_id))
+            torch.testing.assert_close(lg, want, atol=1e-5, rtol=1e-5)
+    # negative control: without the per-row block mask, the shorter blocks' logits change
+    with torch.no_grad():
+        wide = d.batch_block_logits(caches, [4, 4, 4])
+    assert not torch.allclose(wide[1][:, :2], got[1], atol=1e-4)
+    with pytest.raises(ValueError, match="same length"):
+        d.batch_block_logits(caches, [1])
+
+
+def test_default_tree_budget_shrinks_with_the_batch(tiny: TargetModel) -> None:
+    """A decoder left at the default budget drafts `DEFAULTS.batch_tree_budget(B)` nodes per
+    round in a batch of B; an explicit budget is kept at every B."""
+    from specdiff_ext.defaults import DEFAULTS
+
+    d = _drafter(tiny, std=0.5)
+    prompts = _prompts([4 + i for i in range(8)], seed=11)
+    dflt, fixed = SpecDiffDecoder(tiny, d, gamma=4), SpecDiffDecoder(tiny, d, gamma=4,
+                                                                      tree_budget=16)
+    assert DEFAULTS.batch_tree_budget(1) == DEFAULTS.tree_budget
+    assert DEFAULTS.batch_tree_budget(8) < DEFAULTS.tree_budget
+    assert dflt.batch_drafter(8).budget == DEFAULTS.batch_tree_budget(8)
+    assert dflt.batch_drafter(1) is dflt.drafter and fixed.batch_drafter(8) is fixed.drafter
+    small = dflt.generate_batch(prompts, 12)
+    assert all(r.stats["draft_nodes"] <= DEFAULTS.batch_tree_budget(8) * r.stats["rounds"]
+               for r in small)
+    assert [r.ids for r in small] == [ARDecoder(tiny).generate(p, 12).ids for p in prompts]
+    assert dflt.drafter.budget == DEFAULTS.tree_budget  # the decoder's own drafter untouched

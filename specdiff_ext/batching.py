@@ -1,4 +1,4 @@
-"""Batched decoding with ragged acceptance (docs/design.md section 5.4): B prompts decoded at
+"""Batched decoding with ragged acceptance (docs/design.md section 5, Batches): B prompts decoded at
 once, each row exactly as if decoded alone.
 
 - `SlotCache`: the target's KV cache with one slot per logical position per row. A row's

@@ -357,7 +357,10 @@ class SpeculativeDecoder:
         from .batching import generate_batch
 
         ctl = SamplingControls.make(top_k, top_p, min_p, repetition_penalty)
-        drafter, gamma = self.drafter, self.gamma
+        pick = getattr(self, "batch_drafter", None)
+        drafter = pick(len(prompts)) if pick is not None and isinstance(prompts, (list, tuple)) \
+            else self.drafter
+        gamma = self.gamma
         chain = getattr(drafter, "chain_drafter", None)
         if ctl.penalized and chain is not None:  # as in generate: penalties draft the chain
             drafter, gamma = chain, min(gamma, chain.max_drafts or gamma)
@@ -491,6 +494,7 @@ class SpecDiffDecoder(SpeculativeDecoder):
         block = DiffusionDrafting(drafter, steps, commit, draft_temperature, draft_filters)
         budget = check_budget(DEFAULTS.tree_budget if tree_budget is None else tree_budget)
         self.tree_budget = budget
+        self.default_budget = tree_budget is None  # then batches take `batch_tree_budget`
         if budget == 0:
             super().__init__(target, block, gamma)
             return
@@ -503,6 +507,20 @@ class SpecDiffDecoder(SpeculativeDecoder):
         tree = TreeDrafting(block, budget, PromptLookup() if ngram else None,
                             ngram_len=DEFAULTS.tree_ngram_len, topk=DEFAULTS.tree_topk)
         super().__init__(target, tree, None)
+
+    def batch_drafter(self, batch: int) -> Any:
+        """The drafter a batch of `batch` rows drafts with: this decoder's, or, when its tree
+        budget was left at the default, the same tree drafter with
+        `DEFAULTS.batch_tree_budget(batch)` nodes (smaller trees at larger batches)."""
+        d = self.drafter
+        if not (self.default_budget and isinstance(d, TreeDrafting)):
+            return d
+        budget = DEFAULTS.batch_tree_budget(batch)
+        if budget == d.budget or budget < 1:
+            return d
+        d = d.fork()
+        d.budget = budget
+        return d
 
 
 class ARSpecDecoder(SpeculativeDecoder):

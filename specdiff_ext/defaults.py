@@ -30,6 +30,10 @@ class DecoderDefaults:
     - ``tree_budget``: specdiff's draft tree nodes per round (0: the chain); ``tree_ngram``:
       prompt lookup's continuation (up to ``tree_ngram_len`` tokens) joins each tree;
       ``tree_topk``: ranks per block position the best-first expansion considers.
+    - ``batch_tree_budgets``: the tree budget `generate_batch` uses at batch size B when the
+      decoder's budget was left at its default: the first ``(max_B, budget)`` pair with
+      B <= max_B (a wide forward is cheap for one row, not for many: smaller trees at larger
+      batches; measured by ``benchmarks/batch_cpu.py``, ``benchmarks/results/batch_cpu.md``).
     """
 
     steps: int = 1
@@ -43,6 +47,14 @@ class DecoderDefaults:
     tree_ngram: bool = True
     tree_ngram_len: int = 8
     tree_topk: int = 8
+    batch_tree_budgets: tuple = ((2, 16), (4, 8), (1 << 30, 4))
+
+    def batch_tree_budget(self, batch: int) -> int:
+        """The default tree budget at batch size `batch` (``batch_tree_budgets``)."""
+        for max_b, budget in self.batch_tree_budgets:
+            if batch <= max_b:
+                return budget
+        return self.batch_tree_budgets[-1][1]
 
 
 DEFAULTS = DecoderDefaults()
