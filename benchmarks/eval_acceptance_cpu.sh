@@ -7,6 +7,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m specdiff_ext eval-drafter ${1:+--drafter "$1"} --num-prompts 32 --gammas auto --steps 1 \
-    --commits left_to_right --temperatures 0,1 --max-new-tokens 96 --dtype bfloat16 \
+    --commits left_to_right --temperatures 0,1 --tree-budgets 0,16 --max-new-tokens 96 --dtype bfloat16 \
     --threads "${THREADS:-2}" --no-progress --out benchmarks/results/eval_acceptance_cpu.json \
     | tee benchmarks/results/eval_acceptance_cpu.md

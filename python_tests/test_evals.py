@@ -97,3 +97,12 @@ def test_eval_drafter_rows_and_table_carry_the_rates() -> None:
     assert " / ".join(f"{x:.2f}" for x in r0["top1_by_position"]) in table
     old = [{k: v for k, v in r.items() if "position" not in k} for r in rows]  # older JSON rows
     assert "| - | - |" in format_eval_table(old)
+    # a tree budget adds the tree decoder's rows: acceptance, no position rates
+    both = eval_drafter(Chat(), d, {"a": ["5 17 3 42 5 17 3"]}, steps=(1,),
+                        commits=("left_to_right",), temperatures=(0.0,), max_new_tokens=12,
+                        progress=False, tree_budgets=(0, 6))
+    chain, tree = both
+    assert (chain["tree_budget"], tree["tree_budget"]) == (0, 6)
+    assert tree["top1_by_position"] is None and tree["mean_accepted"] >= 0
+    assert tree["rounds"] > 0 and sum(tree["accepted_histogram"]) == tree["rounds"]
+    assert "| 6 + n-gram |" in format_eval_table(both) and "| chain |" in format_eval_table(both)

@@ -403,6 +403,7 @@ def _eval_grid(ap: argparse.ArgumentParser, a: argparse.Namespace) -> dict:
     """eval-drafter's comma lists, parsed and checked by their owners before any model loads."""
     from .decoding import check_gamma
     from .drafting import check_steps
+    from .drafting.tree import check_budget
     from .ops import check_sampling
     from .types import CommitMode
 
@@ -425,6 +426,9 @@ def _eval_grid(ap: argparse.ArgumentParser, a: argparse.Namespace) -> dict:
         "commits": items("--commits", a.commits, lambda x: CommitMode.parse(x).name.lower()),
         "temperatures": items("--temperatures", a.temperatures,
                               lambda x: check_sampling(temperature=float(x))["temperature"]),
+        **({"tree_budgets": items("--tree-budgets", a.tree_budgets,
+                                  lambda x: check_budget(int(x)))}
+           if hasattr(a, "tree_budgets") else {}),
     }
 
 
@@ -442,6 +446,9 @@ def _eval_drafter(argv: Sequence[str]) -> int:
     ap.add_argument("--commits", default="left_to_right,confidence,random",
                     help="comma list of left_to_right, confidence, random")
     ap.add_argument("--temperatures", default="0,1", help="comma list of temperatures")
+    ap.add_argument("--tree-budgets", default="0",
+                    help="comma list of draft tree budgets: 0 the chain, N > 0 the specdiff tree "
+                         "of N nodes with its n-gram branch, e.g. 0,16")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
     _model_args(ap)

@@ -142,37 +142,49 @@ def eval_drafter(target: Any, drafter: Any, prompt_sets: Dict[str, Sequence[str]
                  gammas: Sequence[Optional[int]] = (None,), steps: Sequence[int] = (1, 2, 4, 8),
                  commits: Sequence[str] = ("left_to_right", "confidence", "random"),
                  temperatures: Sequence[float] = (0.0, 1.0), max_new_tokens: int = 64,
-                 seed: int = 0, progress: bool = True) -> List[dict]:
+                 seed: int = 0, progress: bool = True,
+                 tree_budgets: Sequence[int] = (0,)) -> List[dict]:
     """Mean accepted draft tokens per round for every (prompt set, temperature, G, T, commit).
 
     A gamma of None is the drafter's own (its trained block minus one). Each configuration
     decodes every prompt of the set for `max_new_tokens` tokens with
     `decoding.SpecDiffDecoder` and pools the rounds. Returns one dict per configuration, with
     the hit rates by block position of those runs (top1_by_position, top4_by_position,
-    counted_by_position: module docstring).
+    counted_by_position: module docstring). A tree budget b > 0 (`tree_budgets`; 0 is the
+    chain) runs the specdiff tree decoder of b nodes with its n-gram branch instead: its rows
+    carry accepted/round and the first-accept rate, no position rates (a tree's rounds do not
+    all draft a block).
     """
     from ..decoding import SpecDiffDecoder
 
     encoded = {k: [target.chat_prompt(p) for p in v] for k, v in prompt_sets.items()}
-    grid = [(s, t, g, T, c) for s in encoded for t in temperatures for g in gammas
-            for T in steps for c in commits]
+    grid = [(s, t, g, T, c, b) for s in encoded for t in temperatures for g in gammas
+            for T in steps for c in commits for b in tree_budgets]
     bar = None
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=len(grid), desc="eval-drafter", unit="config", dynamic_ncols=True,
                    file=sys.stderr)
     rows = []
-    for s, t, g, T, c in grid:
-        dec = SpecDiffDecoder(target, drafter, gamma=g, steps=T, commit=c, tree_budget=0)
-        pooled = evaluate_positions(dec, encoded[s], max_new_tokens, temperature=t, seed=seed)
-        row = {"prompts": s, "temperature": t, "gamma": dec.gamma, "steps": T, "commit": c,
-               **{k: pooled[k] for k in ("mean_accepted", "first_accept_rate", "tokens_per_round",
-                                         "rounds", "accepted_histogram", "top1_by_position",
-                                         "top4_by_position", "counted_by_position")}}
+    for s, t, g, T, c, b in grid:
+        dec = SpecDiffDecoder(target, drafter, gamma=g, steps=T, commit=c, tree_budget=b)
+        if b:
+            pooled = evaluate_acceptance(dec, encoded[s], max_new_tokens, temperature=t,
+                                         seed=seed)
+        else:
+            pooled = evaluate_positions(dec, encoded[s], max_new_tokens, temperature=t,
+                                        seed=seed)
+        G = getattr(getattr(dec.drafter, "block", dec.drafter), "max_drafts", None) or dec.gamma
+        row = {"prompts": s, "temperature": t, "gamma": G, "steps": T, "commit": c,
+               "tree_budget": b,
+               **{k: pooled.get(k) for k in ("mean_accepted", "first_accept_rate",
+                                             "tokens_per_round", "rounds", "accepted_histogram",
+                                             "top1_by_position", "top4_by_position",
+                                             "counted_by_position")}}
         rows.append(row)
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(set=s, t=t, G=g, T=T, acc=f"{row['mean_accepted']:.2f}")
+            bar.set_postfix(set=s, t=t, G=g, T=T, tree=b, acc=f"{row['mean_accepted']:.2f}")
     if bar is not None:
         bar.close()
     return rows

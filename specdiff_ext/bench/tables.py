@@ -100,10 +100,11 @@ def format_e2e_table(reports: Sequence[Union[str, dict]]) -> str:
 def format_eval_table(rows: List[dict]) -> str:
     """Markdown: one table per (prompt set, temperature, commit), rows G, columns T."""
     out = []
-    keys = sorted({(r["prompts"], r["temperature"], r["commit"]) for r in rows},
+    chain = [r for r in rows if not r.get("tree_budget")]
+    keys = sorted({(r["prompts"], r["temperature"], r["commit"]) for r in chain},
                   key=lambda k: (k[0], k[1], k[2]))
     for s, t, c in keys:
-        sub = [r for r in rows if (r["prompts"], r["temperature"], r["commit"]) == (s, t, c)]
+        sub = [r for r in chain if (r["prompts"], r["temperature"], r["commit"]) == (s, t, c)]
         Ts = sorted({r["steps"] for r in sub})
         Gs = sorted({r["gamma"] for r in sub})
         out.append(f"**{s}, temperature {t}, commit {c}**: mean accepted draft tokens per round\n")
@@ -116,26 +117,29 @@ def format_eval_table(rows: List[dict]) -> str:
                 cells.append(f"{r['mean_accepted']:.2f}" if r else "-")
             out.append(f"| {g} | " + " | ".join(cells) + " |")
         out.append("")
-    out.append("| prompts | temperature | G | T | commit | accepted/round | first draft accepted "
-               "| rounds | accepted-length histogram | top-1 by position | top-4 by position |")
-    out.append("|---|---|---|---|---|---|---|---|---|---|---|")
+    out.append("| prompts | temperature | G | T | commit | tree | accepted/round | first draft "
+               "accepted | rounds | accepted-length histogram | top-1 by position | top-4 by "
+               "position |")
+    out.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
     groups: Dict[tuple, List[dict]] = {}
     for r in rows:
-        groups.setdefault((r["temperature"], r["gamma"], r["steps"], r["commit"]), []).append(r)
+        groups.setdefault((r["temperature"], r["gamma"], r["steps"], r["commit"],
+                           r.get("tree_budget", 0)), []).append(r)
     listed = list(rows)
-    for (t, g, T, c), sub in groups.items():
+    for (t, g, T, c, b), sub in groups.items():
         if len(sub) > 1:  # all prompt sets pooled
             n = sum(r["rounds"] for r in sub)
             hist = [sum(r["accepted_histogram"][j] for r in sub if j < len(r["accepted_histogram"]))
                     for j in range(max(len(r["accepted_histogram"]) for r in sub))]
             listed.append({"prompts": "all", "temperature": t, "gamma": g, "steps": T, "commit": c,
-                           "rounds": n, "accepted_histogram": hist,
+                           "tree_budget": b, "rounds": n, "accepted_histogram": hist,
                            "mean_accepted": sum(j * h for j, h in enumerate(hist)) / max(n, 1),
                            "first_accept_rate": (n - hist[0]) / max(n, 1),
                            **_pool_positions(sub)})
     for r in listed:
+        tree = f"{r['tree_budget']} + n-gram" if r.get("tree_budget") else "chain"
         out.append(f"| {r['prompts']} | {r['temperature']} | {r['gamma']} | {r['steps']} | "
-                   f"{r['commit']} | {r['mean_accepted']:.2f} | "
+                   f"{r['commit']} | {tree} | {r['mean_accepted']:.2f} | "
                    f"{r.get('first_accept_rate', float('nan')):.2f} | {r['rounds']} | "
                    f"{r['accepted_histogram']} | {_rates(r.get('top1_by_position'))} | "
                    f"{_rates(r.get('top4_by_position'))} |")
