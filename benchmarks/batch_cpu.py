@@ -105,8 +105,8 @@ def main() -> None:
                   f"{bt / row['ar']['tokens_per_second']:.2f}",
                   f"{bt / default:.2f}" if default else "-"]
         print("| " + " | ".join(cells) + " |")
-    print("\n(in parentheses: drafts accepted per round; every run's greedy output equals ar's "
-          "one-at-a-time output on "
+    print("\n(in parentheses: drafts accepted per round; greedy outputs equal to ar's "
+          "one-at-a-time output, the fewest of any decoder at each B: "
           + ", ".join(f"{min(r[n]['matches_ar'] for n in decs)}" for r in rows)
           + f" of {len(prompts)} prompts at B = {a.batch_sizes}: bfloat16 batched matmuls round "
             "differently, float32 is identical, python_tests/test_batching.py)")

@@ -247,15 +247,15 @@ def test_default_tree_budget_shrinks_with_the_batch(tiny: TargetModel) -> None:
     from specdiff_ext.defaults import DEFAULTS
 
     d = _drafter(tiny, std=0.5)
-    prompts = _prompts([4 + i for i in range(8)], seed=11)
+    prompts = _prompts([4 + i for i in range(10)], seed=11)
     dflt, fixed = SpecDiffDecoder(tiny, d, gamma=4), SpecDiffDecoder(tiny, d, gamma=4,
                                                                       tree_budget=16)
     assert DEFAULTS.batch_tree_budget(1) == DEFAULTS.tree_budget
-    assert DEFAULTS.batch_tree_budget(8) < DEFAULTS.tree_budget
-    assert dflt.batch_drafter(8).budget == DEFAULTS.batch_tree_budget(8)
-    assert dflt.batch_drafter(1) is dflt.drafter and fixed.batch_drafter(8) is fixed.drafter
+    assert DEFAULTS.batch_tree_budget(10) < DEFAULTS.tree_budget
+    assert dflt.batch_drafter(10).budget == DEFAULTS.batch_tree_budget(10)
+    assert dflt.batch_drafter(1) is dflt.drafter and fixed.batch_drafter(10) is fixed.drafter
     small = dflt.generate_batch(prompts, 12)
-    assert all(r.stats["draft_nodes"] <= DEFAULTS.batch_tree_budget(8) * r.stats["rounds"]
+    assert all(r.stats["draft_nodes"] <= DEFAULTS.batch_tree_budget(10) * r.stats["rounds"]
                for r in small)
     assert [r.ids for r in small] == [ARDecoder(tiny).generate(p, 12).ids for p in prompts]
     assert dflt.drafter.budget == DEFAULTS.tree_budget  # the decoder's own drafter untouched

@@ -47,7 +47,7 @@ class DecoderDefaults:
     tree_ngram: bool = True
     tree_ngram_len: int = 8
     tree_topk: int = 8
-    batch_tree_budgets: tuple = ((2, 16), (4, 8), (1 << 30, 4))
+    batch_tree_budgets: tuple = ((8, 16), (1 << 30, 4))
 
     def batch_tree_budget(self, batch: int) -> int:
         """The default tree budget at batch size `batch` (``batch_tree_budgets``)."""
