@@ -80,15 +80,14 @@ class SlotCache:
         k, v = self.keys[layer_idx], self.values[layer_idx]
         B, H, T, D = key_states.shape
         W = self.live.shape[1]
+        # one index_put through the (B, S, H, D) view: row r's entry t goes to slot write[r, t]
+        r = (torch.arange(B, device=k.device) if self.rows is None else self.rows)[:, None]
+        r = r.expand(B, T)
+        k.permute(0, 2, 1, 3)[r, self.write] = key_states.permute(0, 2, 1, 3).to(k.dtype)
+        v.permute(0, 2, 1, 3)[r, self.write] = value_states.permute(0, 2, 1, 3).to(v.dtype)
         if self.rows is None:
-            idx = self.write[:, None, :, None].expand(B, H, T, D)
-            k.scatter_(2, idx, key_states.to(k.dtype))
-            v.scatter_(2, idx, value_states.to(v.dtype))
             kw, vw = k[:, :, :W], v[:, :, :W]
-        else:  # a subset of the rows: write through (row, slot) pairs, read their windows
-            r = self.rows[:, None].expand(B, T)
-            k.permute(0, 2, 1, 3)[r, self.write] = key_states.permute(0, 2, 1, 3).to(k.dtype)
-            v.permute(0, 2, 1, 3)[r, self.write] = value_states.permute(0, 2, 1, 3).to(v.dtype)
+        else:  # a subset of the rows: their windows
             kw, vw = k[:, :, :W].index_select(0, self.rows), v[:, :, :W].index_select(0, self.rows)
         live = self.live[:, None, :, None]
         zero = k.new_zeros(())
