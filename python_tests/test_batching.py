@@ -30,7 +30,7 @@ from specdiff_ext.types import Draft
 
 pytest.importorskip("transformers")
 
-from test_decoding import _exact_law, tiny_drafter, tiny_target  # noqa: E402
+from test_decoding import _exact_law, law_world, tiny_drafter, tiny_target  # noqa: E402,F401
 from test_dflash import _drafter  # noqa: E402
 from test_distribution import chi_square  # noqa: E402
 
@@ -190,12 +190,6 @@ def _batched_law_counts(target: TargetModel, prompt: Tensor, dec: Any) -> Tensor
             ids = res[i].ids
             counts[ids[0] * V + ids[1]] += 1
     return counts
-
-
-@pytest.fixture(scope="module")
-def law_world() -> tuple:
-    target = tiny_target(vocab=4, hidden=16, layers=1, seed=2)
-    return target, torch.tensor([[1, 3, 0, 2]])
 
 
 def _law_decoder(target: TargetModel) -> Any:

@@ -246,17 +246,25 @@ def chat_target(tmp_path_factory: pytest.TempPathFactory):
     return load_target(folder, dtype=torch.float32)
 
 
-def test_train_dflash_learns_and_resumes(chat_target, tmp_path: Path) -> None:
+def _word_data(target, tmp_path: Path, seed: int, n: int, num_prompts: int,
+               max_new_tokens: int) -> Path:
+    """A make-data folder of the target's greedy continuations of `n` random word prompts."""
     from specdiff_ext.training.data import generate_dataset
+
+    g = torch.Generator().manual_seed(seed)
+    prompts = [" ".join(f"w{int(i)}" for i in torch.randint(0, 50, (int(k),), generator=g))
+               for k in torch.randint(2, 9, (n,), generator=g)]
+    data_dir = tmp_path / "data"
+    generate_dataset(target, data_dir, prompts=prompts, num_prompts=num_prompts,
+                     max_new_tokens=max_new_tokens, temperatures=(0.0,), shard_size=num_prompts,
+                     batch_size=8, heldout_fraction=0.2, progress=False)
+    return data_dir
+
+
+def test_train_dflash_learns_and_resumes(chat_target, tmp_path: Path) -> None:
     from specdiff_ext.training.dflash import build_parser, train
 
-    g = torch.Generator().manual_seed(3)
-    prompts = [" ".join(f"w{int(i)}" for i in torch.randint(0, 50, (int(n),), generator=g))
-               for n in torch.randint(2, 9, (40,), generator=g)]
-    data_dir = tmp_path / "data"
-    generate_dataset(chat_target, data_dir, prompts=prompts, num_prompts=24, max_new_tokens=16,
-                     temperatures=(0.0,), shard_size=24, batch_size=8, heldout_fraction=0.2,
-                     progress=False)
+    data_dir = _word_data(chat_target, tmp_path, seed=3, n=40, num_prompts=24, max_new_tokens=16)
     common = ["--data", str(data_dir), "--batch", "4", "--anchors", "8", "--block-size", "4",
               "--layers", "2", "--warmup", "2", "--lr", "3e-3", "--eval-prompts", "2",
               "--eval-rounds", "2", "--save-every", "5", "--max-len", "64"]
@@ -516,18 +524,12 @@ def test_train_dflash_with_a_draft_vocabulary(chat_target, tmp_path: Path) -> No
     """--draft-vocab K: the K most frequent generated training tokens; the loss only over them
     (labels outside carry none); the checkpoint keeps the map; resuming keeps it, and asking a
     resumed run for another size is refused."""
-    from specdiff_ext.training.data import generate_dataset, generated_token_counts, load_shards
+    from specdiff_ext.training.data import generated_token_counts, load_shards
     from specdiff_ext.training.dflash import build_parser, draft_labels, train
 
     assert draft_labels(torch.tensor([[5, -1, 2, 9]]), torch.tensor([2, 9]), 10).tolist() == \
         [[-1, -1, 0, 1]]
-    g = torch.Generator().manual_seed(4)
-    prompts = [" ".join(f"w{int(i)}" for i in torch.randint(0, 50, (int(n),), generator=g))
-               for n in torch.randint(2, 9, (30,), generator=g)]
-    data_dir = tmp_path / "data"
-    generate_dataset(chat_target, data_dir, prompts=prompts, num_prompts=16, max_new_tokens=12,
-                     temperatures=(0.0,), shard_size=16, batch_size=8, heldout_fraction=0.2,
-                     progress=False)
+    data_dir = _word_data(chat_target, tmp_path, seed=4, n=30, num_prompts=16, max_new_tokens=12)
     data = load_shards(data_dir, [0.0])[0]
     counts = generated_token_counts(data, 60)
     # the counts are of generated tokens only: prompt tokens are not labels

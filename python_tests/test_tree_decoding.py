@@ -25,8 +25,8 @@ from specdiff_ext.target import TargetModel
 
 pytest.importorskip("transformers")
 
-from test_decoding import (OracleDrafter, _controlled_counts, _exact_law, tiny_drafter,  # noqa: E402
-                           tiny_target)
+from test_decoding import (OracleDrafter, _controlled_counts, _exact_law, law_world,  # noqa: E402,F401
+                           tiny_drafter, tiny_target)
 from test_dflash import _drafter  # noqa: E402
 from test_distribution import chi_square  # noqa: E402
 
@@ -115,12 +115,6 @@ def _tree_law_p(target: TargetModel, prompt: Tensor) -> float:
     dec = SpeculativeDecoder(target, TreeDrafting(block, 6, None, topk=3), None)
     counts = _controlled_counts(dec, target, prompt, RUNS, controls={})
     return chi_square(counts, _exact_law(target, prompt))[2]
-
-
-@pytest.fixture(scope="module")
-def law_world() -> tuple:
-    target = tiny_target(vocab=4, hidden=16, layers=1, seed=2)
-    return target, torch.tensor([[1, 3, 0, 2]])
 
 
 def test_sampled_tree_decoding_has_the_target_law(law_world: tuple) -> None:

@@ -163,7 +163,8 @@ class BatchedTarget:
         rows_t = torch.tensor(list(rows), dtype=torch.int64, device=dev) if sub else None
         L = self._len[rows_t] if sub else self._len  # (B,)
         lens = [self.lengths[b] for b in rows] if sub else self.lengths
-        slot = torch.where(used, L[:, None] + torch.arange(N, device=dev), S - 1)  # (B, N)
+        slot = torch.where(used, L[:, None] + torch.arange(N, device=dev),
+                           self.cache.trash)  # (B, N)
         # the call reads the first W slots only: every row's prefix and this round's nodes
         W = max(lens) + N
         if W >= S:
@@ -328,8 +329,7 @@ def generate_batch(decoder: Any, drafter: Any, gamma: int, prompts: Sequence[Ten
     ``seed[i]`` for a list. Returns one `GenerateResult` per prompt, in order; each row's stats
     are its own, with the batch's wall time (``seconds``) and ``batch_size``."""
     from .bench.stats import run_stats
-    from .decoding import (_SEED_MASK, GenerateResult, SamplingControls, _cat_hidden, _emit,
-                           _setup)
+    from .decoding import GenerateResult, SamplingControls, _cat_hidden, _emit, _setup, _streams
     from .types import Draft
 
     tgt = decoder.target
@@ -347,8 +347,8 @@ def generate_batch(decoder: Any, drafter: Any, gamma: int, prompts: Sequence[Ten
     prompt = [r[1] for r in rows]
     base = [r[2] for r in rows]
     dev = tgt.device
-    vseed = torch.tensor([_solo_row_seed((2 * b) & _SEED_MASK) for b in base],
-                         dtype=torch.int64, device=dev)
+    vseed = torch.tensor([_solo_row_seed(_streams(b)[0]) for b in base], dtype=torch.int64,
+                         device=dev)
     width = (max_nodes or gamma + 1)
     bt = BatchedTarget(tgt, B, max(int(p.shape[1]) for p in prompt) + max_new_tokens + width + 1)
     drafters = [fork_drafter(drafter) for _ in range(B)]
@@ -363,8 +363,7 @@ def generate_batch(decoder: Any, drafter: Any, gamma: int, prompts: Sequence[Ten
             hidden = bt.prefill(prompt, layers)
         with clock("draft"):
             for b in range(B):
-                drafters[b].start(prompt[b], (2 * base[b] + 1) & _SEED_MASK, tau, hidden[b],
-                                  ctl.filters)
+                drafters[b].start(prompt[b], _streams(base[b])[1], tau, hidden[b], ctl.filters)
     last = [p[:, -1:] for p in prompt]
     r = 0
     while any(active):
@@ -443,8 +442,9 @@ def generate_batch(decoder: Any, drafter: Any, gamma: int, prompts: Sequence[Ten
                 em = res.ids[i:i + 1, : n + 1]
                 if ctl.penalized:
                     seen[b] = torch.cat([seen[b], em], 1)
-                hid = _cat_hidden(out, keep[b]) if layers else None
-                drafters[b].accept(em, n, None if hid is None else hid[i:i + 1])
+                # this row's states at its kept nodes (not every row's, then one)
+                hid = _cat_hidden(out, keep[b], row=i) if layers else None
+                drafters[b].accept(em, n, hid)
                 last[b] = em[:, n:n + 1]
         r += 1
     results = []

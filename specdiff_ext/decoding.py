@@ -103,6 +103,11 @@ def _base_seed(seed: Optional[int]) -> int:
     return seed & _SEED_MASK
 
 
+def _streams(base: int) -> tuple:
+    """(verifier seed, drafter seed) of a run with base seed `base`: 2b and 2b + 1."""
+    return (2 * base) & _SEED_MASK, (2 * base + 1) & _SEED_MASK
+
+
 def _check_prompt(input_ids: Tensor, device: torch.device) -> Tensor:
     if not isinstance(input_ids, Tensor):
         raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
@@ -159,13 +164,17 @@ class SamplingControls:
                                    repetition_penalty=self.repetition_penalty)
 
 
-def _cat_hidden(out: Any, n: Union[int, List[int], None] = None) -> Optional[Tensor]:
+def _cat_hidden(out: Any, n: Union[int, List[int], None] = None,
+                row: Optional[int] = None) -> Optional[Tensor]:
     """The requested hidden states of a target forward at its first `n` positions (all when
     None; a list: those positions, e.g. a tree's accepted path), concatenated over layers:
-    (B, n, H_f), or None when none were requested."""
+    (B, n, H_f) -- or (1, n, H_f) of batch row `row` only -- or None when none were
+    requested."""
     hid = getattr(out, "hidden", None)
     if not hid:
         return None
+    if row is not None:
+        hid = [h[row:row + 1] for h in hid]
     if isinstance(n, list):
         hid = [h[:, n] for h in hid]
     elif n is not None:
@@ -216,7 +225,38 @@ class Drafter(Protocol):
     def accept(self, emitted: Tensor, n_acc: int, hidden: Optional[Tensor]) -> None: ...
 
 
-class SpeculativeDecoder:
+class BatchDecoding:
+    """`generate_batch` for a decoder with a ``target`` and a ``_batch_plan(batch, controls) ->
+    (drafter, gamma)``: the round loop of `batching.generate_batch` over that drafter."""
+
+    target: Any
+
+    def _batch_plan(self, batch: int, controls: "SamplingControls") -> tuple:
+        raise NotImplementedError
+
+    def generate_batch(self, prompts: Sequence[Tensor], max_new_tokens: int,
+                       temperature: float = 0.0, seed: Union[int, Sequence[int], None] = None,
+                       eos_token_id: Optional[int] = None, *, top_k: Optional[int] = None,
+                       top_p: Optional[float] = None, min_p: Optional[float] = None,
+                       repetition_penalty: Optional[float] = None) -> List[GenerateResult]:
+        """`generate` for B prompts at once (`batching.generate_batch`): each row's law is that
+        of decoding it alone (float32 greedy: the same tokens), with its own EOS and limit.
+
+        Shape:
+            prompts: a list of (1, T_i) tensors. seed: an int (row i: seed + i, the streams of a
+            solo call with that seed) or a list of B ints. Returns one GenerateResult per
+            prompt, in order.
+        """
+        from .batching import generate_batch
+
+        ctl = SamplingControls.make(top_k, top_p, min_p, repetition_penalty)
+        batch = len(prompts) if isinstance(prompts, (list, tuple)) else 0
+        drafter, gamma = self._batch_plan(batch, ctl)
+        return generate_batch(self, drafter, gamma, prompts, max_new_tokens, temperature, seed,
+                              eos_token_id, ctl, max_nodes=_max_nodes(drafter, gamma))
+
+
+class SpeculativeDecoder(BatchDecoding):
     """The speculative round loop: draft, one target forward over [last, drafts], `ops.verify`,
     crop the target's cache to what was accepted, tell the drafter.
 
@@ -266,7 +306,7 @@ class SpeculativeDecoder:
         tau, prompt, base, eos, clock = _setup(tgt, input_ids, max_new_tokens, temperature,
                                                seed, eos_token_id, ctl)
         seen = prompt  # every token so far (the penalties' history)
-        vseed = (2 * base) & _SEED_MASK  # verifier stream; the drafter uses 2 * base + 1
+        vseed, dseed = _streams(base)
         layers = drafter.feature_layers
         out: List[int] = []
         rounds = accepted = nodes = 0
@@ -278,7 +318,7 @@ class SpeculativeDecoder:
                 if prompt.shape[1] > 1:
                     hidden = _cat_hidden(tgt.forward(prompt[:, :-1], cache, hidden_layers=layers))
             with clock("draft"):
-                drafter.start(prompt, (2 * base + 1) & _SEED_MASK, tau, hidden, ctl.filters)
+                drafter.start(prompt, dseed, tau, hidden, ctl.filters)
         length, last = prompt.shape[1] - 1, prompt[:, -1:]  # cached positions, (1, 1)
         while len(out) < max_new_tokens:
             g = min(gamma, max_new_tokens - len(out) - 1)  # the last token is free
@@ -341,31 +381,14 @@ class SpeculativeDecoder:
                                         "both": by_source[3]}
         return GenerateResult(out, st)
 
-    def generate_batch(self, prompts: Sequence[Tensor], max_new_tokens: int,
-                       temperature: float = 0.0, seed: Union[int, Sequence[int], None] = None,
-                       eos_token_id: Optional[int] = None, *, top_k: Optional[int] = None,
-                       top_p: Optional[float] = None, min_p: Optional[float] = None,
-                       repetition_penalty: Optional[float] = None) -> List[GenerateResult]:
-        """`generate` for B prompts at once (`batching.generate_batch`): each row's law is that
-        of decoding it alone (float32 greedy: the same tokens), with its own EOS and limit.
-
-        Shape:
-            prompts: a list of (1, T_i) tensors. seed: an int (row i: seed + i, the streams of a
-            solo call with that seed) or a list of B ints. Returns one GenerateResult per
-            prompt, in order.
-        """
-        from .batching import generate_batch
-
-        ctl = SamplingControls.make(top_k, top_p, min_p, repetition_penalty)
-        pick = getattr(self, "batch_drafter", None)
-        drafter = pick(len(prompts)) if pick is not None and isinstance(prompts, (list, tuple)) \
-            else self.drafter
-        gamma = self.gamma
+    def _batch_plan(self, batch: int, controls: "SamplingControls") -> tuple:
+        """(drafter, gamma) a batch of `batch` rows decodes with: this decoder's, or its tree
+        drafter's chain for a penalised call (as in `generate`)."""
+        drafter, gamma = self.drafter, self.gamma
         chain = getattr(drafter, "chain_drafter", None)
-        if ctl.penalized and chain is not None:  # as in generate: penalties draft the chain
+        if controls.penalized and chain is not None:
             drafter, gamma = chain, min(gamma, chain.max_drafts or gamma)
-        return generate_batch(self, drafter, gamma, prompts, max_new_tokens, temperature, seed,
-                              eos_token_id, ctl, max_nodes=_max_nodes(drafter, gamma))
+        return drafter, gamma
 
 
 def _max_nodes(drafter: Any, gamma: int) -> int:
@@ -390,7 +413,7 @@ def _setup(target: Any, input_ids: Tensor, max_new_tokens: int, temperature: flo
     return tau, prompt, _base_seed(seed), eos, PhaseClock(target.device)
 
 
-class ARDecoder:
+class ARDecoder(BatchDecoding):
     """Plain autoregressive decoding of the target with its KV cache (the baseline).
 
     Parameters
@@ -438,25 +461,12 @@ class ARDecoder:
                 hist = torch.cat([hist, nxt], 1)
         return GenerateResult(out, run_stats(clock, len(out), rounds, 0, base))
 
-    def generate_batch(self, prompts: Sequence[Tensor], max_new_tokens: int,
-                       temperature: float = 0.0, seed: Union[int, Sequence[int], None] = None,
-                       eos_token_id: Optional[int] = None, *, top_k: Optional[int] = None,
-                       top_p: Optional[float] = None, min_p: Optional[float] = None,
-                       repetition_penalty: Optional[float] = None) -> List[GenerateResult]:
-        """Plain decoding of B prompts at once (`batching.generate_batch` over a drafter that
-        never drafts; tokens drawn by `ops.verify`'s bonus draw): each row's law is that
-        of decoding it alone (float32 greedy: the same tokens), with its own EOS and limit.
+    def _batch_plan(self, batch: int, controls: "SamplingControls") -> tuple:
+        """A drafter that never drafts: each round is one plain step of every row (the token
+        drawn by `ops.verify`'s bonus draw: the same law as `generate`, other draws)."""
+        from .batching import NullDrafting
 
-        Shape:
-            prompts: a list of (1, T_i) tensors. seed: an int (row i: seed + i, the streams of a
-            solo call with that seed) or a list of B ints. Returns one GenerateResult per
-            prompt, in order.
-        """
-        from .batching import NullDrafting, generate_batch
-
-        ctl = SamplingControls.make(top_k, top_p, min_p, repetition_penalty)
-        return generate_batch(self, NullDrafting(), 0, prompts, max_new_tokens, temperature,
-                              seed, eos_token_id, ctl, max_nodes=1)
+        return NullDrafting(), 0
 
 
 # ------------------------------------------------------------------------------ decoders
@@ -521,6 +531,12 @@ class SpecDiffDecoder(SpeculativeDecoder):
         d = d.fork()
         d.budget = budget
         return d
+
+    def _batch_plan(self, batch: int, controls: "SamplingControls") -> tuple:
+        drafter, gamma = super()._batch_plan(batch, controls)
+        if drafter is self.drafter:
+            drafter = self.batch_drafter(batch)
+        return drafter, gamma
 
 
 class ARSpecDecoder(SpeculativeDecoder):

@@ -31,29 +31,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import FieldError, check_field
-from .model import (Attention, RMSNorm, SwiGLU, _apply_rope, _rope_cos_sin,
-                    frozen_target_weights, init_weights)
+from .model import (Attention, RMSNorm, SwiGLU, _apply_rope, _rope_cos_sin, check_vocab_map,
+                    frozen_target_weights, head_rows, init_weights)
 
 __all__ = ["DFlashConfig", "DFlashDrafter", "DFlashCache", "build_target_layer_ids",
            "check_vocab_map", "frequent_vocab"]
-
-
-def check_vocab_map(vocab_map: Any, V: int, K: Optional[int] = None) -> Tensor:
-    """`vocab_map` as an int64 CPU tensor, checked: shape (K,) (any K >= 1 when K is None),
-    distinct ids in [0, V). ValueError naming vocab_map otherwise."""
-    vm = torch.as_tensor(vocab_map)
-    if vm.dtype.is_floating_point or vm.dtype == torch.bool or vm.is_complex():
-        raise ValueError(f"vocab_map must hold integer target ids, got dtype {vm.dtype}")
-    vm = vm.detach().to("cpu", torch.int64)
-    if vm.dim() != 1 or vm.numel() == 0 or (K is not None and vm.numel() != K):
-        want = f"({K},)" if K is not None else "(K,) with K >= 1"
-        raise ValueError(f"vocab_map must have shape {want}, got {tuple(vm.shape)}")
-    if int(vm.min()) < 0 or int(vm.max()) >= V:
-        raise ValueError(f"vocab_map ids must lie in [0, V) = [0, {V}), got "
-                         f"[{int(vm.min())}, {int(vm.max())}]")
-    if vm.unique().numel() != vm.numel():
-        raise ValueError("vocab_map must not repeat a target id")
-    return vm
 
 
 def frequent_vocab(counts: Tensor, K: int) -> Tensor:
@@ -378,7 +360,7 @@ class DFlashDrafter(nn.Module):
             self.config.draft_vocab_size = None
         else:
             vm = check_vocab_map(vocab_map, V)
-            self.vocab_map = vm.to(self.fc.weight.device if hasattr(self, "fc") else "cpu")
+            self.vocab_map = vm.to(self.fc.weight.device)
             self.config.draft_vocab_size = int(vm.numel())
         self.__dict__["_head_cache"] = None
         return self
@@ -394,16 +376,7 @@ class DFlashDrafter(nn.Module):
     def head_weight(self) -> Tensor:
         """The head the drafter scores with: the target's, or its rows `vocab_map` (cached
         until the map or the head changes). Shape: (Vd, H)."""
-        if self.vocab_map is None:
-            return self._head_weight
-        key = (self.vocab_map.data_ptr(), self.vocab_map._version, self._head_weight.data_ptr(),
-               self._head_weight.device)
-        cached = self.__dict__.get("_head_cache")
-        if cached is None or cached[0] != key:
-            rows = self.vocab_map.to(self._head_weight.device)
-            cached = (key, self._head_weight.index_select(0, rows))
-            self.__dict__["_head_cache"] = cached
-        return cached[1]
+        return head_rows(self)
 
     def new_cache(self, batch_size: int) -> DFlashCache:
         return DFlashCache(self, batch_size)

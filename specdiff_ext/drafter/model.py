@@ -92,6 +92,38 @@ def frozen_target_weights(cfg: Any, target_embed: Union[nn.Embedding, Tensor],
     return emb.detach(), target_head.detach()
 
 
+def check_vocab_map(vocab_map: Any, V: int, K: Optional[int] = None) -> Tensor:
+    """`vocab_map` as an int64 CPU tensor, checked: shape (K,) (any K >= 1 when K is None),
+    distinct ids in [0, V). ValueError naming vocab_map otherwise."""
+    vm = torch.as_tensor(vocab_map)
+    if vm.dtype.is_floating_point or vm.dtype == torch.bool or vm.is_complex():
+        raise ValueError(f"vocab_map must hold integer target ids, got dtype {vm.dtype}")
+    vm = vm.detach().to("cpu", torch.int64)
+    if vm.dim() != 1 or vm.numel() == 0 or (K is not None and vm.numel() != K):
+        want = f"({K},)" if K is not None else "(K,) with K >= 1"
+        raise ValueError(f"vocab_map must have shape {want}, got {tuple(vm.shape)}")
+    if int(vm.min()) < 0 or int(vm.max()) >= V:
+        raise ValueError(f"vocab_map ids must lie in [0, V) = [0, {V}), got "
+                         f"[{int(vm.min())}, {int(vm.max())}]")
+    if vm.unique().numel() != vm.numel():
+        raise ValueError("vocab_map must not repeat a target id")
+    return vm
+
+
+def head_rows(drafter: nn.Module) -> Tensor:
+    """A drafter's output head: its target head (``_head_weight``), or that head's rows at its
+    ``vocab_map``, cached in ``_head_cache`` until the map or the head changes. Shape: (Vd, H)."""
+    vm, head = drafter.vocab_map, drafter._head_weight
+    if vm is None:
+        return head
+    key = (vm.data_ptr(), vm._version, head.data_ptr(), head.device)
+    cached = drafter.__dict__.get("_head_cache")
+    if cached is None or cached[0] != key:
+        cached = (key, head.index_select(0, vm.to(head.device)))
+        drafter.__dict__["_head_cache"] = cached
+    return cached[1]
+
+
 class Attention(nn.Module):
     """Grouped-query attention projections (Hugging Face Llama names and layouts)."""
 
@@ -378,29 +410,14 @@ class DiffusionDrafter(nn.Module):
         self.__dict__["_head_cache"] = None
 
     def _check_vocab_map(self, vocab_map: Tensor) -> Tensor:
-        cfg = self.config
-        vm = torch.as_tensor(vocab_map).to(torch.int64)
-        if vm.shape != (cfg.reduced_vocab,):
-            raise ValueError(f"vocab_map must have shape (K,) = ({cfg.reduced_vocab},), "
-                             f"got {tuple(vm.shape)}")
-        if vm.numel() and (int(vm.min()) < 0 or int(vm.max()) >= cfg.vocab_size):
-            raise ValueError(f"vocab_map ids must lie in [0, V) = [0, {cfg.vocab_size})")
-        if vm.unique().numel() != vm.numel():
-            raise ValueError("vocab_map must not repeat a target id")
-        return vm
+        return check_vocab_map(vocab_map, self.config.vocab_size, self.config.reduced_vocab)
 
     def head_weight(self) -> Tensor:
         """The output head the drafter uses: target_head, or its rows vocab_map (cached).
 
         Shape: (Vd, H).
         """
-        if self.vocab_map is None:
-            return self._head_weight
-        key = (self.vocab_map._version, self.vocab_map.data_ptr(), self._head_weight.data_ptr())
-        if self._head_cache is None or self._head_cache[0] != key:
-            head = self._head_weight.index_select(0, self.vocab_map.to(self._head_weight.device))
-            self.__dict__["_head_cache"] = (key, head)
-        return self._head_cache[1]
+        return head_rows(self)
 
     # ------------------------------------------------------------------ forward
     def new_cache(self, batch_size: int) -> DrafterCache:
