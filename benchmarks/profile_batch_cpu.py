@@ -1,0 +1,52 @@
+"""Where a batched round's time goes: cProfile of `SpecDiffDecoder.generate_batch` (the default
+decoder, bfloat16) over two batches of 4 default prompts (`prompts.default_prompts(8)`), 64 new
+tokens each, after a warm-up; prints tokens/s, the draft / verify split, the rounds of each
+batch and the functions by internal time.
+
+    PYTHONPATH=. python benchmarks/profile_batch_cpu.py --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import time
+
+import torch
+
+from specdiff_ext.decoding import SpecDiffDecoder
+from specdiff_ext.pretrained import load_pair
+from specdiff_ext.prompts import default_prompts
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--top", type=int, default=25)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    pair = load_pair(dtype=torch.bfloat16)
+    tgt, B = pair.target, a.batch_size
+    prompts = [tgt.chat_prompt(p) for p in default_prompts(2 * B)]
+    dec = SpecDiffDecoder(tgt, pair.drafter)
+    dec.generate_batch(prompts[:2], 8)  # warm-up
+    prof = cProfile.Profile()
+    prof.enable()
+    t0 = time.perf_counter()
+    runs = [dec.generate_batch(prompts[:B], a.max_new_tokens),
+            dec.generate_batch(prompts[B:], a.max_new_tokens)]
+    wall = time.perf_counter() - t0
+    prof.disable()
+    toks = sum(len(r.ids) for run in runs for r in run)
+    print(f"{toks / wall:.1f} tok/s; draft {sum(run[0].stats['draft_seconds'] for run in runs):.2f}"
+          f" s, verify {sum(run[0].stats['verify_seconds'] for run in runs):.2f} s; rounds of "
+          f"each batch {[max(r.stats['rounds'] for r in run) for run in runs]}, of each row "
+          f"{[r.stats['rounds'] for run in runs for r in run]}")
+    pstats.Stats(prof).sort_stats("tottime").print_stats(a.top)
+
+
+if __name__ == "__main__":
+    main()
