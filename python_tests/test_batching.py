@@ -253,3 +253,86 @@ def test_default_tree_budget_shrinks_with_the_batch(tiny: TargetModel) -> None:
                for r in small)
     assert [r.ids for r in small] == [ARDecoder(tiny).generate(p, 12).ids for p in prompts]
     assert dflt.drafter.budget == DEFAULTS.tree_budget  # the decoder's own drafter untouched
+
+
+@pytest.mark.parametrize("mbs", [2, 3])
+def test_continuous_batching_rows_equal_each_prompt_alone(tiny: TargetModel, mbs: int) -> None:
+    """More prompts than rows: a finished row takes the next waiting prompt, and every prompt
+    still decodes as alone (float32 greedy, and temperature 1 on its own seed), stats too."""
+    prompts = _prompts((5, 9, 1, 13, 4, 7), seed=5)
+    for name, dec in _decoders(tiny).items():
+        for tau in ((0.0, 1.0) if name != "ar" else (0.0,)):
+            solo = [dec.generate(p, 14, temperature=tau, seed=30 + i)
+                    for i, p in enumerate(prompts)]
+            got = dec.generate_batch(prompts, 14, temperature=tau, seed=30, max_batch_size=mbs)
+            assert [r.ids for r in got] == [r.ids for r in solo], (name, tau)
+            assert all(r.stats["batch_size"] == mbs for r in got)
+            for k in ("rounds", "accepted", "accepted_histogram", "draft_nodes"):
+                assert [r.stats.get(k, 0) for r in got] == [r.stats.get(k, 0) for r in solo], \
+                    (name, tau, k)
+    # rows that stop at their own EOS free their batch row early for the queue
+    dec = ARDecoder(tiny)
+    solo = [dec.generate(p, 20).ids for p in prompts]
+    eos = solo[1][4]
+    got = dec.generate_batch(prompts, 20, eos_token_id=eos, max_batch_size=mbs)
+    for s, r in zip(solo, got):
+        assert r.ids == (s[: s.index(eos) + 1] if eos in s else s)
+
+
+def test_continuous_batching_runs_each_prompt_on_its_own_rounds(tiny: TargetModel) -> None:
+    """Scripted drafts keyed by each prompt's own round count: with 3 rows for 8 prompts the
+    rows refill at different rounds, and every round still accepts exactly what it must."""
+    prompts = _prompts([3 + 2 * i for i in range(8)], seed=4)
+    refs = {tuple(p[0].tolist()): (i, ARDecoder(tiny).generate(p, 40).ids)
+            for i, p in enumerate(prompts)}
+    log: list = []
+    dec = SpeculativeDecoder(tiny, Scripted(refs, tiny.vocab_size, log), gamma=4)
+    got = dec.generate_batch(prompts, 25, max_batch_size=3)
+    assert [r.ids for r in got] == [refs[tuple(p[0].tolist())][1][:25] for p in prompts]
+    assert log and all(n == want for _, n, want in log)
+    assert {row for row, _, _ in log} == set(range(8))
+    assert {0, 1, 2, 3, 4} <= {n for _, n, _ in log}
+
+
+def test_continuous_batching_ignores_the_previous_occupant(tiny: TargetModel,
+                                                           monkeypatch) -> None:
+    """NaN in every slot a row has not accepted, including what the row's previous prompt left
+    behind: the prompts that take over the row decode as before."""
+    prompts = _prompts((4, 11, 7, 3, 9))
+    decs = _decoders(tiny)
+    names = ("specdiff-chain", "specdiff-tree", "pld")
+    clean = {n: [r.ids for r in decs[n].generate_batch(prompts, 12, temperature=1.0, seed=3)]
+             for n in names}
+    real = batching.BatchedTarget.commit
+    poisoned = []
+
+    def commit(self, keep):
+        real(self, keep)
+        for store in (self.cache.keys, self.cache.values):
+            for t in store:
+                for b, n in enumerate(self.lengths):
+                    t[b, :, n:] = float("nan")
+        poisoned.append(1)
+
+    monkeypatch.setattr(batching.BatchedTarget, "commit", commit)
+    for n in names:
+        assert [r.ids for r in decs[n].generate_batch(prompts, 12, temperature=1.0, seed=3,
+                                                      max_batch_size=2)] == clean[n], n
+    assert poisoned
+
+
+def test_bad_max_batch_size_names_the_argument(tiny: TargetModel) -> None:
+    dec = SpecDiffDecoder(tiny, _drafter(tiny, std=0.5), gamma=3)
+    p = _prompts((3, 4))
+    for bad, err in ((0, ValueError), (-1, ValueError), (True, TypeError), (1.5, TypeError),
+                     ("2", TypeError)):
+        with pytest.raises(err, match="max_batch_size"):
+            dec.generate_batch(p, 4, max_batch_size=bad)
+        with pytest.raises(err, match="max_batch_size"):
+            ARDecoder(tiny).generate_batch(p, 4, max_batch_size=bad)
+    # more rows than prompts: as many rows as prompts
+    assert all(r.stats["batch_size"] == 2 for r in dec.generate_batch(p, 4, max_batch_size=9))
+    bt = batching.BatchedTarget(tiny, 3, 32)
+    for rows in ([0], [1, 0], [0, 0], [2, 3], [-1, 1]):
+        with pytest.raises(ValueError, match="rows"):
+            bt.prefill(p, rows=rows)

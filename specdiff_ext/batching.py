@@ -193,27 +193,43 @@ class BatchedTarget:
             self.cache.write = self.cache.live = self.cache.rows = None
 
     def prefill(self, prompts: Sequence[Tensor],
-                hidden_layers: Optional[Sequence[int]] = None) -> List[Optional[Tensor]]:
-        """Cache every prompt but its last token (right-padded, one call); the rows' lengths
-        become T_b - 1. Returns, per row, its hidden states at positions 0 .. T_b - 2
-        concatenated over `hidden_layers` ((1, T_b - 1, H_f)), or None (no layers, or T_b = 1).
+                hidden_layers: Optional[Sequence[int]] = None,
+                rows: Optional[Sequence[int]] = None) -> List[Optional[Tensor]]:
+        """Cache every prompt but its last token (right-padded, one call) in batch rows `rows`
+        (increasing, one per prompt; None: rows 0 .. B - 1, one prompt each); those rows start
+        over (a row a finished request held takes the next one: its old slots are stale) and
+        their lengths become T_b - 1. Returns, per prompt, its hidden states at positions
+        0 .. T_b - 2 concatenated over `hidden_layers` ((1, T_b - 1, H_f)), or None (no
+        layers, or T_b = 1).
         """
         dev = self.target.device
+        rows = list(range(self.batch)) if rows is None else [int(b) for b in rows]
+        if len(rows) != len(prompts) or sorted(set(rows)) != rows or \
+                (rows and not 0 <= rows[0] <= rows[-1] < self.batch):
+            raise ValueError(f"rows must be {len(prompts)} increasing batch rows in "
+                             f"[0, {self.batch}), one per prompt, got {rows}")
+        for b in rows:
+            self.lengths[b] = 0
+        self._len = torch.tensor(self.lengths, dtype=torch.int64, device=dev)
         n = [int(p.shape[1]) - 1 for p in prompts]
-        T = max(n)
-        out: List[Optional[Tensor]] = [None] * self.batch
+        out: List[Optional[Tensor]] = [None] * len(prompts)
+        T = max(n, default=0)
         if T == 0:
             return out
-        ids = torch.zeros(self.batch, T, dtype=torch.int64, device=dev)
-        used = torch.zeros(self.batch, T, dtype=torch.bool, device=dev)
-        for b, p in enumerate(prompts):
-            ids[b, :n[b]] = p[0, :n[b]]
-            used[b, :n[b]] = True
-        o = self.forward_nodes(ids, None, used, hidden_layers)
-        self.commit([list(range(k)) for k in n])
+        P = len(prompts)
+        ids = torch.zeros(P, T, dtype=torch.int64, device=dev)
+        used = torch.zeros(P, T, dtype=torch.bool, device=dev)
+        for i, p in enumerate(prompts):
+            ids[i, :n[i]] = p[0, :n[i]]
+            used[i, :n[i]] = True
+        o = self.forward_nodes(ids, None, used, hidden_layers, rows=rows)
+        keep: List[List[int]] = [[] for _ in range(self.batch)]
+        for b, k in zip(rows, n):
+            keep[b] = list(range(k))
+        self.commit(keep)
         if o.hidden:
             hid = torch.cat(o.hidden, -1) if len(o.hidden) > 1 else o.hidden[0]
-            out = [hid[b:b + 1, :n[b]] if n[b] else None for b in range(self.batch)]
+            out = [hid[i:i + 1, :n[i]] if n[i] else None for i in range(P)]
         return out
 
     def commit(self, keep: Sequence[Sequence[int]]) -> None:
@@ -318,16 +334,37 @@ def _seeds(seed: Union[int, Sequence[int], None], B: int) -> List[Optional[int]]
     return [seed + i for i in range(B)]
 
 
+def check_max_batch_size(max_batch_size: Optional[int], B: int) -> int:
+    """Rows in flight for B prompts: `max_batch_size` (an int >= 1, or None: all B)."""
+    if max_batch_size is None:
+        return B
+    if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int):
+        raise TypeError(f"max_batch_size must be an int or None, got "
+                        f"{type(max_batch_size).__name__}")
+    if max_batch_size < 1:
+        raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+    return min(max_batch_size, B)
+
+
 def generate_batch(decoder: Any, drafter: Any, gamma: int, prompts: Sequence[Tensor],
                    max_new_tokens: int, temperature: float = 0.0,
                    seed: Union[int, Sequence[int], None] = None,
                    eos_token_id: Optional[int] = None, controls: Any = None,
-                   max_nodes: Optional[int] = None) -> list:
-    """The round loop over B prompts (see the module docstring); `decoder.generate_batch`
+                   max_nodes: Optional[int] = None,
+                   max_batch_size: Optional[int] = None) -> list:
+    """The round loop over the prompts (see the module docstring); `decoder.generate_batch`
     calls it with its drafter adapter and gamma. Row i's seed is ``seed + i`` for an int seed
     (a solo ``generate(prompts[i], seed=seed + i)`` draws from the same streams), or
-    ``seed[i]`` for a list. Returns one `GenerateResult` per prompt, in order; each row's stats
-    are its own, with the batch's wall time (``seconds``) and ``batch_size``."""
+    ``seed[i]`` for a list.
+
+    max_batch_size: at most this many prompts in flight (None: all of them). The others wait
+    in prompt order; when a row finishes, the next waiting prompt takes its batch row at the
+    end of that round (its prefill is one target call over the rows that start together), so
+    the batch stays full (continuous batching). Every prompt runs its own rounds: its drafter,
+    its streams and its round count (the verify offset), exactly as decoded alone.
+
+    Returns one `GenerateResult` per prompt, in order; each row's stats are its own, with the
+    whole call's wall time (``seconds``) and ``batch_size`` (rows in flight)."""
     from .bench.stats import run_stats
     from .decoding import GenerateResult, SamplingControls, _cat_hidden, _emit, _setup, _streams
     from .types import Draft
@@ -337,60 +374,69 @@ def generate_batch(decoder: Any, drafter: Any, gamma: int, prompts: Sequence[Ten
         raise TypeError(f"prompts must be a list of (1, T_i) tensors, got "
                         f"{type(prompts).__name__}")
     if not prompts:
+        check_max_batch_size(max_batch_size, 0)
         return []
     B = len(prompts)
+    R = check_max_batch_size(max_batch_size, B)
     ctl = controls if controls is not None else SamplingControls()
     seeds = _seeds(seed, B)
-    rows = [_setup(tgt, p, max_new_tokens, temperature, s, eos_token_id, ctl)
-            for p, s in zip(prompts, seeds)]
-    tau, eos, clock = rows[0][0], rows[0][3], rows[0][4]
-    prompt = [r[1] for r in rows]
-    base = [r[2] for r in rows]
+    setups = [_setup(tgt, p, max_new_tokens, temperature, s, eos_token_id, ctl)
+              for p, s in zip(prompts, seeds)]
+    tau, eos, clock = setups[0][0], setups[0][3], setups[0][4]
+    prompt = [r[1] for r in setups]
+    base = [r[2] for r in setups]
     dev = tgt.device
     vseed = torch.tensor([_solo_row_seed(_streams(b)[0]) for b in base], dtype=torch.int64,
                          device=dev)
     width = (max_nodes or gamma + 1)
-    bt = BatchedTarget(tgt, B, max(int(p.shape[1]) for p in prompt) + max_new_tokens + width + 1)
-    drafters = [fork_drafter(drafter) for _ in range(B)]
+    bt = BatchedTarget(tgt, R, max(int(p.shape[1]) for p in prompt) + max_new_tokens + width + 1)
     layers = drafter.feature_layers
+    # per prompt (request q): its drafter, output, counters, text for the penalty, last token
+    drafters: List[Any] = [None] * B
     outs: List[List[int]] = [[] for _ in range(B)]
-    active = [max_new_tokens > 0] * B
     seen = list(prompt)
     rounds, acc, nodes = [0] * B, [0] * B, [0] * B
     hist = [[0] * (gamma + 1) for _ in range(B)]
-    if any(active):
-        with clock("verify"):
-            hidden = bt.prefill(prompt, layers)
-        with clock("draft"):
-            for b in range(B):
-                drafters[b].start(prompt[b], _streams(base[b])[1], tau, hidden[b], ctl.filters)
     last = [p[:, -1:] for p in prompt]
-    r = 0
-    while any(active):
+    waiting = list(range(B)) if max_new_tokens > 0 else []
+    held = [-1] * R  # the request each batch row decodes (-1: free)
+
+    def admit() -> None:
+        """The next waiting prompts into the free rows: one prefill call, then their drafters."""
+        take = []
+        for row in range(R):
+            if held[row] < 0 and waiting:
+                held[row] = waiting.pop(0)
+                take.append(row)
+        if not take:
+            return
+        qs = [held[row] for row in take]
+        with clock("verify"):
+            hidden = bt.prefill([prompt[q] for q in qs], layers, rows=take)
         with clock("draft"):
-            prefetch_blocks([drafters[b] for b in range(B) if active[b]],
-                            [min(gamma, max_new_tokens - len(outs[b]) - 1)
-                             for b in range(B) if active[b]])
-            drafts: List[Any] = []
-            for b in range(B):
-                if not active[b]:
-                    drafts.append(None)
-                    continue
-                g = min(gamma, max_new_tokens - len(outs[b]) - 1)
-                drafts.append(drafters[b].draft(g, r) if g > 0
-                              else Draft(last[b].new_zeros((1, 0))))
-        act = [b for b in range(B) if drafts[b] is not None]  # finished rows leave the batch
-        ds = [drafts[b] for b in act]
+            for q, h in zip(qs, hidden):
+                drafters[q] = fork_drafter(drafter)
+                drafters[q].start(prompt[q], _streams(base[q])[1], tau, h, ctl.filters)
+
+    admit()
+    while any(q >= 0 for q in held):
+        act = [row for row in range(R) if held[row] >= 0]  # free rows sit the round out
+        qa = [held[row] for row in act]
         A = len(act)
+        with clock("draft"):
+            lim = [min(gamma, max_new_tokens - len(outs[q]) - 1) for q in qa]
+            prefetch_blocks([drafters[q] for q in qa], lim)
+            ds = [drafters[q].draft(g, rounds[q]) if g > 0 else Draft(last[q].new_zeros((1, 0)))
+                  for q, g in zip(qa, lim)]
         tree = any(d.parents is not None for d in ds)
         N = max(int(d.ids.shape[1]) for d in ds) + 1
         with clock("verify"):
             seq = torch.zeros(A, N, dtype=torch.int64, device=dev)
             used = torch.zeros(A, N, dtype=torch.bool, device=dev)
             par = torch.full((A, N), -1, dtype=torch.int64)
-            for i, (b, d) in enumerate(zip(act, ds)):
+            for i, (q, d) in enumerate(zip(qa, ds)):
                 g = int(d.ids.shape[1])
-                seq[i, 0] = last[b][0, 0]
+                seq[i, 0] = last[q][0, 0]
                 seq[i, 1:g + 1] = d.ids[0]
                 used[i, :g + 1] = True
                 if tree:
@@ -398,61 +444,64 @@ def generate_batch(decoder: Any, drafter: Any, gamma: int, prompts: Sequence[Ten
                         par[i, 1:g + 1] = d.parents[0].cpu()
                     else:  # a chain inside a tree round (point masses only)
                         par[i, 1:g + 1] = torch.arange(g)
-            out = bt.forward_nodes(seq, par if tree else None, used, layers, rows=act)
-            seeds_a = vseed[act] if A < B else vseed
+            out = bt.forward_nodes(seq, par if tree else None, used, layers,
+                                   rows=act if A < R else None)
+            seeds_a = vseed[qa]
+            offs = [rounds[q] for q in qa]  # each prompt's own round: its solo verify offset
             if tree:
-                res = ops.verify_tree(out.logits, seq, par.to(dev), temperature=tau,
-                                      seed=seeds_a, offset=r, check_values=False, **ctl.filters)
+                res = _verify_trees(out.logits, seq, par.to(dev), tau, seeds_a, offs, ctl.filters)
                 flat = torch.cat([res.ids.reshape(-1), res.num_accepted, res.valid.long(),
                                   res.path.reshape(-1)]).tolist()
             else:
                 logits = out.logits
                 if ctl.penalized:
-                    logits = torch.cat([ctl.penalize(logits[i:i + 1], seen[b], seq[i:i + 1, 1:])
-                                        for i, b in enumerate(act)], 0)
-                res = _verify_chains(logits, seq, ds, tau, seeds_a, r, ctl.filters)
+                    logits = torch.cat([ctl.penalize(logits[i:i + 1], seen[q], seq[i:i + 1, 1:])
+                                        for i, q in enumerate(qa)], 0)
+                res = _verify_chains(logits, seq, ds, tau, seeds_a, offs, ctl.filters)
                 flat = torch.cat([res.ids.reshape(-1), res.num_accepted,
                                   res.valid.long()]).tolist()
             # the one host sync of the round, for every row
-            keep: List[List[int]] = [[] for _ in range(B)]
-            n_acc: List[int] = [0] * B
-            for i, b in enumerate(act):
+            keep: List[List[int]] = [[] for _ in range(R)]
+            n_acc: List[int] = [0] * A
+            for i, (row, q) in enumerate(zip(act, qa)):
                 if not flat[A * N + A + i]:
-                    raise RuntimeError(f"row {b}: the target's logits held NaN / inf or no "
+                    raise RuntimeError(f"prompt {q}: the target's logits held NaN / inf or no "
                                        f"finite value")
-                n_acc[b] = flat[A * N + i]
+                n_acc[i] = flat[A * N + i]
                 if tree:
                     pth = flat[A * N + 2 * A + i * N: A * N + 2 * A + (i + 1) * N]
-                    keep[b] = [0] + pth[:n_acc[b]]
+                    keep[row] = [0] + pth[:n_acc[i]]
                 else:
-                    keep[b] = list(range(n_acc[b] + 1))
+                    keep[row] = list(range(n_acc[i] + 1))
             bt.commit(keep)
         with clock("draft"):
-            for i, (b, d) in enumerate(zip(act, ds)):
-                n = n_acc[b]
-                rounds[b] += 1
-                acc[b] += n
-                nodes[b] += int(d.ids.shape[1])
-                if n >= len(hist[b]):
-                    hist[b] += [0] * (n + 1 - len(hist[b]))
-                hist[b][n] += 1
-                if _emit(outs[b], flat[i * N: i * N + n + 1], eos, max_new_tokens, None):
-                    active[b] = False
+            for i, (row, q, d) in enumerate(zip(act, qa, ds)):
+                n = n_acc[i]
+                rounds[q] += 1
+                acc[q] += n
+                nodes[q] += int(d.ids.shape[1])
+                if n >= len(hist[q]):
+                    hist[q] += [0] * (n + 1 - len(hist[q]))
+                hist[q][n] += 1
+                if _emit(outs[q], flat[i * N: i * N + n + 1], eos, max_new_tokens, None):
+                    held[row] = -1  # done: the row is free for the next waiting prompt
+                    drafters[q] = None
                     continue
                 em = res.ids[i:i + 1, : n + 1]
                 if ctl.penalized:
-                    seen[b] = torch.cat([seen[b], em], 1)
+                    seen[q] = torch.cat([seen[q], em], 1)
                 # this row's states at its kept nodes (not every row's, then one)
-                hid = _cat_hidden(out, keep[b], row=i) if layers else None
-                drafters[b].accept(em, n, hid)
-                last[b] = em[:, n:n + 1]
-        r += 1
+                hid = _cat_hidden(out, keep[row], row=i) if layers else None
+                drafters[q].accept(em, n, hid)
+                last[q] = em[:, n:n + 1]
+        if waiting and min(held) < 0:
+            admit()
     results = []
     total = clock.finish()
-    for b in range(B):
-        st = run_stats(_Fixed(total), len(outs[b]), rounds[b], acc[b], base[b], hist[b])
-        st.update(draft_nodes=nodes[b], batch_size=B)
-        results.append(GenerateResult(outs[b], st))
+    for q in range(B):
+        st = run_stats(_Fixed(total), len(outs[q]), rounds[q], acc[q], base[q], hist[q])
+        st.update(draft_nodes=nodes[q], batch_size=R)
+        results.append(GenerateResult(outs[q], st))
     return results
 
 
@@ -466,12 +515,46 @@ class _Fixed:
         return dict(self.split)
 
 
+def _groups(keys: Sequence[Any]) -> dict:
+    """Row indices by key, in first-seen order."""
+    out: dict = {}
+    for i, k in enumerate(keys):
+        out.setdefault(k, []).append(i)
+    return out
+
+
+def _verify_trees(logits: Tensor, seq: Tensor, par: Tensor, tau: float, vseed: Tensor,
+                  offsets: Sequence[int], filters: dict) -> Any:
+    """`ops.verify_tree` of every row, one call per distinct round offset (one call while every
+    row started together), each row at its own seed and its own round: the call its solo round
+    makes."""
+    from .types import TreeVerifyResult
+
+    groups = _groups(offsets)
+    if len(groups) == 1:
+        return ops.verify_tree(logits, seq, par, temperature=tau, seed=vseed, offset=offsets[0],
+                               check_values=False, **filters)
+    B, N = seq.shape
+    dev = seq.device
+    ids = torch.full((B, N), -1, dtype=torch.int64, device=dev)
+    path = torch.full((B, N), -1, dtype=torch.int64, device=dev)
+    num = torch.zeros(B, dtype=torch.int64, device=dev)
+    valid = torch.ones(B, dtype=torch.bool, device=dev)
+    for off, rows in groups.items():
+        sel = torch.tensor(rows, dtype=torch.int64, device=dev)
+        r = ops.verify_tree(logits[sel], seq[sel], par[sel], temperature=tau, seed=vseed[sel],
+                            offset=off, check_values=False, **filters)
+        ids[sel], path[sel] = r.ids, r.path
+        num[sel], valid[sel] = r.num_accepted.to(torch.int64), r.valid
+    return TreeVerifyResult(ids, num, path, valid)
+
+
 def _verify_chains(logits: Tensor, seq: Tensor, drafts: list, tau: float, vseed: Tensor,
-                   rnd: int, filters: dict) -> Any:
-    """`ops.verify` of every row's chain, one call per distinct draft count g (usually one:
-    every row at gamma), each row over its own g drafts at its own seed: the very call a solo
-    round makes, so a row's draws never depend on its neighbours. Returns ids (B, G + 1),
-    num_accepted (B,) and valid (B,) (finished rows: zeros, valid)."""
+                   offsets: Sequence[int], filters: dict) -> Any:
+    """`ops.verify` of every row's chain, one call per distinct (draft count g, round offset)
+    (usually one: every row at gamma, all started together), each row over its own g drafts at
+    its own seed and round: the very call a solo round makes, so a row's draws never depend on
+    its neighbours. Returns ids (B, G + 1), num_accepted (B,) and valid (B,)."""
     from .types import VerifyResult
 
     B, N = seq.shape
@@ -479,11 +562,8 @@ def _verify_chains(logits: Tensor, seq: Tensor, drafts: list, tau: float, vseed:
     ids = torch.zeros(B, N, dtype=torch.int64, device=dev)
     num = torch.zeros(B, dtype=torch.int64, device=dev)
     valid = torch.ones(B, dtype=torch.bool, device=dev)
-    groups: dict = {}
-    for b, d in enumerate(drafts):
-        if d is not None:
-            groups.setdefault(int(d.ids.shape[1]), []).append(b)
-    for g, rows in groups.items():
+    groups = _groups([(int(d.ids.shape[1]), int(o)) for d, o in zip(drafts, offsets)])
+    for (g, rnd), rows in groups.items():
         sel = torch.tensor(rows, dtype=torch.int64, device=dev)
         ds = [drafts[b] for b in rows]
         q = pm = None

@@ -238,7 +238,8 @@ class BatchDecoding:
                        temperature: float = 0.0, seed: Union[int, Sequence[int], None] = None,
                        eos_token_id: Optional[int] = None, *, top_k: Optional[int] = None,
                        top_p: Optional[float] = None, min_p: Optional[float] = None,
-                       repetition_penalty: Optional[float] = None) -> List[GenerateResult]:
+                       repetition_penalty: Optional[float] = None,
+                       max_batch_size: Optional[int] = None) -> List[GenerateResult]:
         """`generate` for B prompts at once (`batching.generate_batch`): each row's law is that
         of decoding it alone (float32 greedy: the same tokens), with its own EOS and limit.
 
@@ -246,14 +247,20 @@ class BatchDecoding:
             prompts: a list of (1, T_i) tensors. seed: an int (row i: seed + i, the streams of a
             solo call with that seed) or a list of B ints. Returns one GenerateResult per
             prompt, in order.
+
+        max_batch_size: at most this many prompts decode at once (None: all); a finished row's
+        batch row goes to the next waiting prompt (continuous batching), the tree budget
+        follows the rows in flight.
         """
-        from .batching import generate_batch
+        from .batching import check_max_batch_size, generate_batch
 
         ctl = SamplingControls.make(top_k, top_p, min_p, repetition_penalty)
         batch = len(prompts) if isinstance(prompts, (list, tuple)) else 0
-        drafter, gamma = self._batch_plan(batch, ctl)
+        rows = check_max_batch_size(max_batch_size, batch)
+        drafter, gamma = self._batch_plan(rows, ctl)
         return generate_batch(self, drafter, gamma, prompts, max_new_tokens, temperature, seed,
-                              eos_token_id, ctl, max_nodes=_max_nodes(drafter, gamma))
+                              eos_token_id, ctl, max_nodes=_max_nodes(drafter, gamma),
+                              max_batch_size=max_batch_size)
 
 
 class SpeculativeDecoder(BatchDecoding):
