@@ -250,6 +250,13 @@ def test_bench_batch_size_runs_generate_batch(tied) -> None:
         assert d["matches_ar"] == 3 and d["new_tokens"] == 36, n
         assert d["outputs"] == one["decoders"][n]["outputs"], n
     assert rep["decoders"]["specdiff"]["rounds"] == one["decoders"]["specdiff"]["rounds"]
+    # continuous batching: the same outputs and rounds, one call per decoder
+    cont = bench.run_bench(tied, decs, prompts, max_new_tokens=12, progress=False,
+                           keep_outputs=True, batch_size=2, continuous=True)
+    assert cont["continuous"] and "(continuous)" in bench.format_table(cont)
+    for n in names:
+        assert cont["decoders"][n]["outputs"] == one["decoders"][n]["outputs"], n
+    assert cont["decoders"]["specdiff"]["rounds"] == one["decoders"]["specdiff"]["rounds"]
     with pytest.raises(ValueError, match="generate_batch"):
         bench.run_bench(tied, {"ar": decs["ar"], "hf": bench.build_decoders(
             ["hf"], tied, None, None)["hf"]}, prompts, progress=False, batch_size=2)
@@ -515,6 +522,7 @@ NAMED_FLAGS = [
     (["generate", "--gamma", "0", "hi"], "--gamma"),
     (["generate", "--steps", "1000", "hi"], "--steps"),
     (["generate", "--max-new-tokens", "-1", "hi"], "--max-new-tokens"),
+    (["generate", "--max-batch-size", "0", "a", "b"], "--max-batch-size"),
     (["bench", "--ar-gamma", "0"], "--ar-gamma"),
     (["bench", "--pld-gamma", "-2"], "--pld-gamma"),
     (["eval-drafter", "--gammas", "a,b"], "--gammas"),

@@ -220,6 +220,9 @@ def _generate(argv: Sequence[str]) -> int:
     ap.add_argument("--prompts", default=None, metavar="FILE",
                     help="also decode the prompts of this JSON-lines file (a \"prompt\" field "
                          "per line), in one batch with the ones given")
+    ap.add_argument("--max-batch-size", type=int, default=None,
+                    help="several prompts: at most this many decode at once, a finished row "
+                         "takes the next prompt (continuous batching); default: all at once")
     ap.add_argument("--decoder", choices=["specdiff", "ar", "ar-spec", "pld"], default="specdiff",
                     help="specdiff (diffusion drafter), ar (plain decoding), ar-spec (autoregressive "
                          "drafter), pld (prompt lookup)")
@@ -245,6 +248,8 @@ def _generate(argv: Sequence[str]) -> int:
             ap.error(f"--prompts: {exc}")
     if not texts:
         ap.error("give a prompt (or several, or --prompts FILE)")
+    if a.max_batch_size is not None and a.max_batch_size < 1:
+        ap.error(f"--max-batch-size must be >= 1, got {a.max_batch_size}")
     import torch
 
     from .bench import build_decoders
@@ -268,7 +273,8 @@ def _generate(argv: Sequence[str]) -> int:
                 "controls": ctl}
     if len(texts) > 1:  # one batch, each row as if decoded alone (row i: seed + i)
         results = dec.generate_batch([encode(t) for t in texts], a.max_new_tokens,
-                                     temperature=a.temperature, seed=a.seed, **ctl)
+                                     temperature=a.temperature, seed=a.seed,
+                                     max_batch_size=a.max_batch_size, **ctl)
         total = sum(r.stats["new_tokens"] for r in results)
         secs = results[0].stats["seconds"]
         for i, r in enumerate(results):
@@ -339,6 +345,10 @@ def _bench(argv: Sequence[str]) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=1,
                     help="decode the prompts B at a time (generate_batch); 1: one at a time")
+    ap.add_argument("--continuous", action="store_true",
+                    help="with --batch-size B: continuous batching (all prompts in one "
+                         "generate_batch, at most B in flight, a finished row takes the next "
+                         "prompt) instead of static batches of B")
     _control_args(ap)
     _spec_args(ap)
     from .decoding import DEFAULTS
@@ -381,14 +391,15 @@ def _bench(argv: Sequence[str]) -> int:
     t0 = time.perf_counter()
     rep = run_bench(pair.target, decs, prompts, max_new_tokens=a.max_new_tokens,
                     temperature=a.temperature, seed=a.seed, chat_template=not a.no_chat_template,
-                    progress=not a.no_progress, controls=ctl, batch_size=a.batch_size)
+                    progress=not a.no_progress, controls=ctl, batch_size=a.batch_size,
+                    continuous=a.continuous)
     spec = decs.get("specdiff")
     rep["settings"] = {"gamma": spec.gamma if spec is not None else a.gamma,
                        "tree_budget": getattr(spec, "tree_budget", None), "steps": a.steps,
                        "commit": a.commit, "ar_gamma": a.ar_gamma,
                        "hf_assistant_tokens": a.hf_assistant_tokens, "pld_gamma": a.pld_gamma,
                        "prompts": a.prompts or f"default({a.num_prompts})",
-                       "batch_size": a.batch_size,
+                       "batch_size": a.batch_size, "continuous": a.continuous,
                        "wall_seconds": time.perf_counter() - t0}
     if a.out:
         with open(a.out, "w") as fh:

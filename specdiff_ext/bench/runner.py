@@ -152,12 +152,15 @@ def run_bench(target: Any, decoders: Dict[str, Any], prompts: Sequence[str], *,
               max_new_tokens: int = 128, temperature: float = 0.0, seed: int = 0,
               chat_template: bool = True, warmup: bool = True, progress: bool = True,
               keep_outputs: bool = False, controls: Optional[dict] = None,
-              batch_size: int = 1) -> dict:
+              batch_size: int = 1, continuous: bool = False) -> dict:
     """Run every decoder on every prompt (interleaved) and aggregate; see the module doc.
     controls: top_k / top_p / min_p / repetition_penalty for every decoder's generate().
     batch_size B > 1: the prompts go B at a time through each decoder's ``generate_batch``
     (row i of the batch starting at prompt j gets seed ``seed + j + i``, the seed of its
-    one-at-a-time run); tokens/s is then all new tokens over the batches' wall time."""
+    one-at-a-time run); tokens/s is then all new tokens over the batches' wall time.
+    continuous: instead of static batches of B, every prompt in one ``generate_batch`` call
+    per decoder with ``max_batch_size=B`` (a finished row takes the next waiting prompt; prompt
+    j still on seed ``seed + j``); tokens/s is all new tokens over that call's wall time."""
     ctl = dict(controls or {})
     if "ar" not in decoders:
         raise ValueError("the decoders must include 'ar' (the baseline of every speedup)")
@@ -182,8 +185,9 @@ def run_bench(target: Any, decoders: Dict[str, Any], prompts: Sequence[str], *,
         bar = tqdm(total=len(encoded) * len(decoders), desc="bench", unit="gen",
                    dynamic_ncols=True, file=sys.stderr)
     records: Dict[str, List[dict]] = {n: [] for n in decoders}
-    for i in range(0, len(encoded), batch_size):
-        chunk = encoded[i:i + batch_size]
+    step = len(encoded) if continuous and batch_size > 1 else batch_size
+    for i in range(0, len(encoded), step):
+        chunk = encoded[i:i + step]
         for name, dec in decoders.items():
             if batch_size == 1:
                 got = [dec.generate(chunk[0], max_new_tokens=max_new_tokens,
@@ -191,7 +195,7 @@ def run_bench(target: Any, decoders: Dict[str, Any], prompts: Sequence[str], *,
                 records[name].append(got[0].stats)
             else:
                 got = dec.generate_batch(chunk, max_new_tokens, temperature=temperature,
-                                         seed=seed + i, **ctl)
+                                         seed=seed + i, max_batch_size=batch_size, **ctl)
                 records[name].append(_batch_record(got))
             runs[name].extend(got)
             if bar is not None:
@@ -203,6 +207,7 @@ def run_bench(target: Any, decoders: Dict[str, Any], prompts: Sequence[str], *,
         "device": _device_name(target.device), "dtype": str(target.dtype).replace("torch.", ""),
         "max_new_tokens": max_new_tokens, "temperature": temperature, "prompts": len(encoded),
         "controls": ctl, "batch_size": batch_size,
+        "continuous": bool(continuous and batch_size > 1),
         "torch": torch.__version__, "decoders": {}}
     for name, rs in runs.items():
         d = pool_stats(records[name])

@@ -17,6 +17,7 @@ def format_table(report: dict) -> str:
             f"{report['temperature']}, max_new_tokens {report['max_new_tokens']}, "
             f"{report['prompts']} prompts"
             + (f", batch size {report['batch_size']}" if report.get("batch_size", 1) > 1 else "")
+            + (" (continuous)" if report.get("continuous") else "")
             + "".join(f", {k} {v}" for k, v in (report.get("controls") or {}).items()) + "\n\n")
     greedy = report["temperature"] == 0.0
     cols = ["decoder", "tok/s", "x ar", "accepted/round", "tokens/round", "draft s", "verify s",
