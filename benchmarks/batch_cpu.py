@@ -1,8 +1,10 @@
 """Batched decoding's gain against the batch size: tokens/s of `ar` and `specdiff` (tree
 budgets 16, 8, 4 and the chain) through `generate_batch` at B = 1, 2, 4, 8, 16, over the same
 held-out prompts (half ShareGPT, half HumanEval), greedy, bfloat16, in one process; B = 1 is
-the prompts one at a time (`generate`). Each (B, decoder) runs every prompt once, batches in
-prompt order; the speedups are ratios against runs of this same process.
+the prompts one at a time (`generate`). Each (B, decoder) runs every prompt once, in one of
+two modes: static (batches of B in prompt order, each batch until its slowest row is done) and
+continuous (every prompt in one `generate_batch(..., max_batch_size=B)`: a finished row takes
+the next waiting prompt). The speedups are ratios against runs of this same process.
 
     PYTHONPATH=. python benchmarks/batch_cpu.py --threads 2 \
         --out benchmarks/results/batch_cpu.json > benchmarks/results/batch_cpu.md
@@ -23,14 +25,15 @@ from specdiff_ext.pretrained import load_pair
 from specdiff_ext.prompts import default_prompts
 
 
-def _run(dec, prompts, B: int, max_new: int) -> dict:
+def _run(dec, prompts, B: int, max_new: int, mode: str = "static") -> dict:
     t0 = time.perf_counter()
     toks = rounds = acc = 0
     outs = []
-    for i in range(0, len(prompts), B):
-        chunk = prompts[i:i + B]
+    step = len(prompts) if mode == "continuous" else B
+    for i in range(0, len(prompts), step):
+        chunk = prompts[i:i + step]
         res = ([dec.generate(chunk[0], max_new, seed=i)] if B == 1
-               else dec.generate_batch(chunk, max_new, seed=i))
+               else dec.generate_batch(chunk, max_new, seed=i, max_batch_size=B))
         for r in res:
             toks += r.stats["new_tokens"]
             rounds += r.stats.get("rounds", 0)
@@ -48,6 +51,8 @@ def main() -> None:
     ap.add_argument("--num-prompts", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--modes", default="static,continuous",
+                    help="batching modes at B > 1: static, continuous or both")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -61,20 +66,24 @@ def main() -> None:
     for d in decs.values():  # warm-up
         d.generate(prompts[0][:, :16], 8)
         d.generate_batch([prompts[0][:, :16], prompts[1][:, :12]], 8)
+    modes = [m.strip() for m in a.modes.split(",") if m.strip()]
+    if not modes or set(modes) - {"static", "continuous"}:
+        ap.error(f"--modes: static and/or continuous, got {a.modes!r}")
     rows = []
     ref = None
     for B in [int(x) for x in a.batch_sizes.split(",")]:
-        row = {"B": B}
-        for name, d in decs.items():
-            r = _run(d, prompts, B, a.max_new_tokens)
-            if name == "ar" and B == 1:
-                ref = r["outputs"]
-            r["matches_ar"] = sum(x == y for x, y in zip(r.pop("outputs"), ref))
-            row[name] = r
-            print(f"B={B} {name}: {r['tokens_per_second']:.1f} tok/s, "
-                  f"{r['accepted_per_round']:.2f} acc/round, matches {r['matches_ar']}",
-                  file=sys.stderr, flush=True)
-        rows.append(row)
+        for mode in (["one at a time"] if B == 1 else modes):
+            row = {"B": B, "mode": mode}
+            for name, d in decs.items():
+                r = _run(d, prompts, B, a.max_new_tokens, mode)
+                if ref is None:
+                    ref = r["outputs"] if name == "ar" and B == 1 else [None] * len(prompts)
+                r["matches_ar"] = sum(x == y for x, y in zip(r.pop("outputs"), ref))
+                row[name] = r
+                print(f"B={B} {mode} {name}: {r['tokens_per_second']:.1f} tok/s, "
+                      f"{r['accepted_per_round']:.2f} acc/round, matches {r['matches_ar']}",
+                      file=sys.stderr, flush=True)
+            rows.append(row)
     solo = max(rows[0][f"specdiff-{k}"]["tokens_per_second"] for k in budgets) if \
         rows[0]["B"] == 1 else None
     default = rows[0].get("specdiff-16", {}).get("tokens_per_second") if rows[0]["B"] == 1 \
@@ -88,9 +97,10 @@ def main() -> None:
     print(f"Batched decoding on {cpu}, {a.threads} threads, bfloat16 target and drafter, "
           f"{len(prompts)} held-out prompts ({a.num_prompts // 2} ShareGPT + "
           f"{a.num_prompts - a.num_prompts // 2} HumanEval), {a.max_new_tokens} new tokens, "
-          f"greedy; B = 1 is generate() one prompt at a time, B > 1 generate_batch. "
+          f"greedy; B = 1 is generate() one prompt at a time, B > 1 generate_batch (static: "
+          f"batches of B; continuous: max_batch_size=B over all prompts). "
           f"tok/s = all new tokens / wall time of all batches.\n")
-    heads = ["B", "ar tok/s"] + [f"specdiff {('chain' if k == 0 else f'tree {k}')} tok/s"
+    heads = ["B", "mode", "ar tok/s"] + [f"specdiff {('chain' if k == 0 else f'tree {k}')} tok/s"
                                  for k in budgets]
     heads += ["best specdiff", "x ar (same B)", "x specdiff one at a time (tree 16, B = 1)"]
     print("| " + " | ".join(heads) + " |")
@@ -98,7 +108,7 @@ def main() -> None:
     for row in rows:
         best = max(budgets, key=lambda k: row[f"specdiff-{k}"]["tokens_per_second"])
         bt = row[f"specdiff-{best}"]["tokens_per_second"]
-        cells = [str(row["B"]), f"{row['ar']['tokens_per_second']:.1f}"]
+        cells = [str(row["B"]), row["mode"], f"{row['ar']['tokens_per_second']:.1f}"]
         cells += [f"{row[f'specdiff-{k}']['tokens_per_second']:.1f} "
                   f"({row[f'specdiff-{k}']['accepted_per_round']:.2f})" for k in budgets]
         cells += ["chain" if best == 0 else f"tree {best}",
@@ -108,7 +118,7 @@ def main() -> None:
     print("\n(in parentheses: drafts accepted per round; greedy outputs equal to ar's "
           "one-at-a-time output, the fewest of any decoder at each B: "
           + ", ".join(f"{min(r[n]['matches_ar'] for n in decs)}" for r in rows)
-          + f" of {len(prompts)} prompts at B = {a.batch_sizes}: bfloat16 batched matmuls round "
+          + f" of {len(prompts)} prompts, row by row: bfloat16 batched matmuls round "
             "differently, float32 is identical, python_tests/test_batching.py)")
     if a.out:
         with open(a.out, "w") as fh:
