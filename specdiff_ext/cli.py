@@ -99,7 +99,10 @@ def _spec_args(ap: argparse.ArgumentParser) -> None:
                     choices=["left_to_right", "confidence", "random"], help="specdiff commit mode")
     ap.add_argument("--tree-budget", type=int, default=None,
                     help=f"specdiff draft tree nodes per round, verified in one target forward "
-                         f"(0: the plain chain of --gamma drafts; default {DEFAULTS.tree_budget})")
+                         f"(0: the plain chain of --gamma drafts; default: calibrated on this "
+                         f"machine from the target's measured forward cost and the drafter's "
+                         f"tree_acceptance.json, {DEFAULTS.tree_budget} for a drafter without "
+                         f"one)")
     ap.add_argument("--tree-ngram", choices=["on", "off"], default=None,
                     help=f"add prompt lookup's n-gram continuation to each draft tree "
                          f"(default {'on' if DEFAULTS.tree_ngram else 'off'})")
@@ -267,7 +270,9 @@ def _generate(argv: Sequence[str]) -> int:
             return torch.tensor([tgt.tokenizer.encode(text)], dtype=torch.int64, device=tgt.device)
         return tgt.chat_prompt(text)
 
-    settings = {"gamma": gamma, "tree_budget": getattr(dec, "tree_budget", None),
+    settings = {"gamma": gamma,
+                "tree_budget": _budget_used(dec, max(1, min(len(texts), a.max_batch_size or
+                                                            len(texts))), a.temperature),
                 "steps": a.steps, "commit": a.commit, "temperature": a.temperature,
                 "dtype": str(tgt.dtype).replace("torch.", ""), "device": str(tgt.device),
                 "controls": ctl}
@@ -395,7 +400,8 @@ def _bench(argv: Sequence[str]) -> int:
                     continuous=a.continuous)
     spec = decs.get("specdiff")
     rep["settings"] = {"gamma": spec.gamma if spec is not None else a.gamma,
-                       "tree_budget": getattr(spec, "tree_budget", None), "steps": a.steps,
+                       "tree_budget": _budget_used(spec, a.batch_size, a.temperature),
+                       "steps": a.steps,
                        "commit": a.commit, "ar_gamma": a.ar_gamma,
                        "hf_assistant_tokens": a.hf_assistant_tokens, "pld_gamma": a.pld_gamma,
                        "prompts": a.prompts or f"default({a.num_prompts})",
@@ -443,6 +449,24 @@ def _eval_grid(ap: argparse.ArgumentParser, a: argparse.Namespace) -> dict:
     }
 
 
+def _budget_used(dec: Any, batch: int, temperature: float) -> Any:
+    """The tree budget `dec` drafts with at `batch` rows (calibrated when left at the
+    default; `SpecDiffDecoder.default_tree_budget`), None for a decoder without trees. Printed
+    to stderr when calibrated, with the forward costs it was chosen from."""
+    if dec is None or not hasattr(dec, "tree_budget"):
+        return None
+    if not (dec.default_budget and dec.tree_budget and dec.tree_acceptance is not None):
+        return dec.tree_budget if dec.tree_budget == 0 or not dec.default_budget else \
+            dec.default_tree_budget(batch, temperature)
+    b = dec.default_tree_budget(batch, temperature)
+    c = dec.costs.get(batch, {})
+    fwd = ", ".join(f"{k}: {1e3 * v:.0f}" for k, v in sorted(c.get("forward", {}).items()))
+    print(f"tree budget {b}, calibrated at {batch} row(s), temperature {temperature:g} "
+          f"(target forward ms by budget {{{fwd}}}, drafting {1e3 * c.get('draft', 0.0):.1f} "
+          f"ms a row, {c.get('threads')} threads, {c.get('dtype')})", file=sys.stderr)
+    return b
+
+
 def _eval_drafter(argv: Sequence[str]) -> int:
     ap = argparse.ArgumentParser(
         prog="specdiff eval-drafter", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -465,10 +489,20 @@ def _eval_drafter(argv: Sequence[str]) -> int:
     _model_args(ap)
     ap.add_argument("--json", action="store_true", help="print the rows as JSON")
     ap.add_argument("--out", default=None, help="also write the JSON rows to this file")
+    ap.add_argument("--write-tree-acceptance", default=None, metavar="DIR",
+                    help="write DIR/tree_acceptance.json: accepted drafts per round at every "
+                         "power-of-two budget up to the largest of --tree-budgets, per "
+                         "temperature, over all sets (one run of the largest tree measures every "
+                         "smaller one); the decoder's default budget is calibrated from it")
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
     _check(ap, a)
     grid = _eval_grid(ap, a)
+    if a.write_tree_acceptance is not None:
+        if max(grid.get("tree_budgets", [0])) < 1:
+            ap.error("--write-tree-acceptance needs a tree budget > 0 in --tree-budgets")
+        if not os.path.isdir(a.write_tree_acceptance):
+            ap.error(f"--write-tree-acceptance: no such folder {a.write_tree_acceptance!r}")
     from .bench import eval_drafter, format_eval_table
     from .prompts import heldout_sharegpt_prompts, humaneval_prompts, read_prompts
 
@@ -493,6 +527,29 @@ def _eval_drafter(argv: Sequence[str]) -> int:
     if a.out:
         with open(a.out, "w") as fh:
             json.dump(meta, fh, indent=1)
+    if a.write_tree_acceptance is not None:
+        from .calibrate import write_tree_acceptance
+
+        top = max(grid["tree_budgets"])
+        table: Dict[float, Dict[int, float]] = {}
+        for t in sorted({r["temperature"] for r in rows}):
+            sel = [r for r in rows if r["tree_budget"] == top and r["temperature"] == t]
+            rounds = sum(r["rounds"] for r in sel)
+            acc: Dict[int, int] = {}
+            for r in sel:
+                for b, n in r.get("accepted_by_budget", {}).items():
+                    acc[int(b)] = acc.get(int(b), 0) + n
+            if rounds and acc:
+                table[t] = {b: n / rounds for b, n in sorted(acc.items())}
+        path = write_tree_acceptance(
+            a.write_tree_acceptance, table,
+            measured_with="specdiff eval-drafter " + " ".join(argv),
+            prompts={k: len(v) for k, v in sets.items()}, max_new_tokens=a.max_new_tokens,
+            dtype=meta["dtype"], tree_budget=top,
+            rounds={repr(t): sum(r["rounds"] for r in rows
+                                 if r["tree_budget"] == top and r["temperature"] == t)
+                    for t in table})
+        print(f"wrote {path}", file=sys.stderr)
     print(json.dumps(meta, indent=1) if a.json else format_eval_table(rows))
     return 0
 

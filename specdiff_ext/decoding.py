@@ -35,7 +35,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Callable, List, NamedTuple, Optional, Protocol, Sequence, Union
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Protocol, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -231,7 +231,8 @@ class BatchDecoding:
 
     target: Any
 
-    def _batch_plan(self, batch: int, controls: "SamplingControls") -> tuple:
+    def _batch_plan(self, batch: int, controls: "SamplingControls",
+                    temperature: Any = 0.0) -> tuple:
         raise NotImplementedError
 
     def generate_batch(self, prompts: Sequence[Tensor], max_new_tokens: int,
@@ -257,7 +258,7 @@ class BatchDecoding:
         ctl = SamplingControls.make(top_k, top_p, min_p, repetition_penalty)
         batch = len(prompts) if isinstance(prompts, (list, tuple)) else 0
         rows = check_max_batch_size(max_batch_size, batch)
-        drafter, gamma = self._batch_plan(rows, ctl)
+        drafter, gamma = self._batch_plan(rows, ctl, temperature)
         return generate_batch(self, drafter, gamma, prompts, max_new_tokens, temperature, seed,
                               eos_token_id, ctl, max_nodes=_max_nodes(drafter, gamma),
                               max_batch_size=max_batch_size)
@@ -303,8 +304,9 @@ class SpeculativeDecoder(BatchDecoding):
         Shape:
             input_ids: (1, T). Returns GenerateResult(ids: list of new tokens, stats).
         """
-        tgt, drafter, gamma = self.target, self.drafter, self.gamma
         ctl = SamplingControls.make(top_k, top_p, min_p, repetition_penalty)
+        self._prepare(1, temperature)
+        tgt, drafter, gamma = self.target, self.drafter, self.gamma
         chain = getattr(drafter, "chain_drafter", None)
         if ctl.penalized and chain is not None:
             # penalties read each position's history: a tree's nodes have different ones, so
@@ -319,6 +321,9 @@ class SpeculativeDecoder(BatchDecoding):
         rounds = accepted = nodes = 0
         hist = [0] * (gamma + 1)
         by_source = [0, 0, 0, 0]  # accepted tree nodes by source bits (drafting.tree)
+        # what each smaller budget would have accepted in the same rounds (`budget_prefix`)
+        budgets = _sub_budgets(getattr(drafter, "budget", 0))
+        by_budget = [0] * len(budgets)
         cache, hidden = tgt.new_cache(), None
         if max_new_tokens > 0:
             with clock("verify"):  # the target caches everything but the last token
@@ -373,6 +378,9 @@ class SpeculativeDecoder(BatchDecoding):
             if d.source is not None and path:
                 for s in d.source[0, [i - 1 for i in path]].tolist():
                     by_source[s & 3] += 1
+            if tree and path:
+                for j, b in enumerate(budgets):
+                    by_budget[j] += budget_prefix(path, b)
             if _emit(out, flat[: n_acc + 1], eos, max_new_tokens, stream):
                 break
             if ctl.penalized:
@@ -386,9 +394,17 @@ class SpeculativeDecoder(BatchDecoding):
         if any(by_source):
             st["accepted_by_source"] = {"drafter": by_source[1], "ngram": by_source[2],
                                         "both": by_source[3]}
+        if budgets:
+            st["tree_budget"] = drafter.budget
+            st["accepted_by_budget"] = dict(zip(budgets, by_budget))
         return GenerateResult(out, st)
 
-    def _batch_plan(self, batch: int, controls: "SamplingControls") -> tuple:
+    def _prepare(self, batch: int, temperature: Any) -> None:
+        """Settings chosen at call time, before the first round (SpecDiffDecoder: the tree
+        budget calibrated for `batch` rows)."""
+
+    def _batch_plan(self, batch: int, controls: "SamplingControls",
+                    temperature: Any = 0.0) -> tuple:
         """(drafter, gamma) a batch of `batch` rows decodes with: this decoder's, or its tree
         drafter's chain for a penalised call (as in `generate`)."""
         drafter, gamma = self.drafter, self.gamma
@@ -396,6 +412,38 @@ class SpeculativeDecoder(BatchDecoding):
         if controls.penalized and chain is not None:
             drafter, gamma = chain, min(gamma, chain.max_drafts or gamma)
         return drafter, gamma
+
+
+def _sub_budgets(budget: Any) -> List[int]:
+    """The budgets whose acceptance a tree round of `budget` nodes also measures: the powers
+    of two below it, and itself (none for a chain)."""
+    if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
+        return []
+    out, b = [], 1
+    while b < budget:
+        out.append(b)
+        b *= 2
+    return out + [budget]
+
+
+def budget_prefix(path: Sequence[int], budget: int) -> int:
+    """Accepted drafts of a tree round had the tree held only its first `budget` nodes.
+
+    `drafting.TreeDrafting` numbers nodes in creation order: the n-gram branch first, then the
+    best-first expansion in the order it pops nodes, which is the same whatever the budget, so
+    the tree of b nodes is exactly nodes 1 .. b of a larger one (parents first). The walk of
+    `ops.verify_tree` draws at each depth from the same counter, so in the smaller tree it
+    accepts the accepted path's longest prefix of nodes numbered <= b: one round of the larger
+    tree measures every smaller budget exactly (at every temperature), round for round.
+
+    path: the accepted node indices (root = 0 excluded), in walk order.
+    """
+    n = 0
+    for node in path:
+        if node > budget:
+            break
+        n += 1
+    return n
 
 
 def _max_nodes(drafter: Any, gamma: int) -> int:
@@ -468,7 +516,8 @@ class ARDecoder(BatchDecoding):
                 hist = torch.cat([hist, nxt], 1)
         return GenerateResult(out, run_stats(clock, len(out), rounds, 0, base))
 
-    def _batch_plan(self, batch: int, controls: "SamplingControls") -> tuple:
+    def _batch_plan(self, batch: int, controls: "SamplingControls",
+                    temperature: Any = 0.0) -> tuple:
         """A drafter that never drafts: each round is one plain step of every row (the token
         drawn by `ops.verify`'s bonus draw: the same law as `generate`, other draws)."""
         from .batching import NullDrafting
@@ -496,7 +545,12 @@ class SpecDiffDecoder(SpeculativeDecoder):
     tree_budget : int, optional
         Draft tree nodes per round (`drafting.TreeDrafting`: a best-first tree over the
         drafter's block marginals, verified in one target forward by `ops.verify_tree`); 0:
-        the plain chain of `gamma` drafts (`ops.verify`, soft q). None: `DEFAULTS.tree_budget`.
+        the plain chain of `gamma` drafts (`ops.verify`, soft q). None: calibrated on this
+        machine when the drafter carries a measured acceptance table (its
+        ``tree_acceptance``, `calibrate`): at the first call for each batch size, the target's
+        forward over each budget's nodes is timed and the budget of most tokens per second at
+        the call's temperature is kept (``stats["tree_budget"]`` says which); without a table
+        `DEFAULTS.tree_budget` (`DEFAULTS.batch_tree_budget` in batches).
     tree_ngram : bool, optional
         Add prompt lookup's n-gram continuation (up to `DEFAULTS.tree_ngram_len` tokens) to
         each tree as a further branch. None: `DEFAULTS.tree_ngram`.
@@ -511,7 +565,12 @@ class SpecDiffDecoder(SpeculativeDecoder):
         block = DiffusionDrafting(drafter, steps, commit, draft_temperature, draft_filters)
         budget = check_budget(DEFAULTS.tree_budget if tree_budget is None else tree_budget)
         self.tree_budget = budget
-        self.default_budget = tree_budget is None  # then batches take `batch_tree_budget`
+        self.default_budget = tree_budget is None  # then calibrated, or `batch_tree_budget`
+        # the drafter's measured acceptance per budget (calibrate.read_tree_acceptance)
+        self.tree_acceptance = getattr(drafter, "tree_acceptance", None) \
+            if self.default_budget else None
+        self.calibrated: Dict[tuple, int] = {}  # (batch, temperature row) -> budget
+        self.costs: Dict[int, dict] = {}  # batch -> calibrate.measure_costs
         if budget == 0:
             super().__init__(target, block, gamma)
             return
@@ -525,24 +584,48 @@ class SpecDiffDecoder(SpeculativeDecoder):
                             ngram_len=DEFAULTS.tree_ngram_len, topk=DEFAULTS.tree_topk)
         super().__init__(target, tree, None)
 
-    def batch_drafter(self, batch: int) -> Any:
+    def default_tree_budget(self, batch: int = 1, temperature: Any = 0.0) -> int:
+        """The budget a call of `batch` rows at `temperature` drafts with when the decoder's
+        budget was left at the default: calibrated on this machine when the drafter has a
+        measured acceptance table (`calibrate.calibrated_budget`, once per batch size and
+        temperature row), else `DEFAULTS.batch_tree_budget(batch)`."""
+        if self.tree_acceptance is None or not isinstance(self.drafter, TreeDrafting):
+            return DEFAULTS.batch_tree_budget(batch)
+        from .calibrate import acceptance_at, calibrated_budget
+
+        tau = float(temperature) if isinstance(temperature, (int, float)) else 1.0
+        row = min(self.tree_acceptance, key=lambda t: (abs(t - tau), t))
+        key = (batch, row)
+        if key not in self.calibrated:
+            budget, costs = calibrated_budget(self.target, self.drafter, self.tree_acceptance,
+                                              tau, batch)
+            self.calibrated[key] = budget
+            self.costs[batch] = costs
+        return self.calibrated[key]
+
+    def _prepare(self, batch: int, temperature: Any) -> None:
+        if self.default_budget and isinstance(self.drafter, TreeDrafting):
+            self.drafter.budget = self.default_tree_budget(batch, temperature)
+
+    def batch_drafter(self, batch: int, temperature: Any = 0.0) -> Any:
         """The drafter a batch of `batch` rows drafts with: this decoder's, or, when its tree
         budget was left at the default, the same tree drafter with
-        `DEFAULTS.batch_tree_budget(batch)` nodes (smaller trees at larger batches)."""
+        `default_tree_budget(batch, temperature)` nodes (smaller trees at larger batches)."""
         d = self.drafter
         if not (self.default_budget and isinstance(d, TreeDrafting)):
             return d
-        budget = DEFAULTS.batch_tree_budget(batch)
+        budget = self.default_tree_budget(batch, temperature)
         if budget == d.budget or budget < 1:
             return d
         d = d.fork()
         d.budget = budget
         return d
 
-    def _batch_plan(self, batch: int, controls: "SamplingControls") -> tuple:
-        drafter, gamma = super()._batch_plan(batch, controls)
+    def _batch_plan(self, batch: int, controls: "SamplingControls",
+                    temperature: Any = 0.0) -> tuple:
+        drafter, gamma = super()._batch_plan(batch, controls, temperature)
         if drafter is self.drafter:
-            drafter = self.batch_drafter(batch)
+            drafter = self.batch_drafter(batch, temperature)
         return drafter, gamma
 
 

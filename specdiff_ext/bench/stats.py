@@ -102,4 +102,10 @@ def pool_stats(stats: Sequence[dict]) -> dict:
                    accepted_histogram=hist)
         for k in ("draft_seconds", "verify_seconds", "other_seconds"):
             out[k] = sum(st[k] for st in spec)
+        by_budget: dict = {}  # tree runs: accepted in the same rounds by each smaller budget
+        for st in spec:
+            for b, n in st.get("accepted_by_budget", {}).items():
+                by_budget[b] = by_budget.get(b, 0) + n
+        if by_budget:
+            out["accepted_by_budget"] = by_budget
     return out

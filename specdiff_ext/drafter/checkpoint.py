@@ -293,8 +293,13 @@ def _load_dflash(folder: Union[str, os.PathLike], emb: Tensor, target_head: Tens
             vocab_map = check_vocab_map(vocab_map, cfg.vocab_size, cfg.draft_vocab_size)
         except ValueError as exc:
             raise ValueError(f"{path}: {exc}") from None
-    return _load_weights(DFlashDrafter(cfg, emb, target_head, vocab_map), folder, "DFlash",
-                         device, dtype, target_head.device)
+    from ..calibrate import read_tree_acceptance
+
+    table = read_tree_acceptance(folder)  # measured acceptance per tree budget, if any
+    model = _load_weights(DFlashDrafter(cfg, emb, target_head, vocab_map), folder, "DFlash",
+                          device, dtype, target_head.device)
+    model.tree_acceptance = table
+    return model
 
 
 def read_drafter_config(folder: Union[str, os.PathLike]) -> tuple[DrafterConfig, dict]:

@@ -343,6 +343,9 @@ class DFlashDrafter(nn.Module):
                              f"vocab_map (K target ids)")
         self.set_draft_vocab(vocab_map)
         self.reset_parameters()
+        # accepted drafts per round by tree budget, measured on held-out prompts for this
+        # checkpoint (``tree_acceptance.json`` beside it, `calibrate`); None: not measured
+        self.tree_acceptance: Optional[dict] = None
 
     def reset_parameters(self) -> None:
         """Normal(0, init_std) linear weights (output projections scaled by 1/sqrt(2 L)), unit

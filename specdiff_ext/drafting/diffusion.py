@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from typing import Any, Optional, Union
 
+import torch
 from torch import Tensor
 
+from .. import ops
 from ..defaults import DEFAULTS
 from ..drafter.config import ContextMode
 from ..drafter.dflash import DFlashDrafter
@@ -121,6 +123,29 @@ class DiffusionDrafting:
         self.last_logits = b.logits
         return Draft(b.ids, b.logits if self._dtau > 0 else None, b.point_mass, self._dtau,
                      b.vocab_map)
+
+    def marginals(self, gamma: int, rnd: int) -> Tensor:
+        """The block's per-position logits a tree is grown from ((1, gamma, Vd), filtered as
+        `draft`'s, columns in the drafter's vocabulary), also kept as `last_logits`. With one
+        denoising step these are the fully masked block's marginals: one drafter pass, no
+        draws (the tree does not use the block's sampled tokens). With more steps, `draft`'s
+        logits (each position's row of the step that committed it)."""
+        if self.steps != 1:
+            self.draft(gamma, rnd)
+            assert self.last_logits is not None
+            return self.last_logits
+        pre, self.prefetched = self.prefetched, None
+        if pre is not None and pre.shape[1] == gamma:
+            logits = pre
+        else:
+            mask = torch.full((1, gamma), self.drafter.config.mask_id, dtype=torch.int64,
+                              device=self.cache.device)
+            with torch.no_grad():
+                logits = self.drafter.block_logits(self.cache, mask)
+        if self._filters:
+            logits = ops.filter_logits(logits, temperature=self._dtau, **self._filters)
+        self.last_logits = logits
+        return logits
 
     def accept(self, emitted: Tensor, n_acc: int, hidden: Optional[Tensor]) -> None:
         if self.dflash:  # states at [last, x_1 .. x_n]; the correction starts the next block

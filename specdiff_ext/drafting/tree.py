@@ -176,8 +176,7 @@ class TreeDrafting:
         left = self.budget - tree.size()
         if self.block is not None and left > 0 and gamma > 0:
             g = min(gamma, self.block.max_drafts or gamma)
-            self.block.draft(g, rnd)
-            logits = self.block.last_logits  # (1, g, Vd)
+            logits = self.block.marginals(g, rnd)  # (1, g, Vd)
             lp = torch.log_softmax(logits[0].float(), dim=-1)
             k = min(self.topk, lp.shape[-1])
             top = lp.topk(k, dim=-1)  # (g, k), sorted

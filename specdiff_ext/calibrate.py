@@ -1,0 +1,214 @@
+"""The draft tree budget, chosen on the machine at hand (docs/design.md, section 5).
+
+What a node budget buys is a property of the drafter (how many drafts a tree of b nodes
+accepts per round on held-out prompts: measured once per checkpoint, stored beside it as
+``tree_acceptance.json``); what it costs is a property of the machine (one target forward over
+b + 1 nodes, against one over a single token: on a CPU with bf16 matrix units 32 nodes cost
+1.3x one, in float32 without them 3.6x). `choose_budget` joins the two: the budget of most
+tokens per second, (1 + accepted(b)) / (forward(b + 1) + drafting), with the costs timed here
+by `measure_costs` at the batch size the decoder runs.
+
+`SpecDiffDecoder` does this on its first call when its budget is left at the default and its
+drafter carries a table; without a table it keeps `DEFAULTS.tree_budget`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any, Dict, Mapping, Optional, Sequence, Union
+
+import torch
+
+__all__ = ["TREE_ACCEPTANCE_NAME", "read_tree_acceptance", "write_tree_acceptance",
+           "acceptance_at", "measure_costs", "choose_budget", "calibrated_budget"]
+
+TREE_ACCEPTANCE_NAME = "tree_acceptance.json"
+MAX_TABLE_BUDGET = 1024
+
+_COSTS: Dict[tuple, dict] = {}  # (model, batch, threads, budgets) -> measured costs
+
+
+def _check_table(table: Any, where: str) -> Dict[float, Dict[int, float]]:
+    """{temperature: {budget: accepted drafts per round}}, checked."""
+    if not isinstance(table, Mapping) or not table:
+        raise ValueError(f"{where}: 'accepted_per_round' must be a non-empty object of "
+                         f"temperature -> {{budget: accepted per round}}")
+    out: Dict[float, Dict[int, float]] = {}
+    for t, row in table.items():
+        try:
+            tau = float(t)
+        except (TypeError, ValueError):
+            raise ValueError(f"{where}: temperature {t!r} is not a number") from None
+        if not math.isfinite(tau) or tau < 0:
+            raise ValueError(f"{where}: temperature {t!r} must be finite and >= 0")
+        if not isinstance(row, Mapping) or not row:
+            raise ValueError(f"{where}: temperature {t}: expected a non-empty object of "
+                             f"budget -> accepted per round")
+        out[tau] = {}
+        for b, a in row.items():
+            try:
+                bi = int(b)
+            except (TypeError, ValueError):
+                raise ValueError(f"{where}: temperature {t}: budget {b!r} is not an int") from None
+            if not 1 <= bi <= MAX_TABLE_BUDGET or str(bi) != str(b).strip():
+                raise ValueError(f"{where}: temperature {t}: budget {b!r} must be an int in "
+                                 f"[1, {MAX_TABLE_BUDGET}]")
+            if isinstance(a, bool) or not isinstance(a, (int, float)) or not \
+                    math.isfinite(a) or a < 0:
+                raise ValueError(f"{where}: temperature {t}: budget {b}: accepted per round "
+                                 f"must be a finite number >= 0, got {a!r}")
+            out[tau][bi] = float(a)
+    return out
+
+
+def read_tree_acceptance(folder: Union[str, os.PathLike]) -> Optional[Dict[float, Dict[int, float]]]:
+    """The measured acceptance table in a drafter folder, or None when it has none.
+
+    Format (``tree_acceptance.json``): ``{"accepted_per_round": {"<temperature>": {"<budget>":
+    accepted drafts per round}}, ...}``; any other keys (how it was measured) are kept for
+    people and ignored here. Raises ValueError naming the file when it does not parse."""
+    path = os.path.join(os.fspath(folder), TREE_ACCEPTANCE_NAME)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as fh:
+            meta = json.load(fh)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: not a readable JSON file ({exc})") from None
+    if not isinstance(meta, Mapping) or "accepted_per_round" not in meta:
+        raise ValueError(f"{path}: expected an object with 'accepted_per_round'")
+    return _check_table(meta["accepted_per_round"], path)
+
+
+def write_tree_acceptance(folder: Union[str, os.PathLike], table: Mapping, **about: Any) -> str:
+    """Writes ``tree_acceptance.json`` (the table checked as `read_tree_acceptance` reads it,
+    plus `about`: how it was measured). Returns the path."""
+    checked = _check_table(table, "table")
+    path = os.path.join(os.fspath(folder), TREE_ACCEPTANCE_NAME)
+    body = {"accepted_per_round": {repr(t): {str(b): round(a, 4) for b, a in sorted(row.items())}
+                                   for t, row in sorted(checked.items())}, **about}
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(body, fh, indent=1)
+        fh.write("\n")
+    return path
+
+
+def acceptance_at(table: Mapping[float, Mapping[int, float]], temperature: float) -> Dict[int, float]:
+    """The row of `table` measured at the temperature nearest `temperature` (greedy decoding
+    takes the greedy row when there is one)."""
+    tau = min(table, key=lambda t: (abs(t - temperature), t))
+    return dict(table[tau])
+
+
+def _median(xs: Sequence[float]) -> float:
+    s = sorted(xs)
+    return s[len(s) // 2]
+
+
+@torch.inference_mode()
+def measure_costs(target: Any, drafter: Any, budgets: Sequence[int], batch: int = 1,
+                  context: int = 128, reps: int = 3) -> dict:
+    """Seconds of one round's parts on this machine, per budget, at `batch` rows.
+
+    - ``forward[b]``: one target forward over b + 1 nodes per row (after `context` cached
+      tokens; `TargetModel.forward_tree` at one row, `batching.BatchedTarget` at more);
+    - ``draft``: one row's drafting per round (the tree drafter's `draft` and `accept`, the
+      drafter's block forward and the tree expansion included).
+
+    Each is the median of `reps` timed calls after one untimed one. Cached per (target,
+    batch, threads, budgets)."""
+    budgets = sorted({int(b) for b in budgets})
+    key = (id(target.model), batch, torch.get_num_threads(), tuple(budgets), context)
+    if key in _COSTS:
+        return _COSTS[key]
+    gen = torch.Generator().manual_seed(0)
+    dev = target.device
+    V = target.vocab_size
+    ids = torch.randint(0, V, (batch, context + max(budgets) + 1), generator=gen).to(dev)
+    layers = getattr(drafter, "feature_layers", None)
+    fwd: Dict[int, float] = {}
+    if batch == 1:
+        cache = target.new_cache()
+        out = target.forward(ids[:, :context], cache, hidden_layers=layers)
+        for b in budgets:
+            n = b + 1
+            par = torch.arange(-1, n - 1, device=dev).view(1, n)
+            ts = []
+            for r in range(reps + 1):
+                t0 = time.perf_counter()
+                target.forward_tree(ids[:, context:context + n], par, cache)
+                ts.append(time.perf_counter() - t0)
+                target.crop(cache, context)
+            fwd[b] = _median(ts[1:])
+        hidden = out.hidden
+    else:
+        from .batching import BatchedTarget
+
+        bt = BatchedTarget(target, batch, context + max(budgets) + 3)
+        hid = bt.prefill([ids[i:i + 1, :context + 1] for i in range(batch)], layers)
+        for b in budgets:
+            n = b + 1
+            used = torch.ones(batch, n, dtype=torch.bool, device=dev)
+            par = torch.arange(-1, n - 1).expand(batch, n)
+            ts = []
+            for r in range(reps + 1):
+                t0 = time.perf_counter()
+                bt.forward_nodes(ids[:, context:context + n], par, used)
+                ts.append(time.perf_counter() - t0)
+            fwd[b] = _median(ts[1:])
+        hidden = hid[0]
+    draft = 0.0
+    if drafter is not None:
+        from .batching import fork_drafter
+
+        if isinstance(hidden, (list, tuple)):
+            hidden = torch.cat(list(hidden), -1) if hidden else None
+        if hidden is not None:
+            hidden = hidden[:1]
+        ts = []
+        for r in range(reps + 1):
+            d = fork_drafter(drafter)
+            d.start(ids[:1, :context + 1], 0, 0.0, hidden, None)
+            t0 = time.perf_counter()
+            dr = d.draft(getattr(d, "max_drafts", None) or 3, r)
+            em = dr.ids[:, :1] if dr.ids.shape[1] else ids[:1, :1]
+            em = torch.cat([em, em], 1)
+            h = hidden[:, -2:] if hidden is not None else None
+            d.accept(em, 1, h)
+            ts.append(time.perf_counter() - t0)
+        draft = _median(ts[1:])
+    res = {"forward": fwd, "draft": draft, "batch": batch, "threads": torch.get_num_threads(),
+           "dtype": str(target.dtype).replace("torch.", ""), "context": context}
+    _COSTS[key] = res
+    return res
+
+
+def choose_budget(acceptance: Mapping[int, float], forward: Mapping[int, float],
+                  draft: float = 0.0, batch: int = 1) -> int:
+    """The budget of most tokens per second: argmax over the budgets in both tables of
+    (1 + acceptance[b]) / (forward[b] + batch * draft), the smallest on a tie.
+
+    >>> choose_budget({4: 1.0, 16: 1.5}, {4: 0.10, 16: 0.12})
+    16
+    >>> choose_budget({4: 1.0, 16: 1.5}, {4: 0.10, 16: 0.20})
+    4
+    """
+    common = sorted(set(acceptance) & set(forward))
+    if not common:
+        raise ValueError(f"no budget is in both the acceptance table {sorted(acceptance)} and "
+                         f"the measured costs {sorted(forward)}")
+    return max(common, key=lambda b: ((1.0 + acceptance[b]) / (forward[b] + batch * draft), -b))
+
+
+def calibrated_budget(target: Any, drafter: Any, table: Mapping[float, Mapping[int, float]],
+                      temperature: float, batch: int = 1, max_budget: int = 64) -> tuple:
+    """(budget, costs): `choose_budget` over the drafter's measured acceptance at the nearest
+    temperature and this machine's costs at `batch` rows (budgets up to `max_budget`)."""
+    acc = {b: a for b, a in acceptance_at(table, temperature).items() if b <= max_budget}
+    if not acc:
+        raise ValueError(f"the acceptance table has no budget <= {max_budget}")
+    costs = measure_costs(target, drafter, sorted(acc), batch=batch)
+    return choose_budget(acc, costs["forward"], costs["draft"], batch), costs
