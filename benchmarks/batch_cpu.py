@@ -1,6 +1,7 @@
 """Batched decoding's gain against the batch size: tokens/s of `ar` and `specdiff` (tree
-budgets 16, 8, 4 and the chain) through `generate_batch` at B = 1, 2, 4, 8, 16, over the same
-held-out prompts (half ShareGPT, half HumanEval), greedy, bfloat16, in one process; B = 1 is
+budgets: calibrated, 16, 8, 4 and the chain) through `generate_batch` at B = 1, 2, 4, 8, 16, over the same
+held-out prompts (half ShareGPT, half HumanEval), greedy, in the machine's default dtype (or
+--dtype), in one process; B = 1 is
 the prompts one at a time (`generate`). Each (B, decoder) runs every prompt once, in one of
 two modes: static (batches of B in prompt order, each batch until its slowest row is done) and
 continuous (every prompt in one `generate_batch(..., max_batch_size=B)`: a finished row takes
@@ -21,7 +22,7 @@ import time
 import torch
 
 from specdiff_ext.decoding import ARDecoder, SpecDiffDecoder
-from specdiff_ext.pretrained import load_pair
+from specdiff_ext.pretrained import load_pair, parse_dtype
 from specdiff_ext.prompts import default_prompts
 
 
@@ -47,7 +48,11 @@ def _run(dec, prompts, B: int, max_new: int, mode: str = "static") -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batch-sizes", default="1,2,4,8,16")
-    ap.add_argument("--budgets", default="16,8,4,0", help="specdiff tree budgets; 0 = chain")
+    ap.add_argument("--budgets", default="auto,16,8,4,0",
+                    help="specdiff tree budgets; 0 = chain; auto = the default decoder (its budget "
+                         "calibrated at each B on this machine, specdiff_ext.calibrate)")
+    ap.add_argument("--dtype", default="auto",
+                    help="float32, bfloat16 or auto (bfloat16 on a CPU with native bf16)")
     ap.add_argument("--num-prompts", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
@@ -58,13 +63,14 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    pair = load_pair(dtype=torch.bfloat16)
+    pair = load_pair(dtype=parse_dtype(a.dtype))
     tgt = pair.target
     prompts = [tgt.chat_prompt(p) for p in default_prompts(a.num_prompts)]
-    budgets = [int(x) for x in a.budgets.split(",")]
+    budgets = [x.strip() if x.strip() == "auto" else int(x) for x in a.budgets.split(",")]
     decs = {"ar": ARDecoder(tgt)}
     for k in budgets:
-        decs[f"specdiff-{k}"] = SpecDiffDecoder(tgt, pair.drafter, tree_budget=k)
+        decs[f"specdiff-{k}"] = SpecDiffDecoder(tgt, pair.drafter,
+                                                tree_budget=None if k == "auto" else k)
     for d in decs.values():  # warm-up
         d.generate(prompts[0][:, :16], 8)
         d.generate_batch([prompts[0][:, :16], prompts[1][:, :12]], 8)
@@ -81,7 +87,11 @@ def main() -> None:
         for row in rows:
             B, mode = row["B"], row["mode"]
             for name, d in decs.items():
+                if name == "specdiff-auto":  # calibrate outside the timed run
+                    r_budget = d.default_tree_budget(B, 0.0)
                 r = _run(d, prompts, B, a.max_new_tokens, mode)
+                if name == "specdiff-auto":
+                    r["tree_budget"] = r_budget
                 if ref is None:
                     ref = r["outputs"] if name == "ar" and B == 1 else [None] * len(prompts)
                 r["matches_ar"] = sum(x == y for x, y in zip(r.pop("outputs"), ref))
@@ -94,7 +104,8 @@ def main() -> None:
             row[name] = sorted(runs, key=lambda r: r["tokens_per_second"])[len(runs) // 2]
     solo = max(rows[0][f"specdiff-{k}"]["tokens_per_second"] for k in budgets) if \
         rows[0]["B"] == 1 else None
-    default = rows[0].get("specdiff-16", {}).get("tokens_per_second") if rows[0]["B"] == 1 \
+    ref_name = "specdiff-auto" if "auto" in budgets else "specdiff-16"
+    default = rows[0].get(ref_name, {}).get("tokens_per_second") if rows[0]["B"] == 1 \
         else None
     cpu = platform.processor() or platform.machine()
     try:
@@ -102,7 +113,8 @@ def main() -> None:
                    if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    print(f"Batched decoding on {cpu}, {a.threads} threads, bfloat16 target and drafter, "
+    print(f"Batched decoding on {cpu}, {a.threads} threads, "
+          f"{str(tgt.dtype).replace('torch.', '')} target and drafter, "
           f"{len(prompts)} held-out prompts ({a.num_prompts // 2} ShareGPT + "
           f"{a.num_prompts - a.num_prompts // 2} HumanEval), {a.max_new_tokens} new tokens, "
           f"greedy; B = 1 is generate() one prompt at a time, B > 1 generate_batch (static: "
@@ -110,9 +122,12 @@ def main() -> None:
           f"tok/s = all new tokens / wall time of all batches"
           + (f"; the median of {a.repeats} interleaved passes" if a.repeats > 1 else "")
           + ".\n")
-    heads = ["B", "mode", "ar tok/s"] + [f"specdiff {('chain' if k == 0 else f'tree {k}')} tok/s"
-                                 for k in budgets]
-    heads += ["best specdiff", "x ar (same B)", "x specdiff one at a time (tree 16, B = 1)"]
+    def label(k):
+        return "chain" if k == 0 else "calibrated" if k == "auto" else f"tree {k}"
+
+    heads = ["B", "mode", "ar tok/s"] + [f"specdiff {label(k)} tok/s" for k in budgets]
+    heads += ["best specdiff", "x ar (same B)",
+              f"x specdiff one at a time ({label(ref_name.split('-', 1)[1]) if ref_name.endswith('auto') else 'tree 16'}, B = 1)"]
     print("| " + " | ".join(heads) + " |")
     print("|" + "---|" * len(heads))
     for row in rows:
@@ -120,8 +135,10 @@ def main() -> None:
         bt = row[f"specdiff-{best}"]["tokens_per_second"]
         cells = [str(row["B"]), row["mode"], f"{row['ar']['tokens_per_second']:.1f}"]
         cells += [f"{row[f'specdiff-{k}']['tokens_per_second']:.1f} "
-                  f"({row[f'specdiff-{k}']['accepted_per_round']:.2f})" for k in budgets]
-        cells += ["chain" if best == 0 else f"tree {best}",
+                  f"({row[f'specdiff-{k}']['accepted_per_round']:.2f}"
+                  + (f", tree {row[f'specdiff-{k}']['tree_budget']}" if k == "auto" else "")
+                  + ")" for k in budgets]
+        cells += [label(best),
                   f"{bt / row['ar']['tokens_per_second']:.2f}",
                   f"{bt / default:.2f}" if default else "-"]
         print("| " + " | ".join(cells) + " |")

@@ -138,13 +138,15 @@ def test_default_budget_is_calibrated_per_batch_and_temperature(tiny, monkeypatc
 
     def costs(target, drafter, budgets, batch=1, **kw):
         seen.append(batch)
-        return {"forward": {b: 0.1 + 0.004 * batch * b for b in budgets}, "draft": 0.0}
+        return {"forward": {b: 0.1 + 0.004 * batch * b for b in budgets}, "draft": 0.0,
+                "plain": 1.0}  # plain decoding slow here: trees always pay
 
     monkeypatch.setattr(calibrate, "measure_costs", costs)
     dec = SpecDiffDecoder(tiny, d)
     want = {(B, t): choose_budget(d.tree_acceptance[t],
-                                  {b: 0.1 + 0.004 * B * b for b in (2, 4, 8, 16)})
+                                  {b: 0.1 + 0.004 * B * b for b in (2, 4, 8, 16)}, plain=1.0)
             for B in (1, 8) for t in (0.0, 1.0)}
+    assert all(b > 0 for b in want.values())
     assert len(set(want.values())) > 1  # the fake costs do move the choice
     for (B, t), b in want.items():
         assert dec.default_tree_budget(B, t) == b
@@ -170,3 +172,28 @@ def test_measure_costs_times_every_budget(tiny, batch: int) -> None:
     assert sorted(c["forward"]) == [1, 4, 8] and c["batch"] == batch
     assert all(v > 0 for v in c["forward"].values()) and c["draft"] > 0
     assert measure_costs(tiny, dec.drafter, [1, 4, 8], batch=batch, context=16, reps=1) is c
+
+
+def test_plain_decoding_when_no_tree_pays(tiny, monkeypatch) -> None:
+    """Costs under which every tree loses to plain decoding: the default decoder decodes
+    plainly (the same greedy tokens, the same law), in generate and in batches; a drafter
+    whose trees pay keeps them."""
+    from specdiff_ext.decoding import ARDecoder
+
+    d = _drafter(tiny, bs=5)
+    d.tree_acceptance = {0.0: {4: 0.5, 8: 0.6}}
+    monkeypatch.setattr(calibrate, "measure_costs", lambda t, dr, budgets, batch=1, **kw: {
+        "forward": {b: 0.3 for b in budgets}, "draft": 0.05, "plain": 0.1})
+    assert choose_budget({4: 0.5, 8: 0.6}, {4: 0.3, 8: 0.3}, 0.05, plain=0.1) == 0
+    dec = SpecDiffDecoder(tiny, d)
+    prompt = torch.tensor([[5, 17, 3, 42, 8, 11, 5, 17, 3]])
+    want = ARDecoder(tiny).generate(prompt, 20)
+    got = dec.generate(prompt, 20)
+    assert got.ids == want.ids and got.stats["tree_budget"] == 0 and "speculation" in got.stats
+    rows = dec.generate_batch([prompt, prompt[:, :5]], 12)
+    assert rows[0].ids == want.ids[:12] and rows[0].stats["accepted"] == 0
+    # the same drafter with cheap trees drafts them
+    monkeypatch.setattr(calibrate, "measure_costs", lambda t, dr, budgets, batch=1, **kw: {
+        "forward": {b: 0.1 for b in budgets}, "draft": 0.0, "plain": 0.1})
+    res = SpecDiffDecoder(tiny, d).generate(prompt, 20)
+    assert res.ids == want.ids and res.stats["tree_budget"] == 8 and "speculation" not in res.stats

@@ -116,10 +116,12 @@ def measure_costs(target: Any, drafter: Any, budgets: Sequence[int], batch: int 
     - ``forward[b]``: one target forward over b + 1 nodes per row (after `context` cached
       tokens; `TargetModel.forward_tree` at one row, `batching.BatchedTarget` at more);
     - ``draft``: one row's drafting per round (the tree drafter's `draft` and `accept`, the
-      drafter's block forward and the tree expansion included).
+      drafter's block forward and the tree expansion included);
+    - ``plain``: one step of plain decoding (one token per row, `ARDecoder`'s forward).
 
-    Each is the median of `reps` timed calls after one untimed one. Cached per (target,
-    batch, threads, budgets)."""
+    Each is the median of `reps` timed calls (the budgets interleaved, after one untimed
+    call), the forward costs made non-decreasing in the budget (their running maximum).
+    Cached per (target, batch, threads, budgets)."""
     budgets = sorted({int(b) for b in budgets})
     key = (id(target.model), batch, torch.get_num_threads(), tuple(budgets), context)
     if key in _COSTS:
@@ -129,37 +131,65 @@ def measure_costs(target: Any, drafter: Any, budgets: Sequence[int], batch: int 
     V = target.vocab_size
     ids = torch.randint(0, V, (batch, context + max(budgets) + 1), generator=gen).to(dev)
     layers = getattr(drafter, "feature_layers", None)
-    fwd: Dict[int, float] = {}
+    times: Dict[int, list] = {b: [] for b in budgets}
     if batch == 1:
         cache = target.new_cache()
         out = target.forward(ids[:, :context], cache, hidden_layers=layers)
-        for b in budgets:
-            n = b + 1
-            par = torch.arange(-1, n - 1, device=dev).view(1, n)
-            ts = []
-            for r in range(reps + 1):
-                t0 = time.perf_counter()
-                target.forward_tree(ids[:, context:context + n], par, cache)
-                ts.append(time.perf_counter() - t0)
-                target.crop(cache, context)
-            fwd[b] = _median(ts[1:])
         hidden = out.hidden
+
+        def run(n: int) -> None:
+            par = torch.arange(-1, n - 1, device=dev).view(1, n)
+            target.forward_tree(ids[:, context:context + n], par, cache)
+            target.crop(cache, context)
     else:
         from .batching import BatchedTarget
 
         bt = BatchedTarget(target, batch, context + max(budgets) + 3)
-        hid = bt.prefill([ids[i:i + 1, :context + 1] for i in range(batch)], layers)
-        for b in budgets:
-            n = b + 1
+        hidden = bt.prefill([ids[i:i + 1, :context + 1] for i in range(batch)], layers)[0]
+
+        def run(n: int) -> None:  # no commit: every call overwrites the same slots
             used = torch.ones(batch, n, dtype=torch.bool, device=dev)
             par = torch.arange(-1, n - 1).expand(batch, n)
-            ts = []
-            for r in range(reps + 1):
-                t0 = time.perf_counter()
-                bt.forward_nodes(ids[:, context:context + n], par, used)
-                ts.append(time.perf_counter() - t0)
-            fwd[b] = _median(ts[1:])
-        hidden = hid[0]
+            bt.forward_nodes(ids[:, context:context + n], par, used)
+    def sync() -> None:  # CUDA runs asynchronously: time whole calls
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    if batch == 1:
+        pcache = target.new_cache()
+        target.forward(ids[:, :context], pcache)
+
+        def plain() -> None:  # one token of plain decoding (`ARDecoder`'s call)
+            target.forward(ids[:, context:context + 1], pcache)
+            target.crop(pcache, context)
+    else:
+        def plain() -> None:
+            bt.forward_nodes(ids[:, context:context + 1], None,
+                             torch.ones(batch, 1, dtype=torch.bool, device=dev))
+    plain_t: list = []
+    run(max(budgets) + 1)  # warm-up
+    # budgets interleaved within each repetition, so that a drift of the machine's speed
+    # touches every budget alike
+    plain()
+    for r in range(reps):
+        for b in budgets:
+            sync()
+            t0 = time.perf_counter()
+            run(b + 1)
+            sync()
+            times[b].append(time.perf_counter() - t0)
+        sync()
+        t0 = time.perf_counter()
+        plain()
+        sync()
+        plain_t.append(time.perf_counter() - t0)
+    # a wider forward is never cheaper than a narrower one: the running maximum of the
+    # medians keeps noise from ranking a wide tree below a narrow one
+    fwd: Dict[int, float] = {}
+    top = 0.0
+    for b in budgets:
+        top = max(top, _median(times[b]))
+        fwd[b] = top
     draft = 0.0
     if drafter is not None:
         from .batching import fork_drafter
@@ -172,43 +202,59 @@ def measure_costs(target: Any, drafter: Any, budgets: Sequence[int], batch: int 
         for r in range(reps + 1):
             d = fork_drafter(drafter)
             d.start(ids[:1, :context + 1], 0, 0.0, hidden, None)
+            sync()
             t0 = time.perf_counter()
             dr = d.draft(getattr(d, "max_drafts", None) or 3, r)
             em = dr.ids[:, :1] if dr.ids.shape[1] else ids[:1, :1]
             em = torch.cat([em, em], 1)
             h = hidden[:, -2:] if hidden is not None else None
             d.accept(em, 1, h)
+            sync()
             ts.append(time.perf_counter() - t0)
         draft = _median(ts[1:])
-    res = {"forward": fwd, "draft": draft, "batch": batch, "threads": torch.get_num_threads(),
+    res = {"forward": fwd, "draft": draft, "plain": _median(plain_t), "batch": batch,
+           "threads": torch.get_num_threads(),
            "dtype": str(target.dtype).replace("torch.", ""), "context": context}
     _COSTS[key] = res
     return res
 
 
 def choose_budget(acceptance: Mapping[int, float], forward: Mapping[int, float],
-                  draft: float = 0.0, batch: int = 1) -> int:
+                  draft: float = 0.0, batch: int = 1, plain: Optional[float] = None) -> int:
     """The budget of most tokens per second: argmax over the budgets in both tables of
-    (1 + acceptance[b]) / (forward[b] + batch * draft), the smallest on a tie.
+    (1 + acceptance[b]) / (forward[b] + batch * draft), the smallest on a tie; 0 when `plain`
+    (the seconds of one plain decoding step) is given and plain decoding's 1 / plain beats
+    every budget (speculation does not pay on this machine at this batch size).
 
     >>> choose_budget({4: 1.0, 16: 1.5}, {4: 0.10, 16: 0.12})
     16
     >>> choose_budget({4: 1.0, 16: 1.5}, {4: 0.10, 16: 0.20})
     4
+    >>> choose_budget({4: 1.0, 16: 1.5}, {4: 0.10, 16: 0.20}, plain=0.04)
+    0
     """
     common = sorted(set(acceptance) & set(forward))
     if not common:
         raise ValueError(f"no budget is in both the acceptance table {sorted(acceptance)} and "
                          f"the measured costs {sorted(forward)}")
-    return max(common, key=lambda b: ((1.0 + acceptance[b]) / (forward[b] + batch * draft), -b))
+
+    def rate(b: int) -> float:
+        return (1.0 + acceptance[b]) / (forward[b] + batch * draft)
+
+    best = max(common, key=lambda b: (rate(b), -b))
+    if plain is not None and plain > 0 and 1.0 / plain > rate(best):
+        return 0
+    return best
 
 
 def calibrated_budget(target: Any, drafter: Any, table: Mapping[float, Mapping[int, float]],
                       temperature: float, batch: int = 1, max_budget: int = 64) -> tuple:
     """(budget, costs): `choose_budget` over the drafter's measured acceptance at the nearest
-    temperature and this machine's costs at `batch` rows (budgets up to `max_budget`)."""
+    temperature and this machine's costs at `batch` rows (budgets up to `max_budget`); budget
+    0 when plain decoding measures faster than every tree."""
     acc = {b: a for b, a in acceptance_at(table, temperature).items() if b <= max_budget}
     if not acc:
         raise ValueError(f"the acceptance table has no budget <= {max_budget}")
     costs = measure_costs(target, drafter, sorted(acc), batch=batch)
-    return choose_budget(acc, costs["forward"], costs["draft"], batch), costs
+    return choose_budget(acc, costs["forward"], costs["draft"], batch,
+                         plain=costs.get("plain")), costs

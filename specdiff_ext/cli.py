@@ -461,8 +461,10 @@ def _budget_used(dec: Any, batch: int, temperature: float) -> Any:
     b = dec.default_tree_budget(batch, temperature)
     c = dec.costs.get(batch, {})
     fwd = ", ".join(f"{k}: {1e3 * v:.0f}" for k, v in sorted(c.get("forward", {}).items()))
-    print(f"tree budget {b}, calibrated at {batch} row(s), temperature {temperature:g} "
-          f"(target forward ms by budget {{{fwd}}}, drafting {1e3 * c.get('draft', 0.0):.1f} "
+    what = f"tree budget {b}" if b else "speculation off (plain decoding measured faster)"
+    print(f"{what}, calibrated at {batch} row(s), temperature {temperature:g} "
+          f"(target forward ms by budget {{{fwd}}}, plain step "
+          f"{1e3 * c.get('plain', 0.0):.0f} ms, drafting {1e3 * c.get('draft', 0.0):.1f} "
           f"ms a row, {c.get('threads')} threads, {c.get('dtype')})", file=sys.stderr)
     return b
 

@@ -549,8 +549,10 @@ class SpecDiffDecoder(SpeculativeDecoder):
         machine when the drafter carries a measured acceptance table (its
         ``tree_acceptance``, `calibrate`): at the first call for each batch size, the target's
         forward over each budget's nodes is timed and the budget of most tokens per second at
-        the call's temperature is kept (``stats["tree_budget"]`` says which); without a table
-        `DEFAULTS.tree_budget` (`DEFAULTS.batch_tree_budget` in batches).
+        the call's temperature is kept (``stats["tree_budget"]`` says which); when plain
+        decoding measured faster than every tree, the call decodes plainly (budget 0,
+        ``stats["speculation"]``); without a table `DEFAULTS.tree_budget`
+        (`DEFAULTS.batch_tree_budget` in batches).
     tree_ngram : bool, optional
         Add prompt lookup's n-gram continuation (up to `DEFAULTS.tree_ngram_len` tokens) to
         each tree as a further branch. None: `DEFAULTS.tree_ngram`.
@@ -605,7 +607,31 @@ class SpecDiffDecoder(SpeculativeDecoder):
 
     def _prepare(self, batch: int, temperature: Any) -> None:
         if self.default_budget and isinstance(self.drafter, TreeDrafting):
-            self.drafter.budget = self.default_tree_budget(batch, temperature)
+            budget = self.default_tree_budget(batch, temperature)
+            if budget > 0:
+                self.drafter.budget = budget
+
+    def _plain(self, batch: int, temperature: Any) -> bool:
+        """True when the calibration found plain decoding faster than every tree at `batch`
+        rows (budget 0 from `default_tree_budget`): the call then decodes plainly."""
+        return bool(self.default_budget and self.tree_acceptance is not None
+                     and isinstance(self.drafter, TreeDrafting)
+                     and self.default_tree_budget(batch, temperature) == 0)
+
+    def generate(self, input_ids: Tensor, max_new_tokens: int, temperature: float = 0.0,
+                 seed: Optional[int] = None, eos_token_id: Optional[int] = None,
+                 stream: Optional[Stream] = None, **controls: Any) -> GenerateResult:
+        """`SpeculativeDecoder.generate`; with the budget left at its default, a machine on
+        which plain decoding measured faster than every tree (`calibrate`) decodes plainly
+        (`ARDecoder`: the same law; ``stats["speculation"]`` says so)."""
+        if self._plain(1, temperature):
+            res = ARDecoder(self.target).generate(input_ids, max_new_tokens, temperature, seed,
+                                                  eos_token_id, stream, **controls)
+            res.stats.update(tree_budget=0, speculation="off (calibrated: plain decoding "
+                                                        "measured faster)")
+            return res
+        return super().generate(input_ids, max_new_tokens, temperature, seed, eos_token_id,
+                                stream, **controls)
 
     def batch_drafter(self, batch: int, temperature: Any = 0.0) -> Any:
         """The drafter a batch of `batch` rows drafts with: this decoder's, or, when its tree
@@ -615,7 +641,7 @@ class SpecDiffDecoder(SpeculativeDecoder):
         if not (self.default_budget and isinstance(d, TreeDrafting)):
             return d
         budget = self.default_tree_budget(batch, temperature)
-        if budget == d.budget or budget < 1:
+        if budget == d.budget or budget < 1:  # 0: plain decoding (`_batch_plan`)
             return d
         d = d.fork()
         d.budget = budget
@@ -623,6 +649,8 @@ class SpecDiffDecoder(SpeculativeDecoder):
 
     def _batch_plan(self, batch: int, controls: "SamplingControls",
                     temperature: Any = 0.0) -> tuple:
+        if self._plain(batch, temperature):  # calibrated: plain decoding is faster here
+            return ARDecoder(self.target)._batch_plan(batch, controls, temperature)
         drafter, gamma = super()._batch_plan(batch, controls, temperature)
         if drafter is self.drafter:
             drafter = self.batch_drafter(batch, temperature)

@@ -18,7 +18,10 @@ def format_table(report: dict) -> str:
             f"{report['prompts']} prompts"
             + (f", batch size {report['batch_size']}" if report.get("batch_size", 1) > 1 else "")
             + (" (continuous)" if report.get("continuous") else "")
-            + "".join(f", {k} {v}" for k, v in (report.get("controls") or {}).items()) + "\n\n")
+            + "".join(f", {k} {v}" for k, v in (report.get("controls") or {}).items())
+            + (f", specdiff tree budget {report['settings']['tree_budget']}"
+               if (report.get("settings") or {}).get("tree_budget") is not None
+               and "specdiff" in report["decoders"] else "") + "\n\n")
     greedy = report["temperature"] == 0.0
     cols = ["decoder", "tok/s", "x ar", "accepted/round", "tokens/round", "draft s", "verify s",
             "other s"] + (["matches ar"] if greedy else [])
