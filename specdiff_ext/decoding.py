@@ -571,7 +571,7 @@ class SpecDiffDecoder(SpeculativeDecoder):
         # the drafter's measured acceptance per budget (calibrate.read_tree_acceptance)
         self.tree_acceptance = getattr(drafter, "tree_acceptance", None) \
             if self.default_budget else None
-        self.calibrated: Dict[tuple, int] = {}  # (batch, temperature row) -> budget
+        self.calibrated: Dict[tuple, int] = {}  # (batch, temperature row, threads) -> budget
         self.costs: Dict[int, dict] = {}  # batch -> calibrate.measure_costs
         if budget == 0:
             super().__init__(target, block, gamma)
@@ -597,7 +597,7 @@ class SpecDiffDecoder(SpeculativeDecoder):
 
         tau = float(temperature) if isinstance(temperature, (int, float)) else 1.0
         row = min(self.tree_acceptance, key=lambda t: (abs(t - tau), t))
-        key = (batch, row)
+        key = (batch, row, torch.get_num_threads())  # costs change with the thread count
         if key not in self.calibrated:
             budget, costs = calibrated_budget(self.target, self.drafter, self.tree_acceptance,
                                               tau, batch)
