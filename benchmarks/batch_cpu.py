@@ -145,8 +145,9 @@ def main() -> None:
     print("\n(in parentheses: drafts accepted per round; greedy outputs equal to ar's "
           "one-at-a-time output, the fewest of any decoder at each B: "
           + ", ".join(f"{min(r[n]['matches_ar'] for n in decs)}" for r in rows)
-          + f" of {len(prompts)} prompts, row by row: bfloat16 batched matmuls round "
-            "differently, float32 is identical, python_tests/test_batching.py)")
+          + f" of {len(prompts)} prompts, row by row"
+          + (": bfloat16 batched matmuls round differently, float32 is identical, "
+             "python_tests/test_batching.py)" if tgt.dtype == torch.bfloat16 else ")"))
     if a.out:
         with open(a.out, "w") as fh:
             json.dump({"rows": rows, "settings": vars(a), "solo_best": solo,
