@@ -256,10 +256,16 @@ class BatchedTarget:
 
 class NullDrafting:
     """A drafter that never drafts: the round loop over it is plain decoding of the target
-    (one token per round, sampled by `ops.verify`'s bonus draw)."""
+    (one token per round, sampled by `ops.verify`'s bonus draw).
+
+    budget, speculation: reported in a call's stats when given (a speculative decoder whose
+    calibration turned speculation off: budget 0 and why)."""
 
     feature_layers = None
-    max_drafts = None
+    max_drafts = 0
+
+    def __init__(self, budget: Optional[int] = None, speculation: Optional[str] = None) -> None:
+        self.budget, self.speculation = budget, speculation
 
     def start(self, prompt: Tensor, seed: int, temperature: float,
               hidden: Optional[Tensor], filters: Optional[dict] = None) -> None:
@@ -501,6 +507,8 @@ def generate_batch(decoder: Any, drafter: Any, gamma: int, prompts: Sequence[Ten
     for q in range(B):
         st = run_stats(_Fixed(total), len(outs[q]), rounds[q], acc[q], base[q], hist[q])
         st.update(draft_nodes=nodes[q], batch_size=R)
+        if getattr(drafter, "speculation", None):
+            st["speculation"] = drafter.speculation
         results.append(GenerateResult(outs[q], st))
     return results
 

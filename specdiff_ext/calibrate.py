@@ -18,17 +18,21 @@ import json
 import math
 import os
 import time
+import weakref
 from typing import Any, Dict, Mapping, Optional, Sequence, Union
 
 import torch
 
 __all__ = ["TREE_ACCEPTANCE_NAME", "read_tree_acceptance", "write_tree_acceptance",
-           "acceptance_at", "measure_costs", "choose_budget", "calibrated_budget"]
+           "nearest_temperature", "acceptance_at", "measure_costs", "choose_budget",
+           "calibrated_budget"]
 
 TREE_ACCEPTANCE_NAME = "tree_acceptance.json"
 MAX_TABLE_BUDGET = 1024
 
-_COSTS: Dict[tuple, dict] = {}  # (model, batch, threads, budgets) -> measured costs
+# target model -> {(batch, threads, budgets, context): measured costs}; weak, so that a freed
+# model's costs go with it (an id could be reused by another model)
+_COSTS: "weakref.WeakKeyDictionary[Any, Dict[tuple, dict]]" = weakref.WeakKeyDictionary()
 
 
 def _check_table(table: Any, where: str) -> Dict[float, Dict[int, float]]:
@@ -96,11 +100,15 @@ def write_tree_acceptance(folder: Union[str, os.PathLike], table: Mapping, **abo
     return path
 
 
+def nearest_temperature(table: Mapping[float, Any], temperature: float) -> float:
+    """The temperature of `table`'s rows nearest `temperature` (the lower one on a tie, so
+    greedy decoding takes the greedy row when there is one)."""
+    return min(table, key=lambda t: (abs(t - temperature), t))
+
+
 def acceptance_at(table: Mapping[float, Mapping[int, float]], temperature: float) -> Dict[int, float]:
-    """The row of `table` measured at the temperature nearest `temperature` (greedy decoding
-    takes the greedy row when there is one)."""
-    tau = min(table, key=lambda t: (abs(t - temperature), t))
-    return dict(table[tau])
+    """The row of `table` measured at the temperature nearest `temperature`."""
+    return dict(table[nearest_temperature(table, temperature)])
 
 
 def _median(xs: Sequence[float]) -> float:
@@ -123,24 +131,29 @@ def measure_costs(target: Any, drafter: Any, budgets: Sequence[int], batch: int 
     call), the forward costs made non-decreasing in the budget (their running maximum).
     Cached per (target, batch, threads, budgets)."""
     budgets = sorted({int(b) for b in budgets})
-    key = (id(target.model), batch, torch.get_num_threads(), tuple(budgets), context)
-    if key in _COSTS:
-        return _COSTS[key]
+    key = (batch, torch.get_num_threads(), tuple(budgets), context)
+    done = _COSTS.setdefault(target.model, {})
+    if key in done:
+        return done[key]
     gen = torch.Generator().manual_seed(0)
     dev = target.device
-    V = target.vocab_size
-    ids = torch.randint(0, V, (batch, context + max(budgets) + 1), generator=gen).to(dev)
+    ids = torch.randint(0, target.vocab_size, (batch, context + max(budgets) + 1),
+                        generator=gen).to(dev)
     layers = getattr(drafter, "feature_layers", None)
-    times: Dict[int, list] = {b: [] for b in budgets}
     if batch == 1:
-        cache = target.new_cache()
-        out = target.forward(ids[:, :context], cache, hidden_layers=layers)
-        hidden = out.hidden
+        cache, pcache = target.new_cache(), target.new_cache()
+        hid = target.forward(ids[:, :context], cache, hidden_layers=layers).hidden
+        hidden = torch.cat(list(hid), -1) if hid else None
+        target.forward(ids[:, :context], pcache)
 
         def run(n: int) -> None:
             par = torch.arange(-1, n - 1, device=dev).view(1, n)
             target.forward_tree(ids[:, context:context + n], par, cache)
             target.crop(cache, context)
+
+        def plain() -> None:  # one token of plain decoding (`ARDecoder`'s call)
+            target.forward(ids[:, context:context + 1], pcache)
+            target.crop(pcache, context)
     else:
         from .batching import BatchedTarget
 
@@ -151,38 +164,29 @@ def measure_costs(target: Any, drafter: Any, budgets: Sequence[int], batch: int 
             used = torch.ones(batch, n, dtype=torch.bool, device=dev)
             par = torch.arange(-1, n - 1).expand(batch, n)
             bt.forward_nodes(ids[:, context:context + n], par, used)
-    def sync() -> None:  # CUDA runs asynchronously: time whole calls
+
+        def plain() -> None:
+            run(1)
+
+    def timed(f: Any, *args: Any) -> float:
+        if dev.type == "cuda":  # CUDA runs asynchronously: time whole calls
+            torch.cuda.synchronize(dev)
+        t0 = time.perf_counter()
+        f(*args)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
+        return time.perf_counter() - t0
 
-    if batch == 1:
-        pcache = target.new_cache()
-        target.forward(ids[:, :context], pcache)
-
-        def plain() -> None:  # one token of plain decoding (`ARDecoder`'s call)
-            target.forward(ids[:, context:context + 1], pcache)
-            target.crop(pcache, context)
-    else:
-        def plain() -> None:
-            bt.forward_nodes(ids[:, context:context + 1], None,
-                             torch.ones(batch, 1, dtype=torch.bool, device=dev))
-    plain_t: list = []
     run(max(budgets) + 1)  # warm-up
+    plain()
     # budgets interleaved within each repetition, so that a drift of the machine's speed
     # touches every budget alike
-    plain()
+    times: Dict[int, list] = {b: [] for b in budgets}
+    plain_t: list = []
     for r in range(reps):
         for b in budgets:
-            sync()
-            t0 = time.perf_counter()
-            run(b + 1)
-            sync()
-            times[b].append(time.perf_counter() - t0)
-        sync()
-        t0 = time.perf_counter()
-        plain()
-        sync()
-        plain_t.append(time.perf_counter() - t0)
+            times[b].append(timed(run, b + 1))
+        plain_t.append(timed(plain))
     # a wider forward is never cheaper than a narrower one: the running maximum of the
     # medians keeps noise from ranking a wide tree below a narrow one
     fwd: Dict[int, float] = {}
@@ -194,28 +198,23 @@ def measure_costs(target: Any, drafter: Any, budgets: Sequence[int], batch: int 
     if drafter is not None:
         from .batching import fork_drafter
 
-        if isinstance(hidden, (list, tuple)):
-            hidden = torch.cat(list(hidden), -1) if hidden else None
-        if hidden is not None:
-            hidden = hidden[:1]
+        hidden = hidden[:1] if hidden is not None else None
+
+        def one_round(d: Any, r: int) -> None:  # a round's draft and accept
+            dr = d.draft(getattr(d, "max_drafts", None) or 3, r)
+            em = dr.ids[:, :1] if dr.ids.shape[1] else ids[:1, :1]
+            d.accept(torch.cat([em, em], 1), 1, hidden[:, -2:] if hidden is not None else None)
+
         ts = []
         for r in range(reps + 1):
             d = fork_drafter(drafter)
             d.start(ids[:1, :context + 1], 0, 0.0, hidden, None)
-            sync()
-            t0 = time.perf_counter()
-            dr = d.draft(getattr(d, "max_drafts", None) or 3, r)
-            em = dr.ids[:, :1] if dr.ids.shape[1] else ids[:1, :1]
-            em = torch.cat([em, em], 1)
-            h = hidden[:, -2:] if hidden is not None else None
-            d.accept(em, 1, h)
-            sync()
-            ts.append(time.perf_counter() - t0)
+            ts.append(timed(one_round, d, r))
         draft = _median(ts[1:])
     res = {"forward": fwd, "draft": draft, "plain": _median(plain_t), "batch": batch,
            "threads": torch.get_num_threads(),
            "dtype": str(target.dtype).replace("torch.", ""), "context": context}
-    _COSTS[key] = res
+    done[key] = res
     return res
 
 

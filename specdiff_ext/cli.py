@@ -455,10 +455,11 @@ def _budget_used(dec: Any, batch: int, temperature: float) -> Any:
     to stderr when calibrated, with the forward costs it was chosen from."""
     if dec is None or not hasattr(dec, "tree_budget"):
         return None
-    if not (dec.default_budget and dec.tree_budget and dec.tree_acceptance is not None):
-        return dec.tree_budget if dec.tree_budget == 0 or not dec.default_budget else \
-            dec.default_tree_budget(batch, temperature)
+    if not dec.default_budget or dec.tree_budget == 0:
+        return dec.tree_budget
     b = dec.default_tree_budget(batch, temperature)
+    if dec.tree_acceptance is None:  # the fixed default: nothing was measured
+        return b
     c = dec.costs.get(batch, {})
     fwd = ", ".join(f"{k}: {1e3 * v:.0f}" for k, v in sorted(c.get("forward", {}).items()))
     what = f"tree budget {b}" if b else "speculation off (plain decoding measured faster)"
@@ -534,6 +535,7 @@ def _eval_drafter(argv: Sequence[str]) -> int:
 
         top = max(grid["tree_budgets"])
         table: Dict[float, Dict[int, float]] = {}
+        counted: Dict[str, int] = {}  # rounds behind each temperature's row
         for t in sorted({r["temperature"] for r in rows}):
             sel = [r for r in rows if r["tree_budget"] == top and r["temperature"] == t]
             rounds = sum(r["rounds"] for r in sel)
@@ -543,14 +545,12 @@ def _eval_drafter(argv: Sequence[str]) -> int:
                     acc[int(b)] = acc.get(int(b), 0) + n
             if rounds and acc:
                 table[t] = {b: n / rounds for b, n in sorted(acc.items())}
+                counted[repr(t)] = rounds
         path = write_tree_acceptance(
             a.write_tree_acceptance, table,
             measured_with="specdiff eval-drafter " + " ".join(argv),
             prompts={k: len(v) for k, v in sets.items()}, max_new_tokens=a.max_new_tokens,
-            dtype=meta["dtype"], tree_budget=top,
-            rounds={repr(t): sum(r["rounds"] for r in rows
-                                 if r["tree_budget"] == top and r["temperature"] == t)
-                    for t in table})
+            dtype=meta["dtype"], tree_budget=top, rounds=counted)
         print(f"wrote {path}", file=sys.stderr)
     print(json.dumps(meta, indent=1) if a.json else format_eval_table(rows))
     return 0

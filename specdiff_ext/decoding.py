@@ -226,13 +226,12 @@ class Drafter(Protocol):
 
 
 class BatchDecoding:
-    """`generate_batch` for a decoder with a ``target`` and a ``_batch_plan(batch, controls) ->
+    """`generate_batch` for a decoder with a ``target`` and a ``_plan(batch, controls) ->
     (drafter, gamma)``: the round loop of `batching.generate_batch` over that drafter."""
 
     target: Any
 
-    def _batch_plan(self, batch: int, controls: "SamplingControls",
-                    temperature: Any = 0.0) -> tuple:
+    def _plan(self, batch: int, controls: "SamplingControls", temperature: Any = 0.0) -> tuple:
         raise NotImplementedError
 
     def generate_batch(self, prompts: Sequence[Tensor], max_new_tokens: int,
@@ -258,7 +257,7 @@ class BatchDecoding:
         ctl = SamplingControls.make(top_k, top_p, min_p, repetition_penalty)
         batch = len(prompts) if isinstance(prompts, (list, tuple)) else 0
         rows = check_max_batch_size(max_batch_size, batch)
-        drafter, gamma = self._batch_plan(rows, ctl, temperature)
+        drafter, gamma = self._plan(rows, ctl, temperature)
         return generate_batch(self, drafter, gamma, prompts, max_new_tokens, temperature, seed,
                               eos_token_id, ctl, max_nodes=_max_nodes(drafter, gamma),
                               max_batch_size=max_batch_size)
@@ -305,13 +304,8 @@ class SpeculativeDecoder(BatchDecoding):
             input_ids: (1, T). Returns GenerateResult(ids: list of new tokens, stats).
         """
         ctl = SamplingControls.make(top_k, top_p, min_p, repetition_penalty)
-        self._prepare(1, temperature)
-        tgt, drafter, gamma = self.target, self.drafter, self.gamma
-        chain = getattr(drafter, "chain_drafter", None)
-        if ctl.penalized and chain is not None:
-            # penalties read each position's history: a tree's nodes have different ones, so
-            # a penalized call drafts the tree drafter's chain
-            drafter, gamma = chain, min(gamma, chain.max_drafts or gamma)
+        tgt = self.target
+        drafter, gamma = self._plan(1, ctl, temperature)
         tau, prompt, base, eos, clock = _setup(tgt, input_ids, max_new_tokens, temperature,
                                                seed, eos_token_id, ctl)
         seen = prompt  # every token so far (the penalties' history)
@@ -394,19 +388,18 @@ class SpeculativeDecoder(BatchDecoding):
         if any(by_source):
             st["accepted_by_source"] = {"drafter": by_source[1], "ngram": by_source[2],
                                         "both": by_source[3]}
-        if budgets:
+        if getattr(drafter, "budget", None) is not None:
             st["tree_budget"] = drafter.budget
+        if budgets:
             st["accepted_by_budget"] = dict(zip(budgets, by_budget))
+        if getattr(drafter, "speculation", None):
+            st["speculation"] = drafter.speculation
         return GenerateResult(out, st)
 
-    def _prepare(self, batch: int, temperature: Any) -> None:
-        """Settings chosen at call time, before the first round (SpecDiffDecoder: the tree
-        budget calibrated for `batch` rows)."""
-
-    def _batch_plan(self, batch: int, controls: "SamplingControls",
-                    temperature: Any = 0.0) -> tuple:
-        """(drafter, gamma) a batch of `batch` rows decodes with: this decoder's, or its tree
-        drafter's chain for a penalised call (as in `generate`)."""
+    def _plan(self, batch: int, controls: "SamplingControls", temperature: Any = 0.0) -> tuple:
+        """(drafter, gamma) a call of `batch` rows (`generate`: 1) decodes with: this
+        decoder's, or its tree drafter's chain for a penalised call (penalties read each
+        position's history: a tree's nodes have different ones)."""
         drafter, gamma = self.drafter, self.gamma
         chain = getattr(drafter, "chain_drafter", None)
         if controls.penalized and chain is not None:
@@ -516,8 +509,7 @@ class ARDecoder(BatchDecoding):
                 hist = torch.cat([hist, nxt], 1)
         return GenerateResult(out, run_stats(clock, len(out), rounds, 0, base))
 
-    def _batch_plan(self, batch: int, controls: "SamplingControls",
-                    temperature: Any = 0.0) -> tuple:
+    def _plan(self, batch: int, controls: "SamplingControls", temperature: Any = 0.0) -> tuple:
         """A drafter that never drafts: each round is one plain step of every row (the token
         drawn by `ops.verify`'s bonus draw: the same law as `generate`, other draws)."""
         from .batching import NullDrafting
@@ -589,15 +581,16 @@ class SpecDiffDecoder(SpeculativeDecoder):
     def default_tree_budget(self, batch: int = 1, temperature: Any = 0.0) -> int:
         """The budget a call of `batch` rows at `temperature` drafts with when the decoder's
         budget was left at the default: calibrated on this machine when the drafter has a
-        measured acceptance table (`calibrate.calibrated_budget`, once per batch size and
-        temperature row), else `DEFAULTS.batch_tree_budget(batch)`."""
+        measured acceptance table (`calibrate.calibrated_budget`, once per batch size,
+        temperature row and thread count; 0: plain decoding measured faster than every tree),
+        else `DEFAULTS.batch_tree_budget(batch)`."""
         if self.tree_acceptance is None or not isinstance(self.drafter, TreeDrafting):
             return DEFAULTS.batch_tree_budget(batch)
-        from .calibrate import acceptance_at, calibrated_budget
+        from .calibrate import calibrated_budget, nearest_temperature
 
         tau = float(temperature) if isinstance(temperature, (int, float)) else 1.0
-        row = min(self.tree_acceptance, key=lambda t: (abs(t - tau), t))
-        key = (batch, row, torch.get_num_threads())  # costs change with the thread count
+        ops.check_sampling(temperature=tau)  # bad input fails before seconds of timing
+        key = (batch, nearest_temperature(self.tree_acceptance, tau), torch.get_num_threads())
         if key not in self.calibrated:
             budget, costs = calibrated_budget(self.target, self.drafter, self.tree_acceptance,
                                               tau, batch)
@@ -605,55 +598,33 @@ class SpecDiffDecoder(SpeculativeDecoder):
             self.costs[batch] = costs
         return self.calibrated[key]
 
-    def _prepare(self, batch: int, temperature: Any) -> None:
-        if self.default_budget and isinstance(self.drafter, TreeDrafting):
-            budget = self.default_tree_budget(batch, temperature)
-            if budget > 0:
-                self.drafter.budget = budget
-
-    def _plain(self, batch: int, temperature: Any) -> bool:
-        """True when the calibration found plain decoding faster than every tree at `batch`
-        rows (budget 0 from `default_tree_budget`): the call then decodes plainly."""
-        return bool(self.default_budget and self.tree_acceptance is not None
-                     and isinstance(self.drafter, TreeDrafting)
-                     and self.default_tree_budget(batch, temperature) == 0)
-
-    def generate(self, input_ids: Tensor, max_new_tokens: int, temperature: float = 0.0,
-                 seed: Optional[int] = None, eos_token_id: Optional[int] = None,
-                 stream: Optional[Stream] = None, **controls: Any) -> GenerateResult:
-        """`SpeculativeDecoder.generate`; with the budget left at its default, a machine on
-        which plain decoding measured faster than every tree (`calibrate`) decodes plainly
-        (`ARDecoder`: the same law; ``stats["speculation"]`` says so)."""
-        if self._plain(1, temperature):
-            res = ARDecoder(self.target).generate(input_ids, max_new_tokens, temperature, seed,
-                                                  eos_token_id, stream, **controls)
-            res.stats.update(tree_budget=0, speculation="off (calibrated: plain decoding "
-                                                        "measured faster)")
-            return res
-        return super().generate(input_ids, max_new_tokens, temperature, seed, eos_token_id,
-                                stream, **controls)
-
     def batch_drafter(self, batch: int, temperature: Any = 0.0) -> Any:
-        """The drafter a batch of `batch` rows drafts with: this decoder's, or, when its tree
+        """The drafter a call of `batch` rows drafts with: this decoder's, or, when its tree
         budget was left at the default, the same tree drafter with
-        `default_tree_budget(batch, temperature)` nodes (smaller trees at larger batches)."""
+        `default_tree_budget(batch, temperature)` nodes (smaller trees at larger batches), or a
+        drafter that never drafts where the calibration found plain decoding faster (the call
+        then decodes plainly: the same law; ``stats["speculation"]`` says so)."""
         d = self.drafter
         if not (self.default_budget and isinstance(d, TreeDrafting)):
             return d
         budget = self.default_tree_budget(batch, temperature)
-        if budget == d.budget or budget < 1:  # 0: plain decoding (`_batch_plan`)
+        if budget == 0:
+            from .batching import NullDrafting
+
+            return NullDrafting(budget=0, speculation="off (calibrated: plain decoding "
+                                                      "measured faster)")
+        if budget == d.budget:
             return d
         d = d.fork()
         d.budget = budget
         return d
 
-    def _batch_plan(self, batch: int, controls: "SamplingControls",
-                    temperature: Any = 0.0) -> tuple:
-        if self._plain(batch, temperature):  # calibrated: plain decoding is faster here
-            return ARDecoder(self.target)._batch_plan(batch, controls, temperature)
-        drafter, gamma = super()._batch_plan(batch, controls, temperature)
+    def _plan(self, batch: int, controls: "SamplingControls", temperature: Any = 0.0) -> tuple:
+        drafter, gamma = super()._plan(batch, controls, temperature)
         if drafter is self.drafter:
             drafter = self.batch_drafter(batch, temperature)
+            if drafter.max_drafts == 0:  # speculation off: plain decoding
+                gamma = 0
         return drafter, gamma
 
 

@@ -180,8 +180,9 @@ def eval_drafter(target: Any, drafter: Any, prompt_sets: Dict[str, Sequence[str]
                **{k: pooled.get(k) for k in ("mean_accepted", "first_accept_rate",
                                              "tokens_per_round", "rounds", "accepted_histogram",
                                              "top1_by_position", "top4_by_position",
-                                             "counted_by_position", "accepted_by_budget")
-                  if k in pooled or k != "accepted_by_budget"}}
+                                             "counted_by_position")}}
+        if "accepted_by_budget" in pooled:  # tree runs: every smaller budget, same rounds
+            row["accepted_by_budget"] = pooled["accepted_by_budget"]
         rows.append(row)
         if bar is not None:
             bar.update(1)

@@ -112,12 +112,17 @@ class DiffusionDrafting:
                 feats[:, 1:] = hidden
             self.cache.append_context(prompt, feats)
 
-    def draft(self, gamma: int, rnd: int) -> Draft:
+    def _first_step(self, gamma: int) -> Any:
+        """The drafter for this round's block: the model, or the model answering its first
+        step with the logits `batching.prefetch_blocks` computed for it (a prefetch is used
+        once, by the round it was made for)."""
         pre, self.prefetched = self.prefetched, None
-        model: Any = self.drafter
         if pre is not None and pre.shape[1] == gamma:
-            model = _FirstStep(self.drafter, pre)
-        b = sample_block(model, self.cache, gamma, self.steps, self.commit,
+            return _FirstStep(self.drafter, pre)
+        return self.drafter
+
+    def draft(self, gamma: int, rnd: int) -> Draft:
+        b = sample_block(self._first_step(gamma), self.cache, gamma, self.steps, self.commit,
                          temperature=self._dtau, seed=self._seed, offset=rnd,
                          filters=self._filters)
         self.last_logits = b.logits
@@ -134,14 +139,10 @@ class DiffusionDrafting:
             self.draft(gamma, rnd)
             assert self.last_logits is not None
             return self.last_logits
-        pre, self.prefetched = self.prefetched, None
-        if pre is not None and pre.shape[1] == gamma:
-            logits = pre
-        else:
-            mask = torch.full((1, gamma), self.drafter.config.mask_id, dtype=torch.int64,
-                              device=self.cache.device)
-            with torch.no_grad():
-                logits = self.drafter.block_logits(self.cache, mask)
+        mask = torch.full((1, gamma), self.drafter.config.mask_id, dtype=torch.int64,
+                          device=self.cache.device)
+        with torch.no_grad():
+            logits = self._first_step(gamma).block_logits(self.cache, mask)
         if self._filters:
             logits = ops.filter_logits(logits, temperature=self._dtau, **self._filters)
         self.last_logits = logits
