@@ -53,10 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--target", default=None, help="target folder (default: SmolLM2-135M)")
     ap.add_argument("--dtype", default="auto", help="target dtype: float32, bfloat16 or auto")
     ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    ap.add_argument("--layers", type=int, default=3, help="drafter layers")
+    ap.add_argument("--layers", type=int, default=None,
+                    help="drafter layers (default: 3; with --init-from / --resume: the drafter's)")
     ap.add_argument("--target-layer-ids", default=None,
                     help="comma list of 0-based target layers (default: DFlash's spread)")
-    ap.add_argument("--block-size", type=int, default=8, help="last token + drafts")
+    ap.add_argument("--block-size", type=int, default=None,
+                    help="last token + drafts (default: 8; with --init-from: the drafter's, and a "
+                         "different size retrains it at that block)")
     ap.add_argument("--train-steps", "--steps", dest="steps", type=int, default=4000,
                     help="optimizer steps (--steps: the older name; generate's --steps are denoising steps)")
     ap.add_argument("--batch", type=int, default=4, help="sequences per step")
@@ -370,11 +373,14 @@ def train(args: argparse.Namespace, target: Any = None, log: Any = print) -> dic
                                target_name=target.name)
         if not isinstance(drafter, DFlashDrafter):
             raise ValueError(f"--init-from {args.init_from} is not a DFlash drafter")
+        _adopt_shape(drafter.config, args, str(out) if resume else str(args.init_from), resume)
     else:
         ids = ([int(x) for x in args.target_layer_ids.split(",")] if args.target_layer_ids
                else [])
-        cfg = DFlashConfig.from_hf_config(target.model.config, target.name, n_layers=args.layers,
-                                          target_layer_ids=ids, block_size=args.block_size)
+        cfg = DFlashConfig.from_hf_config(target.model.config, target.name,
+                                          n_layers=3 if args.layers is None else args.layers,
+                                          target_layer_ids=ids,
+                                          block_size=args.block_size or 8)
         torch.manual_seed(args.seed)
         drafter = DFlashDrafter(cfg, embed, head)
         norm = getattr(getattr(target.model, "model", None), "norm", None)
@@ -488,6 +494,27 @@ def _concat(datas: list) -> TokenData:
     offsets = torch.zeros(lens.numel() + 1, dtype=torch.int64)
     offsets[1:] = lens.cumsum(0)
     return TokenData(toks, offsets, torch.cat([d.prompt_lens for d in datas]))
+
+
+def _adopt_shape(cfg: DFlashConfig, args: argparse.Namespace, source: str,
+                 resume: bool) -> None:
+    """Check the shape flags against a loaded drafter's config (the weights fix layers and
+    feature layers; the block size is a training choice, so --init-from may change it)."""
+    if args.layers is not None and args.layers != cfg.n_layers:
+        raise ValueError(f"--layers {args.layers}: the drafter in {source} has {cfg.n_layers} "
+                         f"layers")
+    if args.target_layer_ids:
+        ids = [int(x) for x in args.target_layer_ids.split(",")]
+        if ids != list(cfg.target_layer_ids):
+            raise ValueError(f"--target-layer-ids {args.target_layer_ids}: the drafter in "
+                             f"{source} reads target layers {list(cfg.target_layer_ids)}")
+    if args.block_size is not None and args.block_size != cfg.block_size:
+        if resume:
+            raise ValueError(f"--block-size {args.block_size}: the run in {source} trains "
+                             f"block {cfg.block_size}; resume without --block-size")
+        if args.block_size < 2:
+            raise ValueError(f"--block-size must be >= 2, got {args.block_size}")
+        cfg.block_size = args.block_size
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
