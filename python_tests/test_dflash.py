@@ -559,3 +559,51 @@ def test_train_dflash_with_a_draft_vocabulary(chat_target, tmp_path: Path) -> No
         train(build_parser().parse_args(common[:-1] + ["8", "--out", str(out), "--steps", "6",
                                                        "--resume"]), target=chat_target,
               log=quiet)
+
+
+def test_int8_drafting_packs_beside_the_float_weights_and_stays_exact() -> None:
+    """`pack_int8`: the same state dict, logits close to the float ones, the float logits back
+    bit for bit after `unpack_int8`; greedy decoding with an int8 drafter is the target's own
+    (chain, several steps, tree); bad modes name draft_int8."""
+    from specdiff_ext.drafter.int8 import int8_available, pack_int8, unpack_int8
+    from specdiff_ext.pretrained import set_draft_int8
+
+    if not int8_available():
+        pytest.skip("this torch build has no int8 CPU engine")
+    tgt = tiny_target()
+    d = _drafter(tgt, std=0.5)
+    d.set_draft_vocab(torch.arange(0, 61, 2))
+    g = torch.Generator().manual_seed(3)
+    cache_feats = torch.randn(1, 9, d.config.feature_size, generator=g)
+    cache = d.new_cache(1).append_context(cache_feats, last=torch.tensor([[4]]))
+    block = torch.full((1, 4), 7)
+    sd = {k: v.clone() for k, v in d.state_dict().items()}
+    with torch.no_grad():
+        ref = d.block_logits(cache, block)
+        pack_int8(d)
+        assert d.int8
+        got = d.block_logits(cache, block)
+        assert got.shape == ref.shape and torch.isfinite(got).all()
+        err = (got - ref).abs().max() / ref.abs().max()
+        assert 0 < err < 0.1, err  # int8 rounding (7-bit activations): visible, small
+        # each row of a batch is computed as it would be alone (activation scales per row)
+        batched = d.batch_block_logits([cache, cache], [4, 2])
+        assert torch.equal(batched[0], got)
+        assert torch.equal(batched[1], d.block_logits(cache, block[:, :2]))
+        two = d.new_cache(2).append_context(torch.cat([cache_feats, cache_feats.flip(1)]),
+                                            last=torch.tensor([[4], [9]]))
+        one = d.new_cache(1).append_context(cache_feats.flip(1), last=torch.tensor([[9]]))
+        assert torch.equal(d.block_logits(two, block.expand(2, -1))[1:], d.block_logits(one, block))
+        assert sd.keys() == d.state_dict().keys()
+        assert all(torch.equal(sd[k], v) for k, v in d.state_dict().items())
+        prompt = torch.tensor([[5, 17, 3, 42, 8, 11]])
+        want = ARDecoder(tgt).generate(prompt, 24).ids
+        for kw in (dict(tree_budget=0), dict(tree_budget=0, steps=2, commit="random"),
+                   dict(tree_budget=6, tree_ngram=False)):
+            assert SpecDiffDecoder(tgt, d, gamma=4, **kw).generate(prompt, 24).ids == want, kw
+        unpack_int8(d)
+        assert not d.int8 and torch.equal(d.block_logits(cache, block), ref)
+    assert set_draft_int8(d, "on") and d.int8
+    assert not set_draft_int8(d, False) and not d.int8
+    with pytest.raises(ValueError, match="draft_int8"):
+        set_draft_int8(d, "sometimes")

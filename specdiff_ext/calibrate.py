@@ -25,7 +25,7 @@ import torch
 
 __all__ = ["TREE_ACCEPTANCE_NAME", "read_tree_acceptance", "write_tree_acceptance",
            "nearest_temperature", "acceptance_at", "measure_costs", "choose_budget",
-           "calibrated_budget"]
+           "calibrated_budget", "prefer_int8"]
 
 TREE_ACCEPTANCE_NAME = "tree_acceptance.json"
 MAX_TABLE_BUDGET = 1024
@@ -257,3 +257,40 @@ def calibrated_budget(target: Any, drafter: Any, table: Mapping[float, Mapping[i
     costs = measure_costs(target, drafter, sorted(acc), batch=batch)
     return choose_budget(acc, costs["forward"], costs["draft"], batch,
                          plain=costs.get("plain")), costs
+
+
+def prefer_int8(drafter: Any, context: int = 128, reps: int = 5, margin: float = 0.9) -> bool:
+    """Whether drafting with int8 weights (`drafter.int8`) is faster than the drafter's float
+    weights on this machine: one fully masked block (block_size - 1 drafts) after `context`
+    positions, median of `reps` each way (after a warm-up call); int8 must take at most
+    `margin` of the float time. The drafter is left packed when the answer is True, in float
+    otherwise."""
+    from .drafter.int8 import pack_int8, unpack_int8
+
+    cfg = drafter.config
+    dev = next(drafter.parameters()).device
+    g = max(1, cfg.block_size - 1)
+    gen = torch.Generator().manual_seed(0)
+    feats = torch.randn(1, context, cfg.feature_size, generator=gen)
+    cache = drafter.new_cache(1).append_context(feats.to(dev), last=torch.zeros(
+        1, 1, dtype=torch.int64, device=dev))
+    mask = torch.full((1, g), cfg.mask_id, dtype=torch.int64, device=dev)
+
+    def timed() -> float:
+        out = []
+        for i in range(reps + 1):
+            t0 = time.perf_counter()
+            drafter.block_logits(cache, mask)
+            if i:
+                out.append(time.perf_counter() - t0)
+        return _median(out)
+
+    with torch.no_grad():
+        unpack_int8(drafter)
+        t_float = timed()
+        pack_int8(drafter)
+        t_int8 = timed()
+    if t_int8 <= margin * t_float:
+        return True
+    unpack_int8(drafter)
+    return False

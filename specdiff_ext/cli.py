@@ -85,6 +85,9 @@ def _model_args(ap: argparse.ArgumentParser) -> None:
                     help="auto: bfloat16 where the CPU has native bf16 (or on CUDA), else float32")
     ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--draft-int8", choices=["auto", "on", "off"], default="auto",
+                    help="draft with int8 weights (CPU only; exactness does not depend on it); "
+                         "auto: where the drafter's block is measured faster so at load")
 
 
 def _spec_args(ap: argparse.ArgumentParser) -> None:
@@ -211,7 +214,8 @@ def _load(a: argparse.Namespace, need_drafter: bool, need_ar: bool) -> Any:
     if need_ar:
         ar = a.ar_drafter if a.ar_drafter is not None else True
     return load_pair(a.target, a.drafter, ar_drafter=ar, dtype=parse_dtype(a.dtype, device),
-                     device=device, with_drafter=need_drafter)
+                     device=device, with_drafter=need_drafter,
+                     draft_int8=getattr(a, "draft_int8", "auto"))
 
 
 def _generate(argv: Sequence[str]) -> int:
@@ -463,10 +467,12 @@ def _budget_used(dec: Any, batch: int, temperature: float) -> Any:
     c = dec.costs.get(batch, {})
     fwd = ", ".join(f"{k}: {1e3 * v:.0f}" for k, v in sorted(c.get("forward", {}).items()))
     what = f"tree budget {b}" if b else "speculation off (plain decoding measured faster)"
+    int8 = getattr(getattr(dec.drafter, "drafter", None), "int8", False)
     print(f"{what}, calibrated at {batch} row(s), temperature {temperature:g} "
           f"(target forward ms by budget {{{fwd}}}, plain step "
           f"{1e3 * c.get('plain', 0.0):.0f} ms, drafting {1e3 * c.get('draft', 0.0):.1f} "
-          f"ms a row, {c.get('threads')} threads, {c.get('dtype')})", file=sys.stderr)
+          f"ms a row{', int8 drafter' if int8 else ''}, "
+          f"{c.get('threads')} threads, {c.get('dtype')})", file=sys.stderr)
     return b
 
 

@@ -20,7 +20,7 @@ from typing import Any, NamedTuple, Optional, Union
 import torch
 
 __all__ = ["WEIGHTS_DIR", "DEFAULT_DRAFTER", "DEFAULT_AR_DRAFTER", "default_dtype",
-           "parse_dtype", "load_pair", "load_diffusion_drafter", "Pair"]
+           "parse_dtype", "load_pair", "load_diffusion_drafter", "set_draft_int8", "Pair"]
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 DEFAULT_DRAFTER = WEIGHTS_DIR / "smollm2-135m-dflash"
@@ -75,10 +75,41 @@ def load_diffusion_drafter(target: Any, path: Optional[PathLike] = None) -> Any:
                         target_name=target.name, device=target.device, dtype=target.dtype)
 
 
+def set_draft_int8(drafter: Any, mode: Union[str, bool] = "auto") -> bool:
+    """Pack `drafter` for int8 drafting (mode "on" / True), keep it in float ("off" / False), or
+    decide by timing its block both ways here ("auto": int8 only on a CPU where it measures
+    faster; see `calibrate.prefer_int8`). Returns whether it drafts in int8.
+    ValueError naming draft_int8 for an unknown mode, or "on" off the CPU."""
+    from .drafter.dflash import DFlashDrafter
+    from .drafter.int8 import int8_available, pack_int8, unpack_int8
+
+    modes = {"auto": "auto", "on": True, "off": False, True: True, False: False}
+    m = modes.get(mode) if isinstance(mode, (str, bool)) else None
+    if m is None:
+        raise ValueError(f"draft_int8 must be 'auto', 'on', 'off' or a bool, got {mode!r}")
+    if not isinstance(drafter, DFlashDrafter):
+        if m is True:
+            raise ValueError("draft_int8: only the DFlash drafter drafts in int8")
+        return False
+    cpu = next(drafter.parameters()).device.type == "cpu"
+    if m is True and not cpu:
+        raise ValueError("draft_int8='on' needs the drafter on the CPU")
+    if m == "auto":
+        from .calibrate import prefer_int8
+
+        return bool(cpu and int8_available() and prefer_int8(drafter))  # leaves it so
+    if m:
+        pack_int8(drafter)
+    else:
+        unpack_int8(drafter)
+    return bool(m)
+
+
 def load_pair(target: Optional[PathLike] = None, drafter: Optional[PathLike] = None, *,
               ar_drafter: Union[PathLike, bool, None] = False,
               dtype: Optional[torch.dtype] = None,
-              device: Union[str, torch.device] = "cpu", with_drafter: bool = True) -> Pair:
+              device: Union[str, torch.device] = "cpu", with_drafter: bool = True,
+              draft_int8: Union[str, bool] = "auto") -> Pair:
     """Load a target and its drafters.
 
     Parameters
@@ -94,6 +125,10 @@ def load_pair(target: Optional[PathLike] = None, drafter: Optional[PathLike] = N
     device : str or torch.device
     with_drafter : bool
         False skips the diffusion drafter (plain ar decoding).
+    draft_int8 : "auto", "on", "off" or bool
+        Draft with int8 weights (`drafter.int8`; CPU only): on, off, or auto: on where the
+        drafter's block is measured faster in int8 on this machine at load
+        (`calibrate.prefer_int8`). Exactness does not depend on it.
 
     Examples
     --------
@@ -106,6 +141,8 @@ def load_pair(target: Optional[PathLike] = None, drafter: Optional[PathLike] = N
     dt = dtype if dtype is not None else default_dtype(device)
     tgt = load_target(target, dtype=dt, device=device)
     d = load_diffusion_drafter(tgt, drafter) if with_drafter else None
+    if d is not None:
+        set_draft_int8(d, draft_int8)
     ar = None
     if ar_drafter is not False and ar_drafter is not None:
         folder = DEFAULT_AR_DRAFTER if ar_drafter is True else Path(ar_drafter)

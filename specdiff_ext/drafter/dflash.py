@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .int8 import int8_head
 from .config import FieldError, check_field
 from .model import (Attention, RMSNorm, SwiGLU, _apply_rope, _rope_cos_sin, check_vocab_map,
                     frozen_target_weights, head_rows, init_weights)
@@ -409,6 +410,20 @@ class DFlashDrafter(nn.Module):
             x = layer(x, cos, sin, k, v, mask)
         return self.norm(x)
 
+    def _head_logits(self, h: Tensor) -> Tensor:
+        """The head over hidden states, (..., H) -> (N, Vd): float, or int8 after `pack_int8`."""
+        head = self.head_weight()
+        # 2-D and contiguous: a strided 3-D input sends F.linear through a batched matmul that
+        # copies the whole (V, H) head on every call
+        flat = h.reshape(-1, h.shape[-1]).to(head.dtype).contiguous()  # (N, H)
+        out = int8_head(self, head, flat)
+        return out if out is not None else F.linear(flat, head)
+
+    @property
+    def int8(self) -> bool:
+        """True while the drafter drafts with int8 weights (`drafter.int8.pack_int8`)."""
+        return bool(self.__dict__.get("_int8"))
+
     def block_logits(self, cache: DFlashCache, block_tokens: Tensor) -> Tensor:
         """Logits of the G block positions after each row's last token.
 
@@ -436,11 +451,9 @@ class DFlashDrafter(nn.Module):
         S = cache.length
         kv = [(k[:, :, :S], v[:, :, :S]) for k, v in zip(cache.keys, cache.values)]
         h = self.hidden(tokens, pos, kv, None)[:, 1:]  # (B, G, H)
-        head = self.head_weight()
-        # 2-D and contiguous: a strided 3-D input sends F.linear through a batched matmul that
-        # copies the whole (V, H) head on every call
-        flat = h.reshape(B * G, -1).to(head.dtype).contiguous()  # (B*G, H)
-        return F.linear(flat, head).view(B, G, -1)  # (B, G, V)
+        if self.int8 and B > 1:  # the head's activation scale per row, as for the layers
+            return torch.cat([self._head_logits(r) for r in h.split(1)], 0).view(B, G, -1)
+        return self._head_logits(h).view(B, G, -1)  # (B, G, Vd)
 
     def batch_block_logits(self, caches: list, gammas: list) -> list:
         """`block_logits` of fully masked blocks for several single-row caches in one pass:
@@ -456,6 +469,10 @@ class DFlashDrafter(nn.Module):
         if any(c.batch_size != 1 or c.last is None for c in caches):
             raise ValueError("batch_block_logits takes caches of one row each, with a last token")
         cfg = self.config
+        if self.int8:  # activation scales are per call: one call per row, as it would alone
+            return [self.block_logits(c, torch.full((1, g), cfg.mask_id, dtype=torch.int64,
+                                                    device=c.device))
+                    for c, g in zip(caches, gammas)]
         B, G = len(caches), max(gammas)
         dev = caches[0].device
         lens = torch.tensor([c.length for c in caches], device=dev)  # (B,)
@@ -475,9 +492,7 @@ class DFlashDrafter(nn.Module):
         blk = torch.arange(G + 1, device=dev)[None, :] <= torch.tensor(gammas, device=dev)[:, None]
         mask = torch.cat([ctx, blk], 1)[:, None, None, :].expand(B, 1, G + 1, S + G + 1)
         h = self.hidden(tokens, pos, kv, mask)[:, 1:]  # (B, G, H)
-        head = self.head_weight()
-        flat = h.reshape(B * G, -1).to(head.dtype).contiguous()
-        lg = F.linear(flat, head).view(B, G, -1)
+        lg = self._head_logits(h).view(B, G, -1)
         return [lg[b:b + 1, :g] for b, g in enumerate(gammas)]
 
     def forward_blocks(self, features: Tensor, anchors: Tensor, block_tokens: Tensor) -> Tensor:
