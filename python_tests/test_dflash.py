@@ -607,3 +607,27 @@ def test_int8_drafting_packs_beside_the_float_weights_and_stays_exact() -> None:
     assert not set_draft_int8(d, False) and not d.int8
     with pytest.raises(ValueError, match="draft_int8"):
         set_draft_int8(d, "sometimes")
+
+
+def test_train_dflash_shape_flags_against_a_loaded_drafter() -> None:
+    """With --init-from, --block-size retrains at that block; --layers / --target-layer-ids that
+    contradict the loaded weights are refused by name, as is a new block on --resume."""
+    import argparse
+
+    from specdiff_ext.training.dflash import _adopt_shape, build_parser
+
+    cfg = _drafter(tiny_target()).config  # 2 layers, target layers [0, 1], block 5
+    base = ["--data", "d", "--out", "o"]
+    for extra, block in (([], 5), (["--block-size", "8"], 8), (["--layers", "2"], 5),
+                         (["--target-layer-ids", "0,1"], 5)):
+        c = DFlashConfig.from_dict(cfg.to_dict())
+        _adopt_shape(c, build_parser().parse_args(base + extra), "src", resume=False)
+        assert c.block_size == block, extra
+    for extra, resume, msg in ((["--layers", "3"], False, "--layers 3"),
+                               (["--target-layer-ids", "0,2"], False, "--target-layer-ids"),
+                               (["--block-size", "8"], True, "--block-size 8"),
+                               (["--block-size", "1"], False, "--block-size")):
+        with pytest.raises(ValueError, match=msg):
+            _adopt_shape(DFlashConfig.from_dict(cfg.to_dict()),
+                         build_parser().parse_args(base + extra), "src", resume=resume)
+    assert isinstance(build_parser().parse_args(base), argparse.Namespace)
