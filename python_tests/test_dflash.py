@@ -601,6 +601,10 @@ def test_int8_drafting_packs_beside_the_float_weights_and_stays_exact() -> None:
         for kw in (dict(tree_budget=0), dict(tree_budget=0, steps=2, commit="random"),
                    dict(tree_budget=6, tree_ngram=False)):
             assert SpecDiffDecoder(tgt, d, gamma=4, **kw).generate(prompt, 24).ids == want, kw
+    with torch.inference_mode():  # (the evals decode under it): a head cached in it repacks
+        d.set_target_weights(tgt.input_embeddings, tgt.lm_head_weight)
+        assert torch.equal(d.block_logits(cache, block), got)
+    with torch.no_grad():
         unpack_int8(d)
         assert not d.int8 and torch.equal(d.block_logits(cache, block), ref)
     assert set_draft_int8(d, "on") and d.int8

@@ -153,7 +153,11 @@ def int8_head(drafter: Any, head: Tensor, flat: Tensor) -> Optional[Tensor]:
     target head repacks it. Shape: head (Vd, H), flat (N, H) -> (N, Vd) float32."""
     if not drafter.__dict__.get("_int8"):
         return None
-    key = (head.data_ptr(), head.shape, head._version)
+    try:
+        version = head._version
+    except RuntimeError:  # an inference-mode tensor: never modified in place
+        version = -1
+    key = (head.data_ptr(), tuple(head.shape), version)
     cached = drafter.__dict__.get("_head_int8")
     if cached is None or cached[0] != key:
         cached = (key, _pack(head, None))
