@@ -279,6 +279,7 @@ def test_eval_drafter_grid(tied) -> None:
                               steps=(1, 2), commits=("random", "left_to_right"),
                               temperatures=(0.0, 1.0), max_new_tokens=8, progress=False)
     assert len(rows) == 2 * 2 * 2 * 2
+    assert sorted({r["gamma"] for r in rows}) == [2, 3]  # the chain's gamma, not the block's
     for r in rows:
         assert sum(r["accepted_histogram"]) == r["rounds"] > 0
         assert 0.0 <= r["mean_accepted"] <= r["gamma"]
