@@ -53,8 +53,8 @@ def _decoders(tiny: TargetModel) -> dict:
     return {"ar": ARDecoder(tiny), "pld": PLDDecoder(tiny, gamma=3),
             "specdiff-chain": SpecDiffDecoder(tiny, d, gamma=4, tree_budget=0),
             "specdiff-tree": SpecDiffDecoder(tiny, d, gamma=4, tree_budget=7),
-            "specdiff-tokens": SpecDiffDecoder(tiny, tiny_drafter(tiny, init_std=0.5), gamma=3,
-                                               steps=2, commit="random", tree_budget=0),
+            "specdiff-steps": SpecDiffDecoder(tiny, tiny_drafter(tiny, init_std=0.5), gamma=3,
+                                              steps=2, commit="random", tree_budget=0),
             "ar-spec": ARSpecDecoder(tiny, tiny_target(seed=7), gamma=4)}
 
 

@@ -20,8 +20,8 @@ import pytest
 import torch
 
 from specdiff_ext import bench
-from specdiff_ext.decoding import ARDecoder, ARSpecDecoder, SpecDiffDecoder
-from specdiff_ext.drafter import DiffusionDrafter, DrafterConfig
+from specdiff_ext.decoding import ARDecoder, ARSpecDecoder
+from specdiff_ext.drafter import DFlashConfig, DFlashDrafter
 from specdiff_ext.training.data import generate_dataset
 from specdiff_ext.drafter.ar import (ar_loss, build_ar_drafter, is_ar_checkpoint,
                                      load_ar_drafter, save_ar_drafter)
@@ -56,10 +56,12 @@ def _words(n: int, seed: int) -> list:
             for k in torch.randint(2, 9, (n,), generator=g)]
 
 
-def _tiny_drafter(target) -> DiffusionDrafter:
+def _tiny_drafter(target) -> DFlashDrafter:
+    """A random one-layer DFlash drafter (blocks of up to 8 drafts)."""
     torch.manual_seed(1)
-    cfg = DrafterConfig.from_hf_config(target.model.config, target.name, n_layers=1)
-    return DiffusionDrafter(cfg, target.input_embeddings, target.lm_head_weight).eval()
+    cfg = DFlashConfig.from_hf_config(target.model.config, target.name, n_layers=1,
+                                      block_size=9, mask_token_id=7)
+    return DFlashDrafter(cfg, target.input_embeddings, target.lm_head_weight).eval()
 
 
 # ------------------------------------------------------------------------------ ar drafter
@@ -197,10 +199,10 @@ def test_train_ar_drafter_checkpoint_and_resume(tied, tmp_path: Path) -> None:
     trained = {n: p for n, p in res["drafter"].named_parameters()}
     for n, p in loaded.model.named_parameters():
         torch.testing.assert_close(p, trained[n].detach())
-    with pytest.raises(ValueError, match="--reduced-vocab does not apply to --ar"):
-        train(build_parser().parse_args(common + ["--out", str(tmp_path / "x"), "--steps", "1",
-                                                  "--reduced-vocab", "8"]),
-              target=tied, log=lambda *a: None)
+    # the retired diffusion trainer's flags are gone: a usage error, not a silent no-op
+    for flag in (["--reduced-vocab", "8"], ["--context", "target_features"], ["--blocks", "4"]):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(common + ["--out", str(tmp_path / "x")] + flag)
 
 
 # ------------------------------------------------------------------------------ bench
@@ -277,6 +279,7 @@ def test_eval_drafter_grid(tied) -> None:
                               steps=(1, 2), commits=("random", "left_to_right"),
                               temperatures=(0.0, 1.0), max_new_tokens=8, progress=False)
     assert len(rows) == 2 * 2 * 2 * 2
+    assert sorted({r["gamma"] for r in rows}) == [2, 3]  # the chain's gamma, not the block's
     for r in rows:
         assert sum(r["accepted_histogram"]) == r["rounds"] > 0
         assert 0.0 <= r["mean_accepted"] <= r["gamma"]
@@ -404,38 +407,6 @@ def test_default_drafter_exports_to_the_dflash_layout(tmp_path: Path) -> None:
     if a.vocab_map is not None:
         lb = lb[..., a.vocab_map]
     assert torch.equal(la, lb)
-
-
-def test_train_target_features_drafter(tied, tmp_path: Path) -> None:
-    from specdiff_ext.drafter import load_drafter
-    from specdiff_ext.training.features import features_file
-    from specdiff_ext.training.train import build_parser, train
-
-    data = tmp_path / "data"
-    generate_dataset(tied, data, prompts=_words(40, 6), num_prompts=16, max_new_tokens=12,
-                     temperatures=(0.0,), shard_size=16, batch_size=8, heldout_fraction=0.2,
-                     progress=False)
-    common = ["--data", str(data), "--context", "target_features", "--feature-layers", "1,-1",
-              "--batch", "4", "--blocks", "3", "--gamma", "3", "--warmup", "2",
-              "--eval-every", "3", "--eval-prompts", "2", "--eval-rounds", "2", "--no-progress",
-              "--layers", "2", "--init-from-target", "auto", "--reduced-vocab", "40"]
-    out = tmp_path / "tf"
-    msgs: list = []
-    res = train(build_parser().parse_args(common + ["--out", str(out), "--steps", "3"]),
-                target=tied, log=msgs.append)
-    assert any("computing target features" in m for m in msgs)
-    assert features_file(data, [1, -1]).is_file()
-    assert res["step"] == 3 and "eval_accepted_per_round" in res["last"]
-    d = load_drafter(out, tied.input_embeddings, tied.lm_head_weight, target_name=tied.name)
-    assert d.config.context_mode.value == "target_features" and d.config.feature_layers == [1, -1]
-    assert d.config.feature_size == 2 * HIDDEN
-    prompt = tied.chat_prompt("w3 w9 w1")
-    want = ARDecoder(tied).generate(prompt, 20).ids
-    assert SpecDiffDecoder(tied, d, gamma=3, steps=2).generate(prompt, 20).ids == want
-    with pytest.raises(ValueError, match="does not apply to --ar"):
-        train(build_parser().parse_args(common + ["--out", str(tmp_path / "x"), "--steps", "1",
-                                                  "--ar"]),
-              target=tied, log=lambda *a: None)
 
 
 def test_bench_with_sampling_controls(tied) -> None:

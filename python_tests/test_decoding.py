@@ -1,8 +1,9 @@
 """The generate loops (`specdiff_ext.decoding`): greedy equivalence with plain decoding, EOS and
 max_new_tokens handling, the KV cache after partial acceptance, and the sampling law.
 
-Tiny random Llama targets (built in memory, wrapped in `TargetModel`) keep the suite fast; one
-test runs the real default target with an untrained default-size drafter.
+Tiny random Llama targets (built in memory, wrapped in `TargetModel`) with tiny random DFlash
+drafters keep the suite fast; one test runs the real default target with an untrained
+default-size drafter.
 """
 
 from __future__ import annotations
@@ -17,9 +18,8 @@ from torch import Tensor
 
 from specdiff_ext.decoding import (ARDecoder, ARSpecDecoder, Draft, PLDDecoder, SpecDiffDecoder,
                                    SpeculativeDecoder)
-from specdiff_ext.drafting import DiffusionDrafting
-from specdiff_ext.drafter import sample_block
-from specdiff_ext.drafter import DiffusionDrafter, DrafterConfig
+from specdiff_ext.drafting import DiffusionDrafting, PromptLookup
+from specdiff_ext.drafter import DFlashConfig, DFlashDrafter, sample_block
 from specdiff_ext import reference as R
 from specdiff_ext.target import TargetModel
 
@@ -45,25 +45,35 @@ def tiny_target(vocab: int = 61, hidden: int = 32, layers: int = 2, seed: int = 
     return TargetModel(model, SimpleNamespace(eos_token_id=None), f"tiny-{vocab}")
 
 
-def tiny_drafter(target: TargetModel, seed: int = 1, init_std: float = 0.02) -> DiffusionDrafter:
+def tiny_config(target: TargetModel, block_size: int = 9, **kw: Any) -> DFlashConfig:
+    """A one-layer DFlash drafter's config for `target`: blocks of up to block_size - 1 drafts,
+    the mask token id 7 (the last id of a smaller vocabulary)."""
+    return DFlashConfig.from_hf_config(target.model.config, target.name,
+                                       **{"n_layers": 1, "block_size": block_size,
+                                          "mask_token_id": min(7, target.vocab_size - 1), **kw})
+
+
+def tiny_drafter(target: TargetModel, seed: int = 1, init_std: float = 0.02,
+                 block_size: int = 9) -> DFlashDrafter:
+    """A random one-layer DFlash drafter over `target` (drafts up to block_size - 1 per round)."""
     torch.manual_seed(seed)
-    cfg = DrafterConfig.from_hf_config(target.model.config, target.name, n_layers=1,
-                                       init_std=init_std)
-    return DiffusionDrafter(cfg, target.input_embeddings, target.lm_head_weight).eval()
+    cfg = tiny_config(target, block_size, init_std=init_std)
+    return DFlashDrafter(cfg, target.input_embeddings, target.lm_head_weight).eval()
 
 
-class OracleDrafter(DiffusionDrafter):
-    """Drafts a fixed token sequence (one-hot logits at position cache.lengths + j): full
-    acceptance when it is the target's greedy output, a chosen rejection point otherwise."""
+class OracleDrafter(DFlashDrafter):
+    """Drafts a fixed token sequence (one-hot logits for the token at position cache.length + 1
+    + j: the context holds every position before the last token): full acceptance when it is
+    the target's greedy output, a chosen rejection point otherwise."""
 
-    def __init__(self, target: TargetModel, sequence: list) -> None:
-        cfg = DrafterConfig.from_hf_config(target.model.config, target.name, n_layers=1)
-        super().__init__(cfg, target.input_embeddings, target.lm_head_weight)
+    def __init__(self, target: TargetModel, sequence: list, block_size: int = 9) -> None:
+        super().__init__(tiny_config(target, block_size), target.input_embeddings,
+                         target.lm_head_weight)
         self.sequence = sequence
 
     def block_logits(self, cache, block_tokens: Tensor) -> Tensor:
         G, V = block_tokens.shape[1], self.config.vocab_size
-        pos = int(cache.lengths[0])
+        pos = cache.length + 1
         logits = torch.full((1, G, V), -30.0)
         for j in range(G):
             if pos + j < len(self.sequence):
@@ -182,8 +192,8 @@ def test_real_target_greedy_equivalence() -> None:
 
     target = load_target()
     torch.manual_seed(0)
-    cfg = DrafterConfig.from_hf_config(target.model.config, target.name)
-    drafter = DiffusionDrafter(cfg, target.input_embeddings, target.lm_head_weight).eval()
+    cfg = DFlashConfig.from_hf_config(target.model.config, target.name)
+    drafter = DFlashDrafter(cfg, target.input_embeddings, target.lm_head_weight).eval()
     for text in ("Give me three tips for staying healthy.", "What is 17 times 23?"):
         ids = target.chat_prompt(text)
         want = ARDecoder(target).generate(ids, 24).ids
@@ -202,17 +212,19 @@ def _exact_law(target: TargetModel, prompt: Tensor) -> Tensor:
     return (p1[:, None] * p2).reshape(-1)
 
 
-class CopyDrafter(DiffusionDrafter):
+class CopyDrafter(DFlashDrafter):
     """Two draft positions: x_2 from a fixed law peaked enough to be committed first (confidence
     mode), then x_1 := x_2 (one-hot logits copying it). Whether x_1 is accepted then depends on
     x_2, which biases x_2: only the point mass of the order-aware rule keeps x_2's test exact,
-    and its soft q over-accepts repeated tokens."""
+    and its soft q over-accepts repeated tokens. (The mask is a token of the vocabulary: x_2
+    never takes it, so a committed x_2 is told from a masked one.)"""
 
     def block_logits(self, cache, block_tokens: Tensor) -> Tensor:
-        G, V = block_tokens.shape[1], self.config.vocab_size
+        G, V, mask = block_tokens.shape[1], self.config.vocab_size, self.config.mask_id
         logits = torch.zeros(1, G, V)
         logits[0, 1:, 0] = 1.0  # x_2 (and later positions): peaked, so committed at step 0
-        if G > 1 and int(block_tokens[0, 1]) < V:
+        logits[0, 1:, mask] = -30.0
+        if G > 1 and int(block_tokens[0, 1]) != mask:
             logits[0, 0] = -30.0
             logits[0, 0, int(block_tokens[0, 1])] = 30.0
         return logits
@@ -230,9 +242,7 @@ class SoftQEverywhere(DiffusionDrafting):
 
 def _law_p_value(target: TargetModel, prompt: Tensor, runs: int, unsafe: bool) -> float:
     """Chi-square p-value of the first two sampled tokens against the target's exact law."""
-    V = target.vocab_size
-    cfg = DrafterConfig.from_hf_config(target.model.config, target.name, n_layers=1)
-    drafter = CopyDrafter(cfg, target.input_embeddings, target.lm_head_weight)
+    drafter = CopyDrafter(tiny_config(target, 3), target.input_embeddings, target.lm_head_weight)
     drafting = (SoftQEverywhere if unsafe else DiffusionDrafting)(drafter, 2, "confidence")
     dec = SpeculativeDecoder(target, drafting, gamma=2)
     # 3 new tokens: the first round drafts 2 (gamma = min(2, 3 - 1)), in either order
@@ -326,8 +336,8 @@ def test_sampled_decoding_has_the_controlled_law(law_world: tuple, which: str) -
     if which == "ar":
         dec: Any = ARDecoder(target)
     else:
-        cfg = DrafterConfig.from_hf_config(target.model.config, target.name, n_layers=1)
-        drafter = CopyDrafter(cfg, target.input_embeddings, target.lm_head_weight)
+        drafter = CopyDrafter(tiny_config(target, 3), target.input_embeddings,
+                              target.lm_head_weight)
         dec = SpeculativeDecoder(target, DiffusionDrafting(drafter, 2, "confidence",
                                                            draft_filters=which.endswith("filters")), gamma=2)
     counts = _controlled_counts(dec, target, prompt, RUNS)
@@ -352,12 +362,17 @@ def test_controls_keep_greedy_and_penalise_like_ar(tiny: TargetModel, prompt: Te
 
 def test_decoders_own_checks_and_defaults(tiny: TargetModel, prompt: Tensor) -> None:
     """Each decoder checks what is its own (prompt, max_new_tokens, gamma) and reads every
-    other default once: gamma from a DFlash drafter's block, the rest from `DEFAULTS`."""
+    other default once: gamma from the drafter's block, the rest from `DEFAULTS`."""
     from specdiff_ext.decoding import DEFAULTS, MAX_NEW_TOKENS, make_decoder
 
-    drafter = tiny_drafter(tiny)  # the tokens-context drafter: no trained block of its own
-    with pytest.raises(ValueError, match="gamma is required"):
-        SpecDiffDecoder(tiny, drafter)
+    drafter = tiny_drafter(tiny, block_size=5)  # blocks of at most 4 drafts
+    assert SpecDiffDecoder(tiny, drafter, tree_budget=0).gamma == 4
+    with pytest.raises(ValueError, match="gamma must be <= 4"):
+        SpecDiffDecoder(tiny, drafter, gamma=5, tree_budget=0)
+    with pytest.raises(ValueError, match="gamma is required"):  # a drafter without a block
+        SpeculativeDecoder(tiny, PromptLookup())
+    with pytest.raises(TypeError, match="DFlashDrafter"):
+        SpecDiffDecoder(tiny, tiny)
     assert SpecDiffDecoder(tiny, drafter, gamma=3).tree_budget == DEFAULTS.tree_budget
     spec = SpecDiffDecoder(tiny, drafter, gamma=3, tree_budget=0)
     assert spec.drafter.steps == DEFAULTS.steps and spec.drafter.commit.name.lower() == DEFAULTS.commit

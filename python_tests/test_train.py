@@ -1,7 +1,8 @@
-"""Drafter distillation (specdiff_ext.training.data / losses / train) on tiny models: the ShareGPT
-reader on a truncated file, the multi-block training forward against the cached inference path,
-the loss falling on a learnable synthetic corpus, checkpoint + resume, and resumable generation
-with a tiny random Llama target."""
+"""Distillation data and the ar-spec drafter's trainer (specdiff_ext.training.data / train) on
+tiny models: the ShareGPT reader on a truncated file, the held-out split, the learning-rate
+schedule, resumable generation with a tiny random Llama target, and ``specdiff train-drafter``
+(the ar drafter only): checkpoint, resume, and a resumed run equal to an uninterrupted one.
+The DFlash trainer's tests are in test_dflash.py."""
 
 from __future__ import annotations
 
@@ -11,10 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from specdiff_ext.drafter import DiffusionDrafter, DrafterConfig
+from specdiff_ext.drafter.ar import is_ar_checkpoint, load_ar_drafter
 from specdiff_ext.training import data as data_mod
-from specdiff_ext.training.data import TokenData, generate_dataset, load_shards, read_sharegpt
-from specdiff_ext.training.losses import make_blocks, mdlm_loss, multi_block_hidden, position_weights
+from specdiff_ext.training.data import generate_dataset, load_shards, read_sharegpt
 from specdiff_ext.training.train import build_parser, lr_at, train
 
 VOCAB, HIDDEN, LAYERS = 61, 32, 3
@@ -59,73 +59,7 @@ def test_heldout_split_is_stable() -> None:
     assert not set(train1) & set(held1)
 
 
-# ------------------------------------------------------------------------------ loss
-
-def _tiny_drafter(vocab: int = 50, layers: int = 2, seed: int = 0) -> DiffusionDrafter:
-    torch.manual_seed(seed)
-    cfg = DrafterConfig(vocab_size=vocab, hidden_size=32, n_heads=4, n_kv_heads=2, head_dim=8,
-                        intermediate_size=64, n_layers=layers, target_name="tiny")
-    emb = torch.nn.Embedding(vocab, 32)
-    return DiffusionDrafter(cfg, emb, emb.weight.detach().clone())
-
-
-def test_multi_block_forward_matches_cached_drafter() -> None:
-    d = _tiny_drafter()
-    g = torch.Generator().manual_seed(1)
-    seqs = torch.randint(0, 50, (3, 24), generator=g)
-    lengths, lo = torch.tensor([24, 17, 9]), torch.tensor([2, 5, 3])
-    b = make_blocks(seqs, lengths, lo, 5, 4, d.config.mask_id, gen=g, eps=0.3)
-    assert ((b.labels == -100) == (b.anchors[..., None] + 1 + torch.arange(5)
-                                   >= lengths[:, None, None])).all()
-    with torch.no_grad():
-        hid = multi_block_hidden(d, b.context, b.anchors, b.noised)  # (B, K, G, H)
-        logits = torch.nn.functional.linear(hid, d.head_weight())
-        for r in range(3):
-            for k in range(4):
-                a = int(b.anchors[r, k])
-                assert lo[r] <= a <= lengths[r] - 2
-                ref = d(seqs[r:r + 1, :a + 1], b.noised[r:r + 1, k])[0]
-                torch.testing.assert_close(logits[r, k], ref, atol=1e-4, rtol=1e-4)
-
-
-def _pattern_data(n_seq: int = 48, period: int = 7, vocab: int = 50) -> TokenData:
-    """Each sequence: a 'prompt' of 4 random ids, then a cyclic pattern with a random phase."""
-    g = torch.Generator().manual_seed(0)
-    seqs, plens = [], []
-    for _ in range(n_seq):
-        phase = int(torch.randint(0, period, (1,), generator=g))
-        body = [(phase + j) % period + 10 for j in range(40)]
-        seqs.append(torch.randint(0, vocab, (4,), generator=g).tolist() + body)
-        plens.append(4)
-    lens = torch.tensor([len(s) for s in seqs])
-    offsets = torch.zeros(n_seq + 1, dtype=torch.int64)
-    offsets[1:] = lens.cumsum(0)
-    return TokenData(torch.tensor(sum(seqs, [])), offsets, torch.tensor(plens))
-
-
-def test_loss_finite_and_falls_on_pattern() -> None:
-    from specdiff_ext.training.train import sample_batch
-
-    d = _tiny_drafter()
-    data = _pattern_data()
-    opt = torch.optim.AdamW(d.parameters(), lr=3e-3)
-    gen = torch.Generator().manual_seed(0)
-    pw = position_weights(4, 0.8)
-    assert torch.allclose(pw.mean(), torch.tensor(1.0)) and pw[0] > pw[-1]
-    losses, accs = [], []
-    for step in range(80):
-        batch = sample_batch(data, 8, 6, 4, 64, d.config.mask_id, gen, 1e-3, 0.25)
-        loss, st = mdlm_loss(d, batch, pw)
-        assert torch.isfinite(loss)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
-        accs.append(st["acc"])
-    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
-    assert last < 0.5 * first, (first, last)
-    assert sum(accs[-10:]) / 10 > 0.6
-
+# ------------------------------------------------------------------------------ schedule
 
 def test_lr_schedule() -> None:
     assert lr_at(0, 1.0, 10, 100, 0.1) == pytest.approx(0.1)
@@ -147,7 +81,7 @@ def tiny_target(tmp_path_factory: pytest.TempPathFactory):
     config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=64,
                                       num_hidden_layers=LAYERS, num_attention_heads=4,
                                       num_key_value_heads=2, max_position_embeddings=256,
-                                      tie_word_embeddings=False)
+                                      tie_word_embeddings=True)  # the ar drafter shares the head
     folder = tmp_path_factory.mktemp("tiny-llama-train")
     transformers.LlamaForCausalLM(config).save_pretrained(folder)
     _tiny_tokenizer().save_pretrained(folder)
@@ -183,51 +117,44 @@ def test_generation_resumable(tiny_target, tmp_path: Path) -> None:
     gen_pos = torch.cat([torch.arange(int(greedy.offsets[i]) + int(greedy.prompt_lens[i]),
                                       int(greedy.offsets[i + 1])) for i in range(len(greedy))])
     assert torch.equal(greedy.tokens[gen_pos], greedy.topk_ids[:, 0])
-    # the trainer's batches align the soft labels with the block positions (windows included)
-    from specdiff_ext.training.train import sample_batch
-
-    gen = torch.Generator().manual_seed(0)
-    for max_len in (64, 8):
-        b = sample_batch(greedy, 6, 5, 3, max_len, VOCAB, gen, 1e-3, 0.0)
-        inside = b.labels != -100
-        assert inside.any()
-        assert torch.equal(b.soft_ids[..., 0][inside], b.labels[inside])
     with pytest.raises(ValueError, match="other settings"):
         generate_dataset(tiny_target, out, **{**kw, "max_new_tokens": 7})
 
 
-def test_train_checkpoint_and_resume(tiny_target, tmp_path: Path) -> None:
+def test_train_drafter_trains_the_ar_drafter(tiny_target, tmp_path: Path, capsys) -> None:
+    """``specdiff train-drafter`` without --ar (the flag is still accepted) trains the ar-spec
+    drafter: an ar checkpoint that loads and resumes, a note pointing at train-dflash, and a
+    --help that says what it trains."""
     data_dir = tmp_path / "data"
     generate_dataset(tiny_target, data_dir, prompts=_prompts(40), num_prompts=16,
                      max_new_tokens=12, temperatures=(0.0,), shard_size=16, batch_size=8,
                      heldout_fraction=0.2, topk=4, progress=False)
-    common = ["--data", str(data_dir), "--batch", "4", "--blocks", "4", "--gamma", "4",
-              "--warmup", "2", "--lr", "3e-3", "--eval-every", "3", "--eval-prompts", "2",
-              "--eval-rounds", "2", "--no-progress", "--soft-weight", "0.5", "--layers", "2",
-              "--init-from-target", "spread", "--reduced-vocab", "40"]
-    straight = train(build_parser().parse_args(common + ["--out", str(tmp_path / "a"),
-                                                          "--steps", "3"]),
-                     target=tiny_target, log=lambda *a: None)
-    assert straight["step"] == 3 and "eval_accepted_per_round" in straight["last"]
-    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in straight["history"])
-    b2 = tmp_path / "b2"
-    train(build_parser().parse_args(common + ["--out", str(b2), "--steps", "3"]),
-          target=tiny_target, log=lambda *a: None)
-    saved = torch.load(b2 / "trainer_state.pt", weights_only=False)
-    assert saved["step"] == 3
+    common = ["--data", str(data_dir), "--batch", "4", "--gamma", "3", "--warmup", "2",
+              "--lr", "3e-3", "--eval-every", "3", "--eval-prompts", "2", "--eval-rounds", "2",
+              "--no-progress", "--layers", "2", "--init-from-target", "spread"]
+    msgs: list = []
+    first = train(build_parser().parse_args(common + ["--out", str(tmp_path / "a"),
+                                                      "--steps", "3"]),
+                  target=tiny_target, log=msgs.append)
+    assert first["step"] == 3 and "eval_accepted_per_round" in first["last"]
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in first["history"])
+    assert any("train-dflash" in m for m in msgs) and any("ar drafter" in m for m in msgs)
+    assert is_ar_checkpoint(tmp_path / "a")
     msgs = []
-    resumed = train(build_parser().parse_args(common + ["--out", str(b2), "--steps", "6",
-                                                        "--resume"]),
+    resumed = train(build_parser().parse_args(common + ["--out", str(tmp_path / "a"), "--ar",
+                                                        "--steps", "5", "--resume"]),
                     target=tiny_target, log=msgs.append)
     assert any("resumed" in m and "step 3" in m for m in msgs)
-    assert resumed["step"] == 6 and len(resumed["history"]) == 6
-    sd_res = resumed["drafter"].state_dict()
-    from specdiff_ext.drafter import load_drafter
-
-    loaded = load_drafter(b2, tiny_target.input_embeddings, tiny_target.lm_head_weight,
-                          target_name=tiny_target.name)
-    for k, v in loaded.state_dict().items():
-        torch.testing.assert_close(v, sd_res[k].cpu())
+    assert not any("train-dflash" in m for m in msgs)  # --ar: no note
+    assert resumed["step"] == 5 and len(resumed["history"]) == 5
+    loaded = load_ar_drafter(tmp_path / "a", tiny_target)
+    trained = dict(resumed["drafter"].named_parameters())
+    for n, p in loaded.model.named_parameters():
+        torch.testing.assert_close(p, trained[n].detach())
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "ar-spec" in help_text and "specdiff train-dflash" in help_text
 
 
 def test_resume_reproduces_uninterrupted_run(tiny_target, tmp_path: Path) -> None:
@@ -235,7 +162,7 @@ def test_resume_reproduces_uninterrupted_run(tiny_target, tmp_path: Path) -> Non
     generate_dataset(tiny_target, data_dir, prompts=_prompts(30), num_prompts=12,
                      max_new_tokens=10, temperatures=(1.0,), shard_size=12, batch_size=6,
                      heldout_fraction=0.2, progress=False)
-    common = ["--data", str(data_dir), "--batch", "3", "--blocks", "3", "--gamma", "4",
+    common = ["--data", str(data_dir), "--ar", "--batch", "3", "--gamma", "4", "--layers", "1",
               "--warmup", "2", "--steps", "6", "--eval-every", "0", "--no-progress"]
     a = train(build_parser().parse_args(common + ["--out", str(tmp_path / "a")]),
               target=tiny_target, log=lambda *a: None)

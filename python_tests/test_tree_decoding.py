@@ -71,8 +71,8 @@ def test_greedy_trees_equal_plain_decoding(tiny: TargetModel, prompt: Tensor, bu
     got = SpecDiffDecoder(tiny, dflash, tree_budget=budget, tree_ngram=ngram).generate(prompt, 40)
     assert got.ids == want
     assert got.stats["draft_nodes"] >= got.stats["rounds"] - 1
-    old = tiny_drafter(tiny)  # the tokens-context drafter: no block of its own, gamma given
-    got = SpecDiffDecoder(tiny, old, gamma=4, tree_budget=budget, tree_ngram=ngram).generate(prompt, 40)
+    other = tiny_drafter(tiny)  # blocks of 8 drafts: the given gamma caps the tree's depth
+    got = SpecDiffDecoder(tiny, other, gamma=4, tree_budget=budget, tree_ngram=ngram).generate(prompt, 40)
     assert got.ids == want
 
 

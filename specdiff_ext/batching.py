@@ -281,10 +281,9 @@ class NullDrafting:
 
 def prefetch_blocks(drafters: Sequence[Any], gammas: Sequence[int]) -> None:
     """Compute the first denoising step of every row's coming block in one drafter pass
-    (`DFlashDrafter.batch_block_logits`), for DFlash rows drafting in one step
+    (`DFlashDrafter.batch_block_logits`), for rows of the DFlash drafter drafting in one step
     (`DiffusionDrafting`, alone or inside a `TreeDrafting`); each row's ``draft`` then uses
     its logits. Other drafters are left alone (they draft row by row)."""
-    from .drafter.dflash import DFlashDrafter
     from .drafting import DiffusionDrafting
 
     rows = [getattr(d, "block", d) for d in drafters]
@@ -293,11 +292,11 @@ def prefetch_blocks(drafters: Sequence[Any], gammas: Sequence[int]) -> None:
             blk.prefetched = None
     blocks, gs = [], []
     for blk, g in zip(rows, gammas):
-        if not isinstance(blk, DiffusionDrafting) or not isinstance(blk.drafter, DFlashDrafter):
+        if not isinstance(blk, DiffusionDrafting):
             return
         if blk.steps != 1 or blk.cache is None:
             return
-        g = min(g, blk.max_drafts or g)
+        g = min(g, blk.max_drafts)
         if g > 0:
             blocks.append(blk)
             gs.append(g)

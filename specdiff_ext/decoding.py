@@ -44,7 +44,6 @@ from . import ops
 from .bench.stats import PhaseClock, run_stats
 from .defaults import DEFAULTS, DecoderDefaults
 from .drafter.dflash import DFlashDrafter
-from .drafter.model import DiffusionDrafter
 from .drafting import ARDrafting, DiffusionDrafting, PromptLookup
 from .drafting.tree import TreeDrafting, check_budget
 from .types import CommitMode, Draft
@@ -526,12 +525,11 @@ class SpecDiffDecoder(SpeculativeDecoder):
     Parameters
     ----------
     target : TargetModel
-    drafter : DFlashDrafter or DiffusionDrafter
+    drafter : DFlashDrafter
         See `DiffusionDrafting`.
     gamma : int, optional
-        Drafts per round; at most block_size - 1 for a DFlash drafter. None: block_size - 1
-        for a DFlash drafter (its trained block); the older tokens-context drafter has no
-        trained block and needs it given.
+        Drafts per round; at most the drafter's block_size - 1. None: block_size - 1 (its
+        trained block).
     steps, commit, draft_temperature, draft_filters : optional
         See `DiffusionDrafting` (None: `DEFAULTS`).
     tree_budget : int, optional
@@ -550,7 +548,7 @@ class SpecDiffDecoder(SpeculativeDecoder):
         each tree as a further branch. None: `DEFAULTS.tree_ngram`.
     """
 
-    def __init__(self, target: Any, drafter: Union[DFlashDrafter, DiffusionDrafter],
+    def __init__(self, target: Any, drafter: DFlashDrafter,
                  gamma: Optional[int] = None, steps: Optional[int] = None,
                  commit: Union[CommitMode, str, None] = None,
                  draft_temperature: Optional[float] = None,
@@ -568,11 +566,8 @@ class SpecDiffDecoder(SpeculativeDecoder):
         if budget == 0:
             super().__init__(target, block, gamma)
             return
-        if gamma is None and block.max_drafts is None:
-            raise ValueError(f"gamma is required: {type(drafter).__name__} has no block size "
-                             "of its own (max_drafts)")
         if gamma is not None:  # the tree's drafter part drafts at most gamma deep
-            block.max_drafts = min(check_gamma(gamma), block.max_drafts or gamma)
+            block.max_drafts = min(check_gamma(gamma), block.max_drafts)
         ngram = DEFAULTS.tree_ngram if tree_ngram is None else bool(tree_ngram)
         tree = TreeDrafting(block, budget, PromptLookup() if ngram else None,
                             ngram_len=DEFAULTS.tree_ngram_len, topk=DEFAULTS.tree_topk)

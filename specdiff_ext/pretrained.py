@@ -6,8 +6,7 @@
 
 The drafters live in the package, under ``specdiff_ext/weights/``: ``smollm2-135m-dflash`` (the
 default: a DFlash-architecture block-diffusion drafter in the published DFlash layout,
-`drafter.load_drafter`), ``smollm2-135m-specdiff`` (the earlier tokens-context masked-diffusion
-drafter) and ``smollm2-135m-ar`` (the autoregressive baseline drafter,
+`drafter.load_drafter`) and ``smollm2-135m-ar`` (the autoregressive baseline drafter,
 `drafter.ar.load_ar_drafter`). Each folder has a model card (README.md).
 """
 
@@ -33,7 +32,7 @@ class Pair(NamedTuple):
     """What `load_pair` returns."""
 
     target: Any  # TargetModel
-    drafter: Any  # DiffusionDrafter, or None
+    drafter: Any  # DFlashDrafter, or None
     ar_drafter: Any  # TargetModel wrapping the ar drafter, or None
 
 

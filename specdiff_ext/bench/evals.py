@@ -174,7 +174,9 @@ def eval_drafter(target: Any, drafter: Any, prompt_sets: Dict[str, Sequence[str]
         else:
             pooled = evaluate_positions(dec, encoded[s], max_new_tokens, temperature=t,
                                         seed=seed)
-        G = getattr(getattr(dec.drafter, "block", dec.drafter), "max_drafts", None) or dec.gamma
+        # drafts per round: the chain's gamma, or the depth of a tree's block
+        tree_block = getattr(dec.drafter, "block", None)
+        G = tree_block.max_drafts if tree_block is not None else dec.gamma
         row = {"prompts": s, "temperature": t, "gamma": G, "steps": T, "commit": c,
                "tree_budget": b,
                **{k: pooled.get(k) for k in ("mean_accepted", "first_accept_rate",

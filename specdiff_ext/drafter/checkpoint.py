@@ -1,25 +1,26 @@
-"""Drafter checkpoints: ``model.safetensors`` (the drafter's own weights only) and
-``config.json`` (the DrafterConfig and the target it was distilled from).
+"""Drafter checkpoints: DFlash folders (``config.json`` in the published DFlash layout,
+``model.safetensors`` with the drafter's own weights, optionally ``draft_vocab.safetensors``).
 
 The target's embedding and output head are not stored: `load_drafter` takes them from the
-loaded target and refuses a target that differs from the one named in the checkpoint.
+loaded target and refuses a target that differs from the one named in the checkpoint. Folders
+of the retired tokens-context drafter are refused with a message saying so (the DFlash drafter
+has another architecture, so there is nothing to convert them to).
 """
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
-from .config import (MAX_BLOCK, MAX_FFN_RATIO, MAX_LAYERS, MAX_TARGET_LAYERS, DrafterConfig,
-                     FieldError, check_field, check_hf_layers, require)
+from .config import (MAX_BLOCK, MAX_FFN_RATIO, MAX_LAYERS, MAX_TARGET_LAYERS, FieldError,
+                     check_field, check_hf_layers, require)
 from .dflash import DFlashConfig, DFlashDrafter, check_vocab_map
-from .model import DiffusionDrafter
 
-__all__ = ["save_drafter", "load_drafter", "save_dflash", "read_dflash_config", "is_dflash_folder",
+__all__ = ["load_drafter", "save_dflash", "read_dflash_config", "is_dflash_folder",
            "CONFIG_NAME", "WEIGHTS_NAME", "DRAFT_VOCAB_NAME"]
 
 CONFIG_NAME = "config.json"
@@ -27,7 +28,6 @@ WEIGHTS_NAME = "model.safetensors"
 # a DFlash folder's draft vocabulary (`DFlashDrafter.vocab_map`), beside the published weights
 # so that their layout stays the published one
 DRAFT_VOCAB_NAME = "draft_vocab.safetensors"
-FORMAT_VERSION = 1
 
 
 def _safetensors() -> Any:
@@ -37,48 +37,6 @@ def _safetensors() -> Any:
         raise ImportError("drafter checkpoints need the `safetensors` package "
                           "(pip install safetensors)") from exc
     return st
-
-
-def save_drafter(model: DiffusionDrafter, folder: Union[str, os.PathLike],
-                 extra: Optional[dict] = None) -> None:
-    """Write ``folder/model.safetensors`` and ``folder/config.json``.
-
-    Parameters
-    ----------
-    model : DiffusionDrafter
-        Its `state_dict()` is saved (own weights and the vocab_map buffer; never the target's
-        embedding or head).
-    folder : path
-        Created if missing.
-    extra : dict, optional
-        JSON-serialisable metadata stored under ``"extra"`` (e.g. training step, data).
-
-    Examples
-    --------
-    >>> import tempfile, torch
-    >>> from specdiff_ext.drafter import DrafterConfig, DiffusionDrafter, load_drafter
-    >>> cfg = DrafterConfig(vocab_size=50, hidden_size=32, n_heads=4, n_kv_heads=2, head_dim=8,
-    ...                     intermediate_size=64, target_name="tiny")
-    >>> emb, head = torch.nn.Embedding(50, 32), torch.randn(50, 32)
-    >>> with tempfile.TemporaryDirectory() as d:
-    ...     save_drafter(DiffusionDrafter(cfg, emb, head), d)
-    ...     _ = load_drafter(d, emb, head, target_name="tiny")
-    """
-    st = _safetensors()
-    os.makedirs(folder, exist_ok=True)
-    cfg = model.config
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    meta = {
-        "format_version": FORMAT_VERSION,
-        "target": {"name": cfg.target_name, "vocab_size": cfg.vocab_size,
-                   "hidden_size": cfg.hidden_size},
-        "drafter": cfg.to_dict(),
-        "extra": extra or {},
-    }
-    st.save_file(state, os.path.join(folder, WEIGHTS_NAME), metadata={"format": "pt"})
-    with open(os.path.join(folder, CONFIG_NAME), "w") as fh:
-        json.dump(meta, fh, indent=2, sort_keys=True)
-        fh.write("\n")
 
 
 # ------------------------------------------------------------------------------ DFlash layout
@@ -302,29 +260,10 @@ def _load_dflash(folder: Union[str, os.PathLike], emb: Tensor, target_head: Tens
     return model
 
 
-def read_drafter_config(folder: Union[str, os.PathLike]) -> tuple[DrafterConfig, dict]:
-    """The DrafterConfig of a checkpoint and its full config.json dict."""
-    path = os.path.join(folder, CONFIG_NAME)
-    meta = _read_json(path)
-    version = meta.get("format_version")
-    if version != FORMAT_VERSION:
-        raise ValueError(f"{path}: format_version {version!r}, this code reads {FORMAT_VERSION}")
-    try:
-        d = check_field("drafter", require(meta, "drafter"), "dict")
-        cfg = DrafterConfig.from_dict(d)
-        hidden = cfg.hidden_size
-        for name, v, hi in (("n_layers", cfg.n_layers, MAX_LAYERS),
-                            ("n_heads", cfg.n_heads, 4 * hidden),
-                            ("head_dim", cfg.head_dim, 4 * hidden),
-                            ("intermediate_size", cfg.intermediate_size, MAX_FFN_RATIO * hidden),
-                            ("target_feature_size", cfg.target_feature_size,
-                             MAX_FFN_RATIO * hidden)):
-            check_field(name, v, "int", lo=1, hi=hi, optional=True)
-    except FieldError as exc:
-        raise exc.located(path, "drafter") from None
-    except (TypeError, ValueError) as exc:  # context_mode, fields of another version
-        raise ValueError(f"{path}: invalid drafter config ({exc})") from None
-    return cfg, meta
+def _is_tokens_context_folder(meta: dict) -> bool:
+    """True for the config.json of a retired tokens-context drafter folder: a ``drafter`` object
+    beside ``format_version`` (and ``target``), as that drafter's checkpoints were written."""
+    return isinstance(meta.get("drafter"), dict) and "format_version" in meta
 
 
 def load_drafter(
@@ -333,13 +272,10 @@ def load_drafter(
     target_head: Tensor,
     *,
     target_name: str,
-    vocab_size: Optional[int] = None,
-    hidden_size: Optional[int] = None,
     device: Optional[Union[str, torch.device]] = None,
     dtype: Optional[torch.dtype] = None,
-) -> Union[DiffusionDrafter, DFlashDrafter]:
-    """Load a drafter saved by `save_drafter`, or a DFlash folder (published layout, e.g. from
-    `save_dflash`), onto the given target.
+) -> DFlashDrafter:
+    """Load a DFlash folder (published layout, e.g. from `save_dflash`) onto the given target.
 
     Parameters
     ----------
@@ -349,41 +285,32 @@ def load_drafter(
     target_head : tensor
         Shape: (V, H). The loaded target's output head weight.
     target_name : str
-        Name of the loaded target; must equal the checkpoint's.
-    vocab_size, hidden_size : int, optional
-        The target's V and H (default: from target_head's shape); must equal the checkpoint's.
+        Name of the loaded target; must equal the checkpoint's (when it names one).
     device, dtype : optional
         Where to put the drafter (default: target_head's device, float32).
 
     Returns
     -------
-    DiffusionDrafter
+    DFlashDrafter
         In eval mode.
 
     Raises
     ------
     ValueError
-        If the target differs from the checkpoint's (the message names the field: target
-        name, vocab_size or hidden_size), or the checkpoint is malformed.
+        If the target differs from the checkpoint's (the message names the target name or the
+        shapes), the checkpoint is malformed, or the folder is not a DFlash folder (one of the
+        retired tokens-context drafter is named as such).
     """
     emb = target_embed.weight if isinstance(target_embed, nn.Embedding) else target_embed
     if is_dflash_folder(folder):
         return _load_dflash(folder, emb, target_head, target_name, device, dtype)
-    cfg, meta = read_drafter_config(folder)
-    given = {
-        "target name": target_name,
-        "vocab_size": int(vocab_size) if vocab_size is not None else int(target_head.shape[0]),
-        "hidden_size": int(hidden_size) if hidden_size is not None else int(target_head.shape[1]),
-    }
-    saved_target = meta.get("target", {})
-    saved = {"target name": saved_target.get("name"), "vocab_size": saved_target.get("vocab_size"),
-             "hidden_size": saved_target.get("hidden_size")}
-    for field, want in saved.items():
-        if given[field] != want:
-            raise ValueError(
-                f"drafter checkpoint {os.fspath(folder)!r} was distilled from a target with "
-                f"{field} {want!r}, but the target given has {field} {given[field]!r}"
-            )
-    _check_target_shapes(emb, target_head, cfg.vocab_size, cfg.hidden_size)
-    return _load_weights(DiffusionDrafter(cfg, emb, target_head), folder, "drafter", device, dtype,
-                         target_head.device)
+    path = os.path.join(folder, CONFIG_NAME)
+    meta = _read_json(path)
+    if _is_tokens_context_folder(meta):
+        raise ValueError(
+            f"{os.fspath(folder)!r} holds a tokens-context masked-diffusion drafter: "
+            "tokens-context drafters were retired and no longer load (the DFlash drafter has "
+            "another architecture, so there is nothing to convert); `specdiff train-dflash` "
+            "trains the current drafter")
+    raise ValueError(f"{path}: not a DFlash drafter folder (its architectures do not name "
+                     "DFlashDraftModel)")

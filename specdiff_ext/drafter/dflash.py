@@ -32,8 +32,8 @@ from torch import Tensor, nn
 
 from .int8 import int8_head
 from .config import FieldError, check_field
-from .model import (Attention, RMSNorm, SwiGLU, _apply_rope, _rope_cos_sin, check_vocab_map,
-                    frozen_target_weights, head_rows, init_weights)
+from .layers import (Attention, RMSNorm, SwiGLU, _apply_rope, _rope_cos_sin, check_vocab_map,
+                     frozen_target_weights, head_rows, init_weights)
 
 __all__ = ["DFlashConfig", "DFlashDrafter", "DFlashCache", "build_target_layer_ids",
            "check_vocab_map", "frequent_vocab"]

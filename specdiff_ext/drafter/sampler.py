@@ -1,4 +1,4 @@
-"""Drafting a block: T denoising steps of the masked-diffusion drafter over G positions.
+"""Drafting a block: T denoising steps of the block-diffusion drafter over G positions.
 
 Each step runs the drafter on the current block (committed tokens fed back, [MASK] elsewhere)
 and `specdiff_ext.ops.denoise_step` draws tokens and decides which positions commit (the MDLM
@@ -18,7 +18,7 @@ from torch import Tensor
 
 from .. import ops
 from ..types import CommitMode
-from .model import DiffusionDrafter, DrafterCache
+from .dflash import DFlashCache, DFlashDrafter
 
 __all__ = ["DraftBlock", "sample_block"]
 
@@ -43,7 +43,7 @@ class DraftBlock:
         Shape: (B, G). ``point_mass_mask(commit_step)``, everywhere True for argmax drafts
         (temperature 0) and in invalid rows.
     vocab_map : int64 tensor or None
-        Shape: (Vd,). Target id of each drafter logit column (reduced vocabulary).
+        Shape: (Vd,). Target id of each drafter logit column (a draft vocabulary).
     temperature : float or float tensor
         Shape: () or (B,). The drafter temperature the tokens were drawn at.
     valid : bool tensor
@@ -73,8 +73,8 @@ class DraftBlock:
 
 @torch.no_grad()
 def sample_block(
-    drafter: DiffusionDrafter,
-    cache: DrafterCache,
+    drafter: DFlashDrafter,
+    cache: DFlashCache,
     gamma: int,
     steps: int,
     mode: Union[CommitMode, str] = CommitMode.RANDOM,
@@ -88,11 +88,11 @@ def sample_block(
 
     Parameters
     ----------
-    drafter : DiffusionDrafter
-    cache : DrafterCache
-        The context of every row (read only).
+    drafter : DFlashDrafter
+    cache : DFlashCache
+        The context and last token of every row (read only).
     gamma : int
-        G, the block size.
+        G, the drafts of the block (the drafter is trained on blocks of block_size - 1).
     steps : int
         T >= 1 denoising steps; every position is committed after the last one.
     mode : CommitMode or str
@@ -119,11 +119,12 @@ def sample_block(
     Examples
     --------
     >>> import torch
-    >>> from specdiff_ext.drafter import DiffusionDrafter, DrafterConfig
-    >>> cfg = DrafterConfig(vocab_size=50, hidden_size=32, n_heads=4, n_kv_heads=2,
-    ...                     head_dim=8, intermediate_size=64)
-    >>> d = DiffusionDrafter(cfg, torch.nn.Embedding(50, 32), torch.randn(50, 32))
-    >>> cache = d.new_cache(2).append_context(torch.randint(0, 50, (2, 6)))
+    >>> from specdiff_ext.drafter import DFlashConfig, DFlashDrafter
+    >>> cfg = DFlashConfig(vocab_size=50, hidden_size=32, n_heads=4, n_kv_heads=2, head_dim=8,
+    ...                    intermediate_size=64, num_target_layers=6, mask_token_id=3)
+    >>> d = DFlashDrafter(cfg, torch.randn(50, 32), torch.randn(50, 32))
+    >>> cache = d.new_cache(2).append_context(torch.randn(2, 6, cfg.feature_size),
+    ...                                       last=torch.tensor([[4], [9]]))
     >>> block = sample_block(d, cache, gamma=4, steps=2, mode="left_to_right", seed=1)
     >>> block.ids.shape, block.commit_step.tolist()
     (torch.Size([2, 4]), [[0, 0, 1, 1], [0, 0, 1, 1]])

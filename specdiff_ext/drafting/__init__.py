@@ -1,8 +1,8 @@
 """Where a round's candidates come from: the drafters' adapters to the decode loop's `Drafter`
 protocol (`specdiff_ext.decoding`).
 
-- `DiffusionDrafting` (`diffusion`): a block-diffusion drafter (DFlash or the older
-  tokens-context drafter), T denoising steps per block.
+- `DiffusionDrafting` (`diffusion`): the DFlash block-diffusion drafter, T denoising steps per
+  block.
 - `ARDrafting` (`ar`): a small causal LM, one forward per draft.
 - `PromptLookup` (`ngram`): n-grams of the text so far, no model.
 - `TreeDrafting` (`tree`): draft trees, best-first over a block drafter's marginals plus an

@@ -1,4 +1,4 @@
-"""Drafting with a block-diffusion drafter: T denoising steps per block through
+"""Drafting with the DFlash block-diffusion drafter: T denoising steps per block through
 `drafter.sample_block`, as the decode loop's `Drafter` protocol asks."""
 
 from __future__ import annotations
@@ -10,9 +10,7 @@ from torch import Tensor
 
 from .. import ops
 from ..defaults import DEFAULTS
-from ..drafter.config import ContextMode
 from ..drafter.dflash import DFlashDrafter
-from ..drafter.model import DiffusionDrafter
 from ..drafter.sampler import sample_block
 from ..types import CommitMode, Draft
 
@@ -34,12 +32,10 @@ class DiffusionDrafting:
 
     Parameters
     ----------
-    drafter : DFlashDrafter or DiffusionDrafter
-        On the target's device. A `DFlashDrafter` reads the target's feature-layer states at
-        every context position (the verification forward returns those of the accepted tokens)
-        and drafts at most block_size - 1 tokens. A `DiffusionDrafter` in TOKENS context mode
-        encodes the context tokens itself; in TARGET_FEATURES mode (with
-        ``features_with_tokens``) position t reads the states at t - 1 (training/features.py).
+    drafter : DFlashDrafter
+        On the target's device. It reads the target's feature-layer states at every context
+        position (the verification forward returns those of the accepted tokens) and drafts at
+        most block_size - 1 tokens.
     steps : int, optional
         Denoising steps T per block (1: one parallel pass). None: `DEFAULTS.steps`.
     commit : CommitMode or str, optional
@@ -54,10 +50,9 @@ class DiffusionDrafting:
 
     Attributes
     ----------
-    max_drafts : int or None
-        The most drafts one block can hold (a DFlash drafter: its trained block_size - 1);
-        None: no limit of its own (the older tokens-context drafter).
-    cache : DFlashCache or DrafterCache
+    max_drafts : int
+        The most drafts one block can hold: the drafter's trained block_size - 1.
+    cache : DFlashCache
         The drafter's context cache of the current text (after `start`).
     last_logits : tensor or None
         Shape: (1, g, Vd). The last `draft` block's drafter logits (each position's row of the
@@ -66,26 +61,20 @@ class DiffusionDrafting:
         (`bench.evals.position_hit_rates`), at no cost to the round.
     """
 
-    def __init__(self, drafter: Union[DFlashDrafter, DiffusionDrafter], steps: Optional[int] = None,
+    def __init__(self, drafter: DFlashDrafter, steps: Optional[int] = None,
                  commit: Union[CommitMode, str, None] = None,
                  draft_temperature: Optional[float] = None,
                  draft_filters: Optional[bool] = None) -> None:
         self.steps = check_steps(DEFAULTS.steps if steps is None else steps)
+        if not isinstance(drafter, DFlashDrafter):
+            raise TypeError(f"drafter must be a DFlashDrafter, got {type(drafter).__name__}")
         cfg = drafter.config
-        self.dflash = isinstance(drafter, DFlashDrafter)
-        feats = self.dflash or cfg.context_mode is ContextMode.TARGET_FEATURES
-        if feats and not self.dflash:
-            if not cfg.feature_layers:
-                raise ValueError("a target_features drafter must name its feature_layers")
-            if not cfg.features_with_tokens:
-                raise ValueError("SpecDiffDecoder drives target_features drafters that also read "
-                                 "the context tokens (features_with_tokens=True)")
         self.drafter = drafter
         self.commit = CommitMode.parse(DEFAULTS.commit if commit is None else commit)
         self.draft_temperature = draft_temperature
         self.draft_filters = bool(DEFAULTS.draft_filters if draft_filters is None else draft_filters)
-        self.feature_layers = list(cfg.feature_layers) if feats else None
-        self.max_drafts: Optional[int] = cfg.block_size - 1 if self.dflash else None
+        self.feature_layers = list(cfg.feature_layers)
+        self.max_drafts: int = cfg.block_size - 1
         self.cache: Any = None
         self.last_logits: Optional[Tensor] = None
         # the next round's first-step logits, computed for a batch of rows at once
@@ -98,19 +87,10 @@ class DiffusionDrafting:
         self._dtau = temperature if self.draft_temperature is None else float(self.draft_temperature)
         self._filters = (filters or None) if self.draft_filters else None
         self.cache = self.drafter.new_cache(1)
-        if self.dflash:  # context position t holds the target's states at t
-            if hidden is None:
-                hidden = prompt.new_zeros((1, 0, self.drafter.config.feature_size),
-                                          dtype=self.cache.dtype)
-            self.cache.append_context(hidden, last=prompt[:, -1:])
-        elif self.feature_layers is None:  # the context holds every token, the last included
-            self.cache.append_context(prompt)
-        else:  # position t reads the target's states at t - 1 (zeros at t = 0)
-            feats = prompt.new_zeros((1, prompt.shape[1], self.drafter.config.feature_size),
-                                     dtype=self.cache.dtype)
-            if hidden is not None:
-                feats[:, 1:] = hidden
-            self.cache.append_context(prompt, feats)
+        if hidden is None:  # context position t holds the target's states at t
+            hidden = prompt.new_zeros((1, 0, self.drafter.config.feature_size),
+                                      dtype=self.cache.dtype)
+        self.cache.append_context(hidden, last=prompt[:, -1:])
 
     def _first_step(self, gamma: int) -> Any:
         """The drafter for this round's block: the model, or the model answering its first
@@ -149,10 +129,8 @@ class DiffusionDrafting:
         return logits
 
     def accept(self, emitted: Tensor, n_acc: int, hidden: Optional[Tensor]) -> None:
-        if self.dflash:  # states at [last, x_1 .. x_n]; the correction starts the next block
-            self.cache.append_context(hidden, last=emitted[:, n_acc:])
-        else:  # tokens [x_1 .. x_n, correction] with the states at [last, x_1 .. x_n]
-            self.cache.append_context(emitted, hidden)
+        # states at [last, x_1 .. x_n]; the correction (or bonus) token starts the next block
+        self.cache.append_context(hidden, last=emitted[:, n_acc:])
 
 
 class _FirstStep:

@@ -126,7 +126,7 @@ class TreeDrafting:
         self.ngram_len, self.topk = ngram_len, topk
         self.feature_layers = block.feature_layers if block is not None else None
         depth = [ngram_len] if lookup is not None else []
-        if block is not None and block.max_drafts is not None:
+        if block is not None:
             depth.append(block.max_drafts)
         self.max_drafts: Optional[int] = max(depth) if depth else None
         # what a call that needs chain drafts (repetition penalties) drafts with instead
@@ -175,7 +175,7 @@ class TreeDrafting:
                 node, _ = tree.child(node, int(t), SOURCE_NGRAM)
         left = self.budget - tree.size()
         if self.block is not None and left > 0 and gamma > 0:
-            g = min(gamma, self.block.max_drafts or gamma)
+            g = min(gamma, self.block.max_drafts)
             logits = self.block.marginals(g, rnd)  # (1, g, Vd)
             lp = torch.log_softmax(logits[0].float(), dim=-1)
             k = min(self.topk, lp.shape[-1])
