@@ -635,3 +635,18 @@ def test_train_dflash_shape_flags_against_a_loaded_drafter() -> None:
             _adopt_shape(DFlashConfig.from_dict(cfg.to_dict()),
                          build_parser().parse_args(base + extra), "src", resume=resume)
     assert isinstance(build_parser().parse_args(base), argparse.Namespace)
+
+
+def test_prefer_int8_times_both_ways_and_leaves_the_drafter_as_it_answers() -> None:
+    """`calibrate.prefer_int8` (the "auto" mode): packed exactly when it answers True; a margin
+    no timing can meet (0) always answers float, one every timing meets (1e9) always int8."""
+    from specdiff_ext.calibrate import prefer_int8
+    from specdiff_ext.drafter.int8 import int8_available
+    from specdiff_ext.pretrained import set_draft_int8
+
+    if not int8_available():
+        pytest.skip("this torch build has no int8 CPU engine")
+    d = _drafter(tiny_target())
+    assert prefer_int8(d, context=8, reps=1, margin=0.0) is False and not d.int8
+    assert prefer_int8(d, context=8, reps=1, margin=1e9) is True and d.int8
+    assert set_draft_int8(d, "auto") == d.int8
