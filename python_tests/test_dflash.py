@@ -581,7 +581,8 @@ def test_int8_drafting_packs_beside_the_float_weights_and_stays_exact() -> None:
     with torch.no_grad():
         ref = d.block_logits(cache, block)
         pack_int8(d)
-        assert d.int8
+        assert d.int8 and type(d.fc) is torch.nn.Linear  # the features' projection stays float
+        assert type(d.layers[0].self_attn.q_proj).__name__ == "Int8Linear"
         got = d.block_logits(cache, block)
         assert got.shape == ref.shape and torch.isfinite(got).all()
         err = (got - ref).abs().max() / ref.abs().max()
