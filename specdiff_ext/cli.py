@@ -86,10 +86,10 @@ def _model_args(ap: argparse.ArgumentParser) -> None:
                     help="auto: bfloat16 where the CPU has native bf16 (or on CUDA), else float32")
     ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    ap.add_argument("--draft-int8", choices=["auto", "on", "off"], default="off",
-                    help="draft with int8 weights (CPU only; exactness does not depend on it, "
-                         "acceptance drops a little: docs/design.md, Int8 drafting); auto: on "
-                         "where the drafter's block measures faster so at load")
+    ap.add_argument("--draft-int8", choices=["auto", "on", "off"], default="auto",
+                    help="draft with int8 weights (CPU only; exactness does not depend on it: "
+                         "docs/design.md, Int8 drafting); auto: on where the drafter's block "
+                         "measures faster so at load")
 
 
 def _spec_args(ap: argparse.ArgumentParser) -> None:
@@ -217,7 +217,7 @@ def _load(a: argparse.Namespace, need_drafter: bool, need_ar: bool) -> Any:
         ar = a.ar_drafter if a.ar_drafter is not None else True
     return load_pair(a.target, a.drafter, ar_drafter=ar, dtype=parse_dtype(a.dtype, device),
                      device=device, with_drafter=need_drafter,
-                     draft_int8=getattr(a, "draft_int8", "off"))
+                     draft_int8=getattr(a, "draft_int8", "auto"))
 
 
 def _generate(argv: Sequence[str]) -> int:

@@ -108,7 +108,7 @@ def load_pair(target: Optional[PathLike] = None, drafter: Optional[PathLike] = N
               ar_drafter: Union[PathLike, bool, None] = False,
               dtype: Optional[torch.dtype] = None,
               device: Union[str, torch.device] = "cpu", with_drafter: bool = True,
-              draft_int8: Union[str, bool] = "off") -> Pair:
+              draft_int8: Union[str, bool] = "auto") -> Pair:
     """Load a target and its drafters.
 
     Parameters
@@ -124,11 +124,11 @@ def load_pair(target: Optional[PathLike] = None, drafter: Optional[PathLike] = N
     device : str or torch.device
     with_drafter : bool
         False skips the diffusion drafter (plain ar decoding).
-    draft_int8 : "off" (default), "on", "auto" or bool
+    draft_int8 : "auto" (default), "on", "off" or bool
         Draft with int8 weights (`drafter.int8`; CPU only): on, off, or auto: on where the
         drafter's block is measured faster in int8 on this machine at load
         (`calibrate.prefer_int8`). Exactness does not depend on it; the embedded drafter
-        accepts about 4% less as the tree and 11% less as the chain in int8 (docs/design.md).
+        accepts as much in int8 as in float (docs/design.md, Int8 drafting).
 
     Examples
     --------
