@@ -411,13 +411,16 @@ class DFlashDrafter(nn.Module):
         return self.norm(x)
 
     def _head_logits(self, h: Tensor) -> Tensor:
-        """The head over hidden states, (..., H) -> (N, Vd): float, or int8 after `pack_int8`."""
+        """The head over hidden states, (B, n, H) -> (B, n, Vd): float, or int8 after
+        `pack_int8`."""
         head = self.head_weight()
+        out = int8_head(self, head, h)
+        if out is not None:
+            return out
         # 2-D and contiguous: a strided 3-D input sends F.linear through a batched matmul that
         # copies the whole (V, H) head on every call
         flat = h.reshape(-1, h.shape[-1]).to(head.dtype).contiguous()  # (N, H)
-        out = int8_head(self, head, flat)
-        return out if out is not None else F.linear(flat, head)
+        return F.linear(flat, head).view(*h.shape[:-1], -1)
 
     @property
     def int8(self) -> bool:
@@ -451,9 +454,7 @@ class DFlashDrafter(nn.Module):
         S = cache.length
         kv = [(k[:, :, :S], v[:, :, :S]) for k, v in zip(cache.keys, cache.values)]
         h = self.hidden(tokens, pos, kv, None)[:, 1:]  # (B, G, H)
-        if self.int8 and B > 1:  # the head's activation scale per row, as for the layers
-            return torch.cat([self._head_logits(r) for r in h.split(1)], 0).view(B, G, -1)
-        return self._head_logits(h).view(B, G, -1)  # (B, G, Vd)
+        return self._head_logits(h)  # (B, G, Vd)
 
     def batch_block_logits(self, caches: list, gammas: list) -> list:
         """`block_logits` of fully masked blocks for several single-row caches in one pass:
@@ -469,7 +470,8 @@ class DFlashDrafter(nn.Module):
         if any(c.batch_size != 1 or c.last is None for c in caches):
             raise ValueError("batch_block_logits takes caches of one row each, with a last token")
         cfg = self.config
-        if self.int8:  # activation scales are per call: one call per row, as it would alone
+        if self.int8:  # int8 scales cover a row's whole call, padding included: each row
+            # runs its own block, as it would alone
             return [self.block_logits(c, torch.full((1, g), cfg.mask_id, dtype=torch.int64,
                                                     device=c.device))
                     for c, g in zip(caches, gammas)]
@@ -492,7 +494,7 @@ class DFlashDrafter(nn.Module):
         blk = torch.arange(G + 1, device=dev)[None, :] <= torch.tensor(gammas, device=dev)[:, None]
         mask = torch.cat([ctx, blk], 1)[:, None, None, :].expand(B, 1, G + 1, S + G + 1)
         h = self.hidden(tokens, pos, kv, mask)[:, 1:]  # (B, G, H)
-        lg = self._head_logits(h).view(B, G, -1)
+        lg = self._head_logits(h)
         return [lg[b:b + 1, :g] for b, g in enumerate(gammas)]
 
     def forward_blocks(self, features: Tensor, anchors: Tensor, block_tokens: Tensor) -> Tensor:

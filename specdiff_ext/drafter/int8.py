@@ -65,8 +65,12 @@ def _pack(weight: Tensor, bias: Optional[Tensor]) -> Any:
 
 
 def _linear(x: Tensor, packed: Any) -> Tensor:
-    """y = x W^T (+ b) with the packed int8 W; x float32 on the CPU. Shape: (..., K) -> (..., N).
-    reduce_range: 7-bit activations, so that CPUs without VNNI cannot saturate int16 sums."""
+    """y = x W^T (+ b) with the packed int8 W; x float on the CPU. Shape: (..., K) -> (..., N)
+    float32. One activation scale per call, so the rows of a 3-D input (dim 0: a batch) go
+    one call each: no row's result depends on the others. reduce_range: 7-bit activations,
+    so that CPUs without VNNI cannot saturate int16 sums."""
+    if x.dim() == 3 and x.shape[0] > 1:
+        return torch.cat([_linear(r, packed) for r in x.split(1)], 0)
     shape = x.shape
     y = torch.ops.quantized.linear_dynamic(x.reshape(-1, shape[-1]).float().contiguous(),
                                            packed, True)
@@ -98,13 +102,8 @@ class Int8Linear(nn.Linear):
         lin.weight, lin.bias = self.weight, self.bias
         return lin
 
-    def forward(self, x: Tensor) -> Tensor:
-        """Activations are quantized with one scale per call: rows of a batch (dim 0 of a 3-D
-        input) go one at a time, so that no row's result depends on the others."""
-        packed = self.__dict__["_packed"]
-        if x.dim() == 3 and x.shape[0] > 1:
-            return torch.cat([_linear(r, packed) for r in x.split(1)], 0).to(x.dtype)
-        return _linear(x, packed).to(x.dtype)
+    def forward(self, x: Tensor) -> Tensor:  # noqa: D102
+        return _linear(x, self.__dict__["_packed"]).to(x.dtype)
 
 
 def _swap(module: nn.Module, to_int8: bool) -> int:
@@ -161,10 +160,11 @@ def unpack_int8(drafter: nn.Module) -> nn.Module:
     return drafter
 
 
-def int8_head(drafter: Any, head: Tensor, flat: Tensor) -> Optional[Tensor]:
+def int8_head(drafter: Any, head: Tensor, h: Tensor) -> Optional[Tensor]:
     """The head's logits with the packed int8 head, or None when `drafter` drafts in float.
     The packed head follows `head` (the drafter's current head rows): a new draft vocabulary or
-    target head repacks it. Shape: head (Vd, H), flat (N, H) -> (N, Vd) float32."""
+    target head repacks it. Shape: head (Vd, H), h (..., H) -> (..., Vd) float32 (a 3-D h one
+    row at a time, as `_linear`)."""
     if not drafter.__dict__.get("_int8"):
         return None
     try:
@@ -176,4 +176,4 @@ def int8_head(drafter: Any, head: Tensor, flat: Tensor) -> Optional[Tensor]:
     if cached is None or cached[0] != key:
         cached = (key, _pack(head, None))
         drafter.__dict__["_head_int8"] = cached
-    return _linear(flat, cached[1])
+    return _linear(h, cached[1])
