@@ -121,6 +121,35 @@ def test_generation_resumable(tiny_target, tmp_path: Path) -> None:
         generate_dataset(tiny_target, out, **{**kw, "max_new_tokens": 7})
 
 
+def test_generation_skip_prompts_continues_a_dataset(tiny_target, tmp_path: Path) -> None:
+    """skip_prompts=N generates for the training prompts after the first N: a second dataset
+    beside one of num_prompts=N, with no prompt in both, its prompt_index counting on from N,
+    and folders written without it resuming as before."""
+    kw = dict(prompts=_prompts(60), max_new_tokens=3, temperatures=(0.0,), shard_size=8,
+              batch_size=8, heldout_fraction=0.2, progress=False)
+    first = generate_dataset(tiny_target, tmp_path / "a", num_prompts=16, **kw)
+    second = generate_dataset(tiny_target, tmp_path / "b", num_prompts=16, skip_prompts=16, **kw)
+    both = generate_dataset(tiny_target, tmp_path / "c", num_prompts=32, **kw)
+    assert "skip_prompts" not in first["settings"] and second["settings"]["skip_prompts"] == 16
+    a, _ = load_shards(tmp_path / "a")
+    b, _ = load_shards(tmp_path / "b")
+    c, _ = load_shards(tmp_path / "c")
+
+    def prompts(d):
+        return [tuple(d.tokens[int(d.offsets[i]):int(d.offsets[i]) + int(d.prompt_lens[i])].tolist())
+                for i in range(len(d))]
+
+    assert len(b) == 16 and not set(prompts(a)) & set(prompts(b))
+    assert prompts(a) + prompts(b) == prompts(c)  # the two halves of one 32-prompt dataset
+    import safetensors.torch as st
+    idx = st.load_file(str(tmp_path / "b" / second["shards"][0]["file"]))["prompt_index"]
+    assert idx.tolist() == list(range(16, 24))
+    with pytest.raises(ValueError, match="other settings"):  # a resume keeps its skip
+        generate_dataset(tiny_target, tmp_path / "b", num_prompts=16, skip_prompts=8, **kw)
+    with pytest.raises(ValueError, match="skip_prompts"):
+        generate_dataset(tiny_target, tmp_path / "d", num_prompts=16, skip_prompts=-1, **kw)
+
+
 def test_train_drafter_trains_the_ar_drafter(tiny_target, tmp_path: Path, capsys) -> None:
     """``specdiff train-drafter`` without --ar (the flag is still accepted) trains the ar-spec
     drafter: an ar checkpoint that loads and resumes, a note pointing at train-dflash, and a

@@ -121,13 +121,17 @@ _LIMITS = {"num_prompts": ("int", dict(lo=1)),
            "batch_size": ("int", dict(lo=1)),
            "heldout_fraction": ("real", dict(lo=0, below=1)),
            "topk": ("int", dict(lo=0)),
-           "seed": ("int", dict(lo=0, hi=MAX_SEED))}
+           "seed": ("int", dict(lo=0, hi=MAX_SEED)),
+           "skip_prompts": ("int", dict(lo=0))}
 
 
 def _settings(args_like: dict) -> dict:
     keys = ("target", "num_prompts", "max_prompt_tokens", "max_new_tokens", "temperatures",
             "shard_size", "heldout_fraction", "topk", "seed", "source")
-    return {k: args_like[k] for k in keys}
+    out = {k: args_like[k] for k in keys}
+    if args_like.get("skip_prompts"):  # only when set: folders written before it still resume
+        out["skip_prompts"] = args_like["skip_prompts"]
+    return out
 
 
 def generate_dataset(target: Any, out_dir: Union[str, os.PathLike], *,
@@ -136,14 +140,15 @@ def generate_dataset(target: Any, out_dir: Union[str, os.PathLike], *,
                      temperatures: Sequence[float] = (0.0, 1.0), shard_size: int = 128,
                      batch_size: int = 32, heldout_fraction: float = 0.02, topk: int = 0,
                      seed: int = 0, progress: bool = True, max_shards: Optional[int] = None,
-                     source: str = "sharegpt") -> dict:
+                     source: str = "sharegpt", skip_prompts: int = 0) -> dict:
     """Generate (or resume generating) a distillation dataset in `out_dir`.
 
     Prompts (default: ShareGPT first turns) are split by `is_heldout`; held-out prompts go to
     ``heldout.jsonl`` and are never generated for. The first `num_prompts` training prompts
     whose chat-templated length is at most `max_prompt_tokens` are cut into shards of
-    `shard_size`; each shard is generated at every temperature (file
-    ``t{temperature}_{index:05d}.safetensors``) in batches of `batch_size`, and recorded in the
+    `shard_size` (after skipping the first `skip_prompts` such prompts: a second dataset that
+    continues where one of `num_prompts = skip_prompts` stopped); each shard is generated at
+    every temperature (file ``t{temperature}_{index:05d}.safetensors``) in batches of `batch_size`, and recorded in the
     manifest once written. A rerun with the same settings skips recorded shards; other settings
     raise ValueError. `max_shards` stops after that many new shards (tests, time-boxed runs).
 
@@ -153,7 +158,8 @@ def generate_dataset(target: Any, out_dir: Union[str, os.PathLike], *,
 
     given = dict(num_prompts=num_prompts, max_prompt_tokens=max_prompt_tokens,
                  max_new_tokens=max_new_tokens, shard_size=shard_size, batch_size=batch_size,
-                 heldout_fraction=heldout_fraction, topk=topk, seed=seed)
+                 heldout_fraction=heldout_fraction, topk=topk, seed=seed,
+                 skip_prompts=skip_prompts)
     for name, (kind, kw) in _LIMITS.items():
         check_field(name, given[name], kind, **kw)
     temperatures = [check_field("temperatures", t, "real", lo=0) for t in temperatures]
@@ -167,7 +173,8 @@ def generate_dataset(target: Any, out_dir: Union[str, os.PathLike], *,
                               max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens,
                               temperatures=[float(t) for t in temperatures],
                               shard_size=shard_size, heldout_fraction=heldout_fraction,
-                              topk=topk, seed=seed, source=source))
+                              topk=topk, seed=seed, source=source,
+                              skip_prompts=skip_prompts))
     mpath = out / MANIFEST
     if mpath.is_file():
         manifest = json.loads(mpath.read_text())
@@ -180,16 +187,20 @@ def generate_dataset(target: Any, out_dir: Union[str, os.PathLike], *,
 
     tok = target.tokenizer
     if prompts is None:
-        prompts = read_sharegpt(limit=int(num_prompts / max(1e-9, 1 - heldout_fraction) * 1.6) + 64)
+        prompts = read_sharegpt(limit=int((num_prompts + skip_prompts)
+                                          / max(1e-9, 1 - heldout_fraction) * 1.6) + 64)
     train, held = split_prompts(list(prompts), heldout_fraction)
     chosen: list[tuple[str, list[int]]] = []
-    skipped_long = 0
+    skipped_long, to_skip = 0, skip_prompts
     for p in train:
         if len(chosen) >= num_prompts:
             break
         ids = _encode_prompt(tok, p)
         if len(ids) > max_prompt_tokens:
             skipped_long += 1
+            continue
+        if to_skip:
+            to_skip -= 1
             continue
         chosen.append((p, ids))
     with open(out / HELDOUT_FILE, "w") as fh:
@@ -239,7 +250,8 @@ def generate_dataset(target: Any, out_dir: Union[str, os.PathLike], *,
         tensors = {"tokens": torch.tensor(tokens, dtype=torch.int32),
                    "lengths": torch.tensor(lengths, dtype=torch.int32),
                    "prompt_lens": torch.tensor(plens, dtype=torch.int32),
-                   "prompt_index": torch.arange(si * shard_size, si * shard_size + len(chunk),
+                   "prompt_index": torch.arange(skip_prompts + si * shard_size,
+                                                skip_prompts + si * shard_size + len(chunk),
                                                 dtype=torch.int32)}
         if topk > 0:
             tensors["topk_ids"] = torch.cat([r[1] for r in results], 0)
@@ -461,6 +473,9 @@ def main(argv: Optional[Sequence[str]] = None,
     ap.add_argument("--heldout-fraction", type=float, default=0.02)
     ap.add_argument("--topk", type=int, default=0, help="store the target's top-k logits (soft labels)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--skip-prompts", type=int, default=0,
+                    help="skip the first N training prompts (those a dataset of --num-prompts N "
+                         "used): new prompts for a second dataset")
     ap.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     ap.add_argument("--threads", type=int, default=None)
@@ -479,7 +494,8 @@ def main(argv: Optional[Sequence[str]] = None,
                          max_prompt_tokens=a.max_prompt_tokens, max_new_tokens=a.max_new_tokens,
                          temperatures=temperatures,
                          shard_size=a.shard_size, batch_size=a.batch,
-                         heldout_fraction=a.heldout_fraction, topk=a.topk, seed=a.seed)
+                         heldout_fraction=a.heldout_fraction, topk=a.topk, seed=a.seed,
+                         skip_prompts=a.skip_prompts)
     print(json.dumps({"shards": len(m["shards"]), "totals": m.get("totals"),
                       "complete": m.get("complete")}))
     return 0
