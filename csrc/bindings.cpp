@@ -1,5 +1,6 @@
 // The one Python boundary of the extension: takes DLPack arrays (capsules or objects with
 // __dlpack__), checks every argument before any work, and dispatches to the CPU or CUDA op.
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -746,6 +747,119 @@ void penalties_py(py::handle logits, py::handle ids, py::handle lengths, py::han
   }));
 }
 
+// ---------------------------------------------------------------- linear_f32 (CPU only)
+// A 2-D (or 3-D packed) float32 array as the checks below see it: data, shape, element strides.
+struct Mat {
+  const char* name;
+  const void* data;
+  std::vector<int64_t> shape, strides;
+};
+
+// The checks of linear_f32 (any front end), then the kernel without the GIL.
+void run_linear(const Mat& x, const Mat& w, const Mat& out, int threads, bool use_simd) {
+  if (x.shape.size() != 2)
+    value_error("x must have 2 dimensions (M, K), got shape " + shape_str(x.shape));
+  if (w.shape.size() != 3)
+    value_error("w_packed must have 3 dimensions (P, K, 16), got shape " + shape_str(w.shape));
+  if (out.shape.size() != 2)
+    value_error("out must have 2 dimensions (M, N), got shape " + shape_str(out.shape));
+  const int64_t M = x.shape[0], K = x.shape[1], P = w.shape[0], N = out.shape[1];
+  if (w.shape[1] != K || w.shape[2] != 16)
+    value_error("w_packed must have shape (P, K, 16) with K = " + std::to_string(K) +
+                " (x's columns), got " + shape_str(w.shape));
+  if (out.shape[0] != M)
+    value_error("out must have M = " + std::to_string(M) + " rows (x's), got " +
+                std::to_string(out.shape[0]));
+  if (P != (N + 15) / 16)
+    value_error("out's N = " + std::to_string(N) + " columns need ceil(N / 16) = " +
+                std::to_string((N + 15) / 16) + " panels, but w_packed has " + std::to_string(P));
+  if (threads < 1) value_error("threads must be at least 1, got " + std::to_string(threads));
+  {  // contiguous (the stride of a dimension of size 1 does not matter)
+    const int64_t want[3] = {16 * K, 16, 1};
+    for (int i = 0; i < 3; ++i)
+      if (P * K > 0 && w.shape[i] > 1 && w.strides[i] != want[i])
+        value_error("w_packed must be contiguous");
+  }
+  if (M == 0 || N == 0) return;
+  if (K > 1 && x.strides[1] != 1)
+    value_error("x must be contiguous in its last dimension (stride 1), got stride " +
+                std::to_string(x.strides[1]));
+  if (N > 1 && out.strides[1] != 1)
+    value_error("out must be contiguous in its last dimension (stride 1), got stride " +
+                std::to_string(out.strides[1]));
+  if (M > 1 && x.strides[0] < K)
+    value_error("x's row stride must be at least K = " + std::to_string(K) + ", got " +
+                std::to_string(x.strides[0]));
+  if (M > 1 && out.strides[0] < N)
+    value_error("out's row stride must be at least N = " + std::to_string(N) + ", got " +
+                std::to_string(out.strides[0]));
+  // out is written while x and w_packed are read: no shared memory
+  auto lo = [](const Mat& a) { return static_cast<const char*>(a.data); };
+  auto hi = [](const Mat& a, int64_t rows, int64_t cols) {
+    return static_cast<const char*>(a.data) + ((rows - 1) * a.strides[0] + cols) * 4;
+  };
+  const char *o0 = lo(out), *o1 = hi(out, M, N), *x0 = lo(x), *x1 = hi(x, M, K);
+  const char *w0 = lo(w), *w1 = w0 + P * K * 16 * 4;
+  if ((o0 < x1 && x0 < o1) || (o0 < w1 && w0 < o1))
+    value_error("out must not overlap x or w_packed");
+  LinearParams p;
+  p.x = static_cast<const float*>(x.data);
+  p.x_s0 = M > 1 ? x.strides[0] : K;
+  p.w = static_cast<const float*>(w.data);
+  p.out = static_cast<float*>(const_cast<void*>(out.data));
+  p.out_s0 = M > 1 ? out.strides[0] : N;
+  p.M = M;
+  p.N = N;
+  p.K = K;
+  p.threads = threads;
+  p.use_simd = use_simd;
+  py::gil_scoped_release nogil;
+  cpu::linear_f32(p);
+}
+
+// DLPack front end (torch, numpy, CuPy, JAX arrays).
+void linear_py(py::handle x, py::handle w_packed, py::handle out, int threads, bool use_simd) {
+  Array xa, wa, oa;
+  xa.take(x, "x");
+  wa.take(w_packed, "w_packed");
+  oa.take(out, "out");
+  for (const Array* a : {&xa, &wa, &oa}) {
+    if (a->is_cuda())
+      value_error("linear_f32 runs on the CPU: " + a->name() + " is on a CUDA device");
+    a->check_kinds({Kind::kFloat32}, "float32");
+  }
+  oa.check_writable();
+  auto mat = [](const Array& a, const char* name) {
+    Mat m{name, a.data(), {}, {}};
+    for (int i = 0; i < a.ndim(); ++i) {
+      m.shape.push_back(a.size(i));
+      m.strides.push_back(a.stride(i));
+    }
+    return m;
+  };
+  run_linear(mat(xa, "x"), mat(wa, "w_packed"), mat(oa, "out"), threads, use_simd);
+}
+
+// numpy front end: the same checks for a fraction of DLPack's per-call cost (PackedLinear's
+// path: torch.Tensor.numpy() shares memory).
+void linear_np(py::array x, py::array w_packed, py::array out, int threads) {
+  auto mat = [](const py::array& a, const char* name, bool write) {
+    if (!a.dtype().is(py::dtype::of<float>()))
+      type_error(std::string(name) + " must be float32, got " + std::string(py::str(a.dtype())));
+    if (write && !a.writeable()) value_error(std::string(name) + " is read-only");
+    Mat m{name, a.data(), {}, {}};
+    for (py::ssize_t i = 0; i < a.ndim(); ++i) {
+      if (a.strides(i) % 4 != 0)
+        value_error(std::string(name) + " has a stride that is not a whole number of floats");
+      m.shape.push_back(a.shape(i));
+      m.strides.push_back(a.strides(i) / 4);
+    }
+    return m;
+  };
+  run_linear(mat(x, "x", false), mat(w_packed, "w_packed", false), mat(out, "out", true),
+             threads, true);
+}
+
 py::dict build_info() {
   py::dict d;
   d["version"] = SPECDIFF_VERSION;
@@ -801,6 +915,15 @@ PYBIND11_MODULE(_C, m) {
         py::arg("top_k"), py::arg("top_k_value"), py::arg("top_p"), py::arg("top_p_value"),
         py::arg("min_p"), py::arg("min_p_value"), py::arg("out_ids"),
         py::arg("out_num_accepted"), py::arg("out_path"), py::arg("out_valid"), py::arg("stream"));
+  m.def("linear_f32", &linear_py,
+        "out = x @ W.T in float32 on the CPU, W packed as (ceil(N/16), K, 16) panels (specdiff_ext.cpu_linear).",
+        py::arg("x"), py::arg("w_packed"), py::arg("out"), py::arg("threads") = 1,
+        py::arg("use_simd") = true);
+  m.def("_linear_f32_np", &linear_np,
+        "linear_f32 for numpy arrays (float32, the same checks), the cheap path of PackedLinear.",
+        py::arg("x"), py::arg("w_packed"), py::arg("out"), py::arg("threads") = 1);
+  m.def("linear_simd", &cpu::linear_simd_available,
+        "Whether linear_f32 runs its AVX2/FMA path on this CPU (else the portable one, same bits).");
   m.def("gather_logprobs", &gather_py, "Log-sum-exp of each row and log-probability of one id per row.",
         py::arg("logits"), py::arg("ids"), py::arg("temperature"), py::arg("temperature_value"),
         py::arg("out_lse"), py::arg("out_logprobs"), py::arg("workspace"), py::arg("stream"));

@@ -90,6 +90,10 @@ def _model_args(ap: argparse.ArgumentParser) -> None:
                     help="draft with int8 weights (CPU only; exactness does not depend on it: "
                          "docs/design.md, Int8 drafting); auto: on where the drafter's block "
                          "measures faster so at load")
+    ap.add_argument("--cpu-linear", choices=["auto", "on", "off"], default="auto",
+                    help="the target's linear layers through the extension's float32 CPU "
+                         "kernel (a float32 CPU target only); auto: on where the target's "
+                         "forward measures faster so at load")
 
 
 def _spec_args(ap: argparse.ArgumentParser) -> None:
@@ -217,7 +221,8 @@ def _load(a: argparse.Namespace, need_drafter: bool, need_ar: bool) -> Any:
         ar = a.ar_drafter if a.ar_drafter is not None else True
     return load_pair(a.target, a.drafter, ar_drafter=ar, dtype=parse_dtype(a.dtype, device),
                      device=device, with_drafter=need_drafter,
-                     draft_int8=getattr(a, "draft_int8", "auto"))
+                     draft_int8=getattr(a, "draft_int8", "auto"),
+                     cpu_linear=getattr(a, "cpu_linear", "auto"))
 
 
 def _generate(argv: Sequence[str]) -> int:
@@ -455,6 +460,14 @@ def _eval_grid(ap: argparse.ArgumentParser, a: argparse.Namespace) -> dict:
     }
 
 
+def _packed(dec: Any) -> bool:
+    """Whether the decoder's target runs its linear layers through the packed CPU kernel."""
+    from .cpu_linear import is_packed
+
+    model = getattr(getattr(dec, "target", None), "model", None)
+    return model is not None and is_packed(model)
+
+
 def _budget_used(dec: Any, batch: int, temperature: float) -> Any:
     """The tree budget `dec` drafts with at `batch` rows (calibrated when left at the
     default; `SpecDiffDecoder.default_tree_budget`), None for a decoder without trees. Printed
@@ -473,7 +486,8 @@ def _budget_used(dec: Any, batch: int, temperature: float) -> Any:
     print(f"{what}, calibrated at {batch} row(s), temperature {temperature:g} "
           f"(target forward ms by budget {{{fwd}}}, plain step "
           f"{1e3 * c.get('plain', 0.0):.0f} ms, drafting {1e3 * c.get('draft', 0.0):.1f} "
-          f"ms a row{', int8 drafter' if int8 else ''}, "
+          f"ms a row{', int8 drafter' if int8 else ''}"
+          f"{', packed target linears' if _packed(dec) else ''}, "
           f"{c.get('threads')} threads, {c.get('dtype')})", file=sys.stderr)
     return b
 

@@ -104,11 +104,41 @@ def set_draft_int8(drafter: Any, mode: Union[str, bool] = "auto") -> bool:
     return bool(m)
 
 
+def set_cpu_linear(target: Any, mode: Union[str, bool] = "auto") -> bool:
+    """Run the target's linear layers through the extension's float32 CPU kernel
+    (`cpu_linear.PackedLinear`; mode "on" / True), through torch ("off" / False), or decide by
+    timing its forward both ways here ("auto": packed only on a float32 CPU target where it
+    measures faster; see `cpu_linear.prefer_packed`). Returns whether they run packed.
+    ValueError naming cpu_linear for an unknown mode, or "on" where the kernel cannot serve
+    (not a float32 CPU target, or an extension built without it)."""
+    from . import cpu_linear as cl
+
+    modes = {"auto": "auto", "on": True, "off": False, True: True, False: False}
+    m = modes.get(mode) if isinstance(mode, (str, bool)) else None
+    if m is None:
+        raise ValueError(f"cpu_linear must be 'auto', 'on', 'off' or a bool, got {mode!r}")
+    serves = target.device.type == "cpu" and target.dtype == torch.float32 and cl.available()
+    if m is True and not serves:
+        raise ValueError(f"cpu_linear='on' needs a float32 target on the CPU and an extension "
+                         f"with the kernel (target: {target.dtype} on {target.device}, kernel "
+                         f"{'available' if cl.available() else 'missing'})")
+    if m == "auto" and serves:
+        return bool(cl.prefer_packed(target)["packed"])  # leaves it so
+    if m == "auto":
+        m = False
+    if m:
+        cl.pack_model(target.model)
+    else:
+        cl.unpack_model(target.model)
+    return bool(m)
+
+
 def load_pair(target: Optional[PathLike] = None, drafter: Optional[PathLike] = None, *,
               ar_drafter: Union[PathLike, bool, None] = False,
               dtype: Optional[torch.dtype] = None,
               device: Union[str, torch.device] = "cpu", with_drafter: bool = True,
-              draft_int8: Union[str, bool] = "auto") -> Pair:
+              draft_int8: Union[str, bool] = "auto",
+              cpu_linear: Union[str, bool] = "auto") -> Pair:
     """Load a target and its drafters.
 
     Parameters
@@ -129,6 +159,10 @@ def load_pair(target: Optional[PathLike] = None, drafter: Optional[PathLike] = N
         drafter's block is measured faster in int8 on this machine at load
         (`calibrate.prefer_int8`). Exactness does not depend on it; the embedded drafter
         accepts as much in int8 as in float (docs/design.md, Int8 drafting).
+    cpu_linear : "auto" (default), "on", "off" or bool
+        Run the target's linear layers through the extension's float32 CPU kernel
+        (`set_cpu_linear`): on, off, or auto: on where the target's forward measures faster so
+        at load. A row's logits are then the same bits whatever rows share the forward.
 
     Examples
     --------
@@ -140,6 +174,7 @@ def load_pair(target: Optional[PathLike] = None, drafter: Optional[PathLike] = N
 
     dt = dtype if dtype is not None else default_dtype(device)
     tgt = load_target(target, dtype=dt, device=device)
+    set_cpu_linear(tgt, cpu_linear)
     d = load_diffusion_drafter(tgt, drafter) if with_drafter else None
     if d is not None:
         set_draft_int8(d, draft_int8)

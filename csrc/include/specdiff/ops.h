@@ -154,7 +154,21 @@ SD_HD void select_commits(unsigned char* state, const float* conf, int64_t G, in
   }
 }
 
+// out[M, N] = x[M, K] * W[N, K]^T in float32, W packed as (ceil(N / 16), K, 16) (csrc/cpu/linear.cpp).
+struct LinearParams {
+  const float* x = nullptr;  // (M, K), row stride x_s0, unit column stride
+  int64_t x_s0 = 0;
+  const float* w = nullptr;  // packed panels, contiguous
+  float* out = nullptr;      // (M, N), row stride out_s0, unit column stride
+  int64_t out_s0 = 0;
+  int64_t M = 0, N = 0, K = 0;
+  int threads = 1;
+  bool use_simd = true;  // false: the portable path (the same bits, slower)
+};
+
 namespace cpu {
+void linear_f32(const LinearParams& p);
+bool linear_simd_available();
 void verify(const VerifyParams& p);
 void verify_tree(const TreeVerifyParams& p);
 void gather_logprobs(const GatherParams& p);
