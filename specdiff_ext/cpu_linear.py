@@ -87,6 +87,7 @@ class PackedLinear(torch.nn.Module):
         self._packed: Optional[Tensor] = None
         self._packed_np: Any = None  # a numpy view of _packed (the kernel's cheap front end)
         self._packed_version = -1
+        self.enabled = True  # False: torch's path (prefer_packed times both on one model)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -102,6 +103,8 @@ class PackedLinear(torch.nn.Module):
         return self._packed
 
     def _serves(self, x: Tensor) -> bool:
+        if not self.enabled:
+            return False
         w = self.weight
         if x.dtype is not torch.float32 or w.dtype is not torch.float32 or x.is_cuda or w.is_cuda:
             return False
@@ -163,7 +166,7 @@ def _median(xs: list) -> float:
     return xs[len(xs) // 2]
 
 
-def prefer_packed(target: Any, rows: tuple = (1, 8, 17), context: int = 64, reps: int = 3,
+def prefer_packed(target: Any, rows: tuple = (1, 17), context: int = 64, reps: int = 2,
                   margin: float = 0.95) -> Dict[str, Any]:
     """Time the target's forward with its linear layers packed and plain, at a few row counts
     (one token of plain decoding, and trees), and leave it packed iff the packed forwards take
@@ -186,12 +189,24 @@ def prefer_packed(target: Any, rows: tuple = (1, 8, 17), context: int = 64, reps
         target.crop(cache, context)
         return t
 
-    total: Dict[str, float] = {}
-    for mode in ("packed", "plain"):
-        (pack_model if mode == "packed" else unpack_model)(model)
-        run(max(rows))  # warm-up (packs the weights)
-        total[mode] = sum(_median([run(n) for _ in range(reps)]) for n in rows)
+    pack_model(model)
+    layers = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    times: Dict[str, Dict[int, list]] = {"packed": {n: [] for n in rows},
+                                         "plain": {n: [] for n in rows}}
+    for m in layers:
+        m.packed()
+    for r in range(reps + 1):  # the modes interleaved; the first round is a warm-up
+        for mode in ("packed", "plain"):
+            for m in layers:
+                m.enabled = mode == "packed"
+            for n in rows:
+                t = run(n)
+                if r:
+                    times[mode][n].append(t)
+    for m in layers:
+        m.enabled = True
+    total = {mode: sum(_median(ts) for ts in by.values()) for mode, by in times.items()}
     keep = total["packed"] <= margin * total["plain"]
-    if keep:
-        pack_model(model)
+    if not keep:
+        unpack_model(model)
     return {"packed": keep, "seconds": total}

@@ -479,6 +479,9 @@ def main(argv: Optional[Sequence[str]] = None,
     ap.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--cpu-linear", choices=["auto", "on", "off"], default="auto",
+                    help="the target's linear layers through the extension's float32 CPU kernel "
+                         "(specdiff_ext.cpu_linear); auto: where it measures faster at load")
     a = ap.parse_args(argv)
     temperatures = _check_args(ap, a)  # usage errors before any model loads
     if a.threads:
@@ -487,6 +490,9 @@ def main(argv: Optional[Sequence[str]] = None,
 
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     target = load_target(a.target, dtype=getattr(torch, a.dtype), device=device)
+    from ..pretrained import set_cpu_linear
+
+    set_cpu_linear(target, a.cpu_linear)
     if a.topk > target.vocab_size:
         ap.error(f"--topk must be at most the target's vocabulary ({target.vocab_size}), "
                  f"got {a.topk}")
