@@ -60,10 +60,12 @@ def main() -> None:
                     help="passes over every cell, interleaved; each cell's median is shown")
     ap.add_argument("--modes", default="static,continuous",
                     help="batching modes at B > 1: static, continuous or both")
+    ap.add_argument("--cpu-linear", choices=["auto", "on", "off"], default="auto",
+                    help="the target's linear layers through the packed CPU kernel")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    pair = load_pair(dtype=parse_dtype(a.dtype))
+    pair = load_pair(dtype=parse_dtype(a.dtype), cpu_linear=a.cpu_linear)
     tgt = pair.target
     prompts = [tgt.chat_prompt(p) for p in default_prompts(a.num_prompts)]
     budgets = [x.strip() if x.strip() == "auto" else int(x) for x in a.budgets.split(",")]

@@ -1,5 +1,5 @@
 """Where a batched round's time goes: cProfile of `SpecDiffDecoder.generate_batch` (the default
-decoder, bfloat16) over two batches of 4 default prompts (`prompts.default_prompts(8)`), 64 new
+decoder, --dtype) over two batches of 4 default prompts (`prompts.default_prompts(8)`), 64 new
 tokens each (`--continuous`: the 8 prompts in one call, at most 4 in flight), after a warm-up; prints tokens/s, the draft / verify split, the rounds of each
 batch and the functions by internal time.
 
@@ -16,7 +16,7 @@ import time
 import torch
 
 from specdiff_ext.decoding import SpecDiffDecoder
-from specdiff_ext.pretrained import load_pair
+from specdiff_ext.pretrained import load_pair, parse_dtype
 from specdiff_ext.prompts import default_prompts
 
 
@@ -26,13 +26,15 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--dtype", default="auto",
+                    help="float32, bfloat16 or auto (bfloat16 on a CPU with native bf16)")
     ap.add_argument("--sort", default="tottime", help="pstats sort key (tottime, cumulative)")
     ap.add_argument("--continuous", action="store_true",
                     help="the 2B prompts in one generate_batch with max_batch_size=B")
     ap.add_argument("--tree-budget", type=int, default=None, help="default: the decoder's")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    pair = load_pair(dtype=torch.bfloat16)
+    pair = load_pair(dtype=parse_dtype(a.dtype))
     tgt, B = pair.target, a.batch_size
     prompts = [tgt.chat_prompt(p) for p in default_prompts(2 * B)]
     dec = SpecDiffDecoder(tgt, pair.drafter, tree_budget=a.tree_budget)
