@@ -117,6 +117,9 @@ def set_cpu_linear(target: Any, mode: Union[str, bool] = "auto") -> bool:
     m = modes.get(mode) if isinstance(mode, (str, bool)) else None
     if m is None:
         raise ValueError(f"cpu_linear must be 'auto', 'on', 'off' or a bool, got {mode!r}")
+    if not isinstance(getattr(target, "model", None), torch.nn.Module):
+        raise ValueError(f"cpu_linear: the target has no torch model to pack "
+                         f"({type(target).__name__})")
     serves = target.device.type == "cpu" and target.dtype == torch.float32 and cl.available()
     if m is True and not serves:
         raise ValueError(f"cpu_linear='on' needs a float32 target on the CPU and an extension "
@@ -174,8 +177,8 @@ def load_pair(target: Optional[PathLike] = None, drafter: Optional[PathLike] = N
 
     dt = dtype if dtype is not None else default_dtype(device)
     tgt = load_target(target, dtype=dt, device=device)
-    set_cpu_linear(tgt, cpu_linear)
     d = load_diffusion_drafter(tgt, drafter) if with_drafter else None
+    set_cpu_linear(tgt, cpu_linear)  # after the drafter: a bad drafter fails before any timing
     if d is not None:
         set_draft_int8(d, draft_int8)
     ar = None
