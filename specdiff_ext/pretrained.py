@@ -185,4 +185,8 @@ def load_pair(target: Optional[PathLike] = None, drafter: Optional[PathLike] = N
     if ar_drafter is not False and ar_drafter is not None:
         folder = DEFAULT_AR_DRAFTER if ar_drafter is True else Path(ar_drafter)
         ar = load_ar_drafter(folder, tgt)
+        from .cpu_linear import is_packed, pack_model
+
+        if is_packed(tgt.model) and ar.dtype == torch.float32 and ar.device.type == "cpu":
+            pack_model(ar.model)  # the same layers' shapes on the same machine: no second timing
     return Pair(tgt, d, ar)
