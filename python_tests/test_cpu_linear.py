@@ -135,10 +135,15 @@ def test_packed_linear_is_a_drop_in() -> None:
         xb = x.bfloat16()
         assert torch.equal(cl.PackedLinear(lb)(xb), lb(xb))  # another dtype: torch's path
     xr = x.clone().requires_grad_()
+    with torch.no_grad():  # an input that requires grad, with grad off: the kernel serves it
+        assert torch.allclose(p(xr), lin(x), atol=1e-5)
     p(xr).sum().backward()  # autograd: torch's path, gradients flow
     assert xr.grad is not None and lin.weight.grad is not None
     with pytest.raises(TypeError, match="nn.Linear"):
         cl.PackedLinear(torch.nn.Conv1d(2, 2, 1))
+    with torch.inference_mode():  # a layer built in inference mode (no version counter)
+        li = torch.nn.Linear(24, 9)
+        assert torch.allclose(cl.PackedLinear(li)(x), li(x), atol=1e-5)
 
 
 def _tiny_llama(tied: bool):

@@ -93,13 +93,19 @@ class PackedLinear(torch.nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, kernel=linear_f32")
 
+    def _weight_version(self) -> int:
+        try:
+            return self.weight._version
+        except RuntimeError:  # an inference tensor keeps no version: it cannot change in place
+            return 0
+
     def packed(self) -> Tensor:
         """The packed weight, (re)built when the weight changed since the last call."""
-        w = self.weight
-        if self._packed is None or self._packed_version != w._version:
-            self._packed = pack_weight(w)
+        v = self._weight_version()
+        if self._packed is None or self._packed_version != v:
+            self._packed = pack_weight(self.weight)
             self._packed_np = self._packed.numpy()
-            self._packed_version = w._version
+            self._packed_version = v
         return self._packed
 
     def _serves(self, x: Tensor) -> bool:
@@ -115,12 +121,11 @@ class PackedLinear(torch.nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not self._serves(x):
             return F.linear(x, self.weight, self.bias)
-        x2 = x.reshape(-1, self.in_features)
+        x2 = x.detach().reshape(-1, self.in_features)
         if not x2.is_contiguous():
             x2 = x2.contiguous()
         out = torch.empty(x2.shape[0], self.out_features, dtype=torch.float32)
-        if self._packed_version != self.weight._version or self._packed is None:
-            self.packed()
+        self.packed()
         _kernel()(x2.numpy(), self._packed_np, out.numpy(), torch.get_num_threads())
         if self.bias is not None:
             out += self.bias
