@@ -14,26 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 
 import torch
 import torch.nn.functional as F
 
-
-def _median(xs):
-    xs = sorted(xs)
-    return xs[len(xs) // 2]
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "CPU"
+from specdiff_ext.bench.runner import _device_name
+from specdiff_ext.calibrate import _median
 
 
 def layer_table(threads: int, reps: int, rows) -> list:
@@ -66,36 +53,12 @@ def layer_table(threads: int, reps: int, rows) -> list:
 
 
 def forward_table(reps: int, nodes, context: int) -> list:
-    from specdiff_ext import cpu_linear
+    from specdiff_ext.calibrate import packed_forward_seconds
     from specdiff_ext.target import load_target
 
-    t = load_target(dtype=torch.float32)
-    cpu_linear.pack_model(t.model)
-    layers = [m for m in t.model.modules() if isinstance(m, cpu_linear.PackedLinear)]
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, t.vocab_size, (1, context + max(nodes)), generator=gen)
-    cache = t.new_cache()
-    t.forward(ids[:, :context], cache)
-
-    def run(n: int) -> float:
-        par = torch.arange(-1, n - 1).view(1, n)
-        t0 = time.perf_counter()
-        t.forward_tree(ids[:, context:context + n], par, cache)
-        dt = time.perf_counter() - t0
-        t.crop(cache, context)
-        return dt
-
-    ts = {(mode, n): [] for mode in ("torch", "packed") for n in nodes}
-    for r in range(reps + 1):
-        for n in nodes:
-            for mode in ("torch", "packed"):
-                for m in layers:
-                    m.enabled = mode == "packed"
-                dt = run(n)
-                if r:
-                    ts[(mode, n)].append(dt)
-    return [{"nodes": n, "torch_ms": 1e3 * _median(ts[("torch", n)]),
-             "packed_ms": 1e3 * _median(ts[("packed", n)])} for n in nodes]
+    sec = packed_forward_seconds(load_target(dtype=torch.float32), nodes, context, reps)
+    return [{"nodes": n, "torch_ms": 1e3 * sec["plain"][n], "packed_ms": 1e3 * sec["packed"][n]}
+            for n in nodes]
 
 
 def main() -> None:
@@ -112,7 +75,7 @@ def main() -> None:
     nodes = [int(x) for x in a.nodes.split(",")]
     lay = layer_table(a.threads, a.reps, rows)
     fwd = forward_table(a.reps, nodes, a.context)
-    head = (f"{cpu_name()}, {a.threads} threads, float32, torch {torch.__version__}; medians of "
+    head = (f"{_device_name(torch.device('cpu'))}, float32, torch {torch.__version__}; medians of "
             f"{a.reps}, the two paths interleaved")
     lines = [head, "", "Linear layers (weights cached between calls), ms:", "",
              "| layer | N x K | rows | torch F.linear | linear_f32 | torch / packed |",
@@ -134,7 +97,7 @@ def main() -> None:
         with open(a.out, "w") as fh:
             fh.write(text + "\n")
         with open(a.out.rsplit(".", 1)[0] + ".json", "w") as fh:
-            json.dump({"device": cpu_name(), "threads": a.threads, "layers": lay,
+            json.dump({"device": _device_name(torch.device("cpu")), "threads": a.threads, "layers": lay,
                        "forward": fwd}, fh, indent=1)
 
 

@@ -10,6 +10,9 @@ by `measure_costs` at the batch size the decoder runs.
 
 `SpecDiffDecoder` does this on its first call when its budget is left at the default and its
 drafter carries a table; without a table it keeps `DEFAULTS.tree_budget`.
+
+The other choices `load_pair` makes by timing live here too: `prefer_int8` (the drafter's
+weights) and `prefer_packed` (the target's linear layers through `_C.linear_f32`).
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ import torch
 
 __all__ = ["TREE_ACCEPTANCE_NAME", "read_tree_acceptance", "write_tree_acceptance",
            "nearest_temperature", "acceptance_at", "measure_costs", "choose_budget",
-           "calibrated_budget", "prefer_int8"]
+           "calibrated_budget", "chain_forward", "prefer_int8", "packed_forward_seconds",
+           "prefer_packed"]
 
 TREE_ACCEPTANCE_NAME = "tree_acceptance.json"
 MAX_TABLE_BUDGET = 1024
@@ -116,6 +120,24 @@ def _median(xs: Sequence[float]) -> float:
     return s[len(s) // 2]
 
 
+def chain_forward(target: Any, ids: Any, context: int,
+                  hidden_layers: Optional[Sequence[int]] = None) -> tuple:
+    """For timings: the target's cache filled with ``ids[:, :context]`` (one row), and
+    ``run(n)``, one target forward over the next n ids as a chain of tree nodes after it (the
+    cache cropped back after each). Returns ``(run, hidden)``: hidden is the prefill's
+    `hidden_layers` states concatenated (None without layers). Shape: ids (1, >= context + n)."""
+    cache = target.new_cache()
+    hid = target.forward(ids[:, :context], cache, hidden_layers=hidden_layers).hidden
+    dev = target.device
+
+    def run(n: int) -> None:
+        par = torch.arange(-1, n - 1, device=dev).view(1, n)
+        target.forward_tree(ids[:, context:context + n], par, cache)
+        target.crop(cache, context)
+
+    return run, (torch.cat(list(hid), -1) if hid else None)
+
+
 @torch.inference_mode()
 def measure_costs(target: Any, drafter: Any, budgets: Sequence[int], batch: int = 1,
                   context: int = 128, reps: int = 3) -> dict:
@@ -141,15 +163,9 @@ def measure_costs(target: Any, drafter: Any, budgets: Sequence[int], batch: int 
                         generator=gen).to(dev)
     layers = getattr(drafter, "feature_layers", None)
     if batch == 1:
-        cache, pcache = target.new_cache(), target.new_cache()
-        hid = target.forward(ids[:, :context], cache, hidden_layers=layers).hidden
-        hidden = torch.cat(list(hid), -1) if hid else None
+        run, hidden = chain_forward(target, ids, context, layers)
+        pcache = target.new_cache()
         target.forward(ids[:, :context], pcache)
-
-        def run(n: int) -> None:
-            par = torch.arange(-1, n - 1, device=dev).view(1, n)
-            target.forward_tree(ids[:, context:context + n], par, cache)
-            target.crop(cache, context)
 
         def plain() -> None:  # one token of plain decoding (`ARDecoder`'s call)
             target.forward(ids[:, context:context + 1], pcache)
@@ -294,3 +310,55 @@ def prefer_int8(drafter: Any, context: int = 128, reps: int = 5, margin: float =
         return True
     unpack_int8(drafter)
     return False
+
+
+def packed_forward_seconds(target: Any, nodes: Sequence[int] = (1, 17), context: int = 64,
+                           reps: int = 2) -> Dict[str, Dict[int, float]]:
+    """Seconds of one target forward over n chain nodes after `context` cached tokens, for each
+    n in `nodes`, with the linear layers packed (`cpu_linear.PackedLinear`) and through torch
+    ("plain"): median of `reps`, the two paths interleaved call by call after one warm-up
+    round. Leaves the target's linear layers packed."""
+    from .cpu_linear import PackedLinear, pack_model
+
+    pack_model(target.model)
+    layers = [m for m in target.model.modules() if isinstance(m, PackedLinear)]
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, target.vocab_size, (1, context + max(nodes)), generator=gen)
+    run, _ = chain_forward(target, ids.to(target.device), context)
+    times: Dict[str, Dict[int, list]] = {"packed": {n: [] for n in nodes},
+                                         "plain": {n: [] for n in nodes}}
+    try:
+        for r in range(reps + 1):
+            for n in nodes:
+                for mode in ("packed", "plain"):
+                    for m in layers:
+                        m.enabled = mode == "packed"
+                    t0 = time.perf_counter()
+                    run(n)
+                    if r:
+                        times[mode][n].append(time.perf_counter() - t0)
+    finally:
+        for m in layers:
+            m.enabled = True
+    return {mode: {n: _median(ts) for n, ts in by.items()} for mode, by in times.items()}
+
+
+def prefer_packed(target: Any, nodes: Sequence[int] = (1, 17), context: int = 64,
+                  reps: int = 2, margin: float = 0.95) -> Dict[str, Any]:
+    """Whether the target's forward is faster with its linear layers packed than through torch
+    on this machine (`packed_forward_seconds` at one token of plain decoding and a tree): the
+    packed forwards must take at most `margin` of torch's time in total. The target is left
+    packed when the answer is True, plain otherwise (and always where the kernel cannot serve
+    it: `cpu_linear.can_pack`). Returns ``{"packed": bool, "seconds": {"packed": s, "plain":
+    s} or None}``."""
+    from .cpu_linear import can_pack, unpack_model
+
+    if not can_pack(target):
+        unpack_model(target.model)
+        return {"packed": False, "seconds": None}
+    sec = packed_forward_seconds(target, nodes, context, reps)
+    total = {mode: sum(by.values()) for mode, by in sec.items()}
+    keep = total["packed"] <= margin * total["plain"]
+    if not keep:
+        unpack_model(target.model)
+    return {"packed": keep, "seconds": total}

@@ -20,15 +20,14 @@ True
 
 from __future__ import annotations
 
-import time
-from typing import Any, Dict, Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["PackedLinear", "pack_weight", "available", "pack_model", "unpack_model",
-           "is_packed", "prefer_packed"]
+           "is_packed", "can_pack"]
 
 PANEL = 16  # output columns per panel (csrc/cpu/linear.cpp)
 
@@ -87,7 +86,7 @@ class PackedLinear(torch.nn.Module):
         self._packed: Optional[Tensor] = None
         self._packed_np: Any = None  # a numpy view of _packed (the kernel's cheap front end)
         self._packed_version = -1
-        self.enabled = True  # False: torch's path (prefer_packed times both on one model)
+        self.enabled = True  # False: torch's path (calibrate times both on one model)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -112,7 +111,7 @@ class PackedLinear(torch.nn.Module):
         if not self.enabled:
             return False
         w = self.weight
-        if x.dtype is not torch.float32 or w.dtype is not torch.float32 or x.is_cuda or w.is_cuda:
+        if x.dtype is not torch.float32 or w.dtype is not torch.float32:
             return False
         if x.device.type != "cpu" or w.device.type != "cpu" or x.shape[-1] != self.in_features:
             return False
@@ -161,57 +160,12 @@ def unpack_model(model: torch.nn.Module) -> int:
     return n
 
 
+def can_pack(target: Any) -> bool:
+    """Whether the kernel can serve `target` (a `TargetModel`): float32 on the CPU, and an
+    extension built with it."""
+    return target.device.type == "cpu" and target.dtype == torch.float32 and available()
+
+
 def is_packed(model: torch.nn.Module) -> bool:
     """Whether any layer of `model` runs through :class:`PackedLinear`."""
     return any(isinstance(m, PackedLinear) for m in model.modules())
-
-
-def _median(xs: list) -> float:
-    xs = sorted(xs)
-    return xs[len(xs) // 2]
-
-
-def prefer_packed(target: Any, rows: tuple = (1, 17), context: int = 64, reps: int = 2,
-                  margin: float = 0.95) -> Dict[str, Any]:
-    """Time the target's forward with its linear layers packed and plain, at a few row counts
-    (one token of plain decoding, and trees), and leave it packed iff the packed forwards take
-    at most `margin` times the plain ones in total. A float32 CPU target only; returns what was
-    measured (``{"packed": bool, "seconds": {"packed": ..., "plain": ...}}``)."""
-    model = target.model
-    if target.device.type != "cpu" or target.dtype != torch.float32 or not available():
-        unpack_model(model)
-        return {"packed": False, "seconds": None}
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, target.vocab_size, (1, context + max(rows)), generator=gen)
-    cache = target.new_cache()
-    target.forward(ids[:, :context], cache)
-
-    def run(n: int) -> float:
-        par = torch.arange(-1, n - 1).view(1, n)
-        t0 = time.perf_counter()
-        target.forward_tree(ids[:, context:context + n], par, cache)
-        t = time.perf_counter() - t0
-        target.crop(cache, context)
-        return t
-
-    pack_model(model)
-    layers = [m for m in model.modules() if isinstance(m, PackedLinear)]
-    times: Dict[str, Dict[int, list]] = {"packed": {n: [] for n in rows},
-                                         "plain": {n: [] for n in rows}}
-    for m in layers:
-        m.packed()
-    for r in range(reps + 1):  # the modes interleaved; the first round is a warm-up
-        for mode in ("packed", "plain"):
-            for m in layers:
-                m.enabled = mode == "packed"
-            for n in rows:
-                t = run(n)
-                if r:
-                    times[mode][n].append(t)
-    for m in layers:
-        m.enabled = True
-    total = {mode: sum(_median(ts) for ts in by.values()) for mode, by in times.items()}
-    keep = total["packed"] <= margin * total["plain"]
-    if not keep:
-        unpack_model(model)
-    return {"packed": keep, "seconds": total}

@@ -74,6 +74,16 @@ def load_diffusion_drafter(target: Any, path: Optional[PathLike] = None) -> Any:
                         target_name=target.name, device=target.device, dtype=target.dtype)
 
 
+def _auto_on_off(mode: Any, name: str) -> Union[str, bool]:
+    """A load-time switch: "auto" stays "auto", "on" / True is True, "off" / False is False;
+    ValueError naming `name` otherwise."""
+    modes = {"auto": "auto", "on": True, "off": False, True: True, False: False}
+    m = modes.get(mode) if isinstance(mode, (str, bool)) else None
+    if m is None:
+        raise ValueError(f"{name} must be 'auto', 'on', 'off' or a bool, got {mode!r}")
+    return m
+
+
 def set_draft_int8(drafter: Any, mode: Union[str, bool] = "auto") -> bool:
     """Pack `drafter` for int8 drafting (mode "on" / True), keep it in float ("off" / False), or
     decide by timing its block both ways here ("auto": int8 only on a CPU where it measures
@@ -82,10 +92,7 @@ def set_draft_int8(drafter: Any, mode: Union[str, bool] = "auto") -> bool:
     from .drafter.dflash import DFlashDrafter
     from .drafter.int8 import int8_available, pack_int8, unpack_int8
 
-    modes = {"auto": "auto", "on": True, "off": False, True: True, False: False}
-    m = modes.get(mode) if isinstance(mode, (str, bool)) else None
-    if m is None:
-        raise ValueError(f"draft_int8 must be 'auto', 'on', 'off' or a bool, got {mode!r}")
+    m = _auto_on_off(mode, "draft_int8")
     if not isinstance(drafter, DFlashDrafter):
         if m is True:
             raise ValueError("draft_int8: only the DFlash drafter drafts in int8")
@@ -108,27 +115,23 @@ def set_cpu_linear(target: Any, mode: Union[str, bool] = "auto") -> bool:
     """Run the target's linear layers through the extension's float32 CPU kernel
     (`cpu_linear.PackedLinear`; mode "on" / True), through torch ("off" / False), or decide by
     timing its forward both ways here ("auto": packed only on a float32 CPU target where it
-    measures faster; see `cpu_linear.prefer_packed`). Returns whether they run packed.
+    measures faster; see `calibrate.prefer_packed`). Returns whether they run packed.
     ValueError naming cpu_linear for an unknown mode, or "on" where the kernel cannot serve
     (not a float32 CPU target, or an extension built without it)."""
     from . import cpu_linear as cl
 
-    modes = {"auto": "auto", "on": True, "off": False, True: True, False: False}
-    m = modes.get(mode) if isinstance(mode, (str, bool)) else None
-    if m is None:
-        raise ValueError(f"cpu_linear must be 'auto', 'on', 'off' or a bool, got {mode!r}")
+    m = _auto_on_off(mode, "cpu_linear")
     if not isinstance(getattr(target, "model", None), torch.nn.Module):
         raise ValueError(f"cpu_linear: the target has no torch model to pack "
                          f"({type(target).__name__})")
-    serves = target.device.type == "cpu" and target.dtype == torch.float32 and cl.available()
-    if m is True and not serves:
+    if m is True and not cl.can_pack(target):
         raise ValueError(f"cpu_linear='on' needs a float32 target on the CPU and an extension "
                          f"with the kernel (target: {target.dtype} on {target.device}, kernel "
                          f"{'available' if cl.available() else 'missing'})")
-    if m == "auto" and serves:
-        return bool(cl.prefer_packed(target)["packed"])  # leaves it so
     if m == "auto":
-        m = False
+        from .calibrate import prefer_packed
+
+        return bool(prefer_packed(target)["packed"])  # leaves it so (plain where it cannot serve)
     if m:
         cl.pack_model(target.model)
     else:
@@ -187,6 +190,6 @@ def load_pair(target: Optional[PathLike] = None, drafter: Optional[PathLike] = N
         ar = load_ar_drafter(folder, tgt)
         from .cpu_linear import is_packed, pack_model
 
-        if is_packed(tgt.model) and ar.dtype == torch.float32 and ar.device.type == "cpu":
-            pack_model(ar.model)  # the same layers' shapes on the same machine: no second timing
+        if is_packed(tgt.model):  # the target's device and dtype, the same machine: no timing
+            pack_model(ar.model)
     return Pair(tgt, d, ar)

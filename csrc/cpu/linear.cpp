@@ -104,29 +104,12 @@ bool cpu_has_avx2_fma() {
 
 using TileFn = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t, int);
 
-template <template <int> class Pick>
-struct Tiles {
-  static TileFn get(int mr) {
-    switch (mr) {
-      case 1: return Pick<1>::fn;
-      case 2: return Pick<2>::fn;
-      case 3: return Pick<3>::fn;
-      case 4: return Pick<4>::fn;
-      case 5: return Pick<5>::fn;
-      default: return Pick<6>::fn;
-    }
-  }
-};
-
-template <int MR>
-struct PortablePick {
-  static constexpr TileFn fn = &tile_portable<MR>;
-};
+// The tile of mr rows is tiles[mr - 1].
+constexpr TileFn kPortableTiles[kMR] = {tile_portable<1>, tile_portable<2>, tile_portable<3>,
+                                        tile_portable<4>, tile_portable<5>, tile_portable<6>};
 #if defined(SD_LINEAR_X86)
-template <int MR>
-struct Avx2Pick {
-  static constexpr TileFn fn = &tile_avx2<MR>;
-};
+constexpr TileFn kAvx2Tiles[kMR] = {tile_avx2<1>, tile_avx2<2>, tile_avx2<3>,
+                                    tile_avx2<4>, tile_avx2<5>, tile_avx2<6>};
 #endif
 
 // Rows per block: a block's rows of x stay in cache while every panel passes over them.
@@ -145,9 +128,9 @@ bool linear_simd_available() {
 void linear_f32(const LinearParams& p) {
   const int64_t P = (p.N + kNR - 1) / kNR;
   const int64_t blocks = (p.M + kRowBlock - 1) / kRowBlock;
-  bool simd = false;
+  const TileFn* tiles = kPortableTiles;
 #if defined(SD_LINEAR_X86)
-  simd = p.use_simd && cpu_has_avx2_fma();
+  if (p.use_simd && cpu_has_avx2_fma()) tiles = kAvx2Tiles;
 #endif
   const int64_t tasks = blocks * P;
   auto run = [&](int64_t t) {
@@ -156,26 +139,19 @@ void linear_f32(const LinearParams& p) {
     const float* wp = p.w + panel * p.K * kNR;
     const int64_t m_end = std::min(p.M, (b + 1) * kRowBlock);
     for (int64_t m0 = b * kRowBlock; m0 < m_end; m0 += kMR) {
-      const int mr = static_cast<int>(std::min<int64_t>(kMR, m_end - m0));
-      TileFn fn;
-#if defined(SD_LINEAR_X86)
-      fn = simd ? Tiles<Avx2Pick>::get(mr) : Tiles<PortablePick>::get(mr);
-#else
-      fn = Tiles<PortablePick>::get(mr);
-#endif
-      fn(p.x + m0 * p.x_s0, p.x_s0, wp, p.K, p.out + m0 * p.out_s0 + panel * kNR, p.out_s0,
-         ncols);
+      const int64_t mr = std::min<int64_t>(kMR, m_end - m0);
+      tiles[mr - 1](p.x + m0 * p.x_s0, p.x_s0, wp, p.K, p.out + m0 * p.out_s0 + panel * kNR,
+                    p.out_s0, ncols);
     }
   };
-  const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(p.threads, tasks)));
 #if defined(_OPENMP)
+  const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(p.threads, tasks)));
   if (threads > 1) {
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t t = 0; t < tasks; ++t) run(t);
     return;
   }
 #endif
-  (void)simd;
   for (int64_t t = 0; t < tasks; ++t) run(t);
 }
 

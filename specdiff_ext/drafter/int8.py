@@ -107,8 +107,12 @@ class Int8Linear(nn.Linear):
 
 
 def _swap(module: nn.Module, to_int8: bool) -> int:
+    """Swap `module`'s linear layers to `Int8Linear` (or back), those named in `FLOAT_MODULES`
+    left alone; returns how many were swapped."""
     n = 0
     for name, child in list(module.named_children()):
+        if name in FLOAT_MODULES:
+            continue
         if to_int8 and type(child) is nn.Linear:
             setattr(module, name, Int8Linear.from_linear(child))
             n += 1
@@ -140,13 +144,7 @@ def pack_int8(drafter: nn.Module) -> nn.Module:
         raise RuntimeError("int8 drafting needs torch's x86 / fbgemm quantized engine, which "
                            "this torch build lacks")
     unpack_int8(drafter)
-    for name, child in drafter.named_children():
-        if name in FLOAT_MODULES:
-            continue
-        if type(child) is nn.Linear:
-            setattr(drafter, name, Int8Linear.from_linear(child))
-        else:
-            _swap(child, True)
+    _swap(drafter, True)
     drafter.__dict__["_int8"] = True
     drafter.__dict__["_head_int8"] = None
     return drafter
