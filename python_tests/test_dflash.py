@@ -390,6 +390,120 @@ def test_feature_cache_equals_fresh_features(dtype, tmp_path: Path) -> None:
         FeatureCache(data, layers, width, tgt.dtype, tmp_path / "fc", target_name=tgt.name)
 
 
+def test_feature_cache_soft_labels(tmp_path: Path) -> None:
+    """The cached soft labels are the target's top-k next-token log-probabilities over the
+    whole vocabulary at every position, the same with and without a cache (memory, disk)."""
+    from specdiff_ext.training.dflash import sample_batch
+    from specdiff_ext.training.features import FeatureCache, target_states, window_targets
+
+    tgt = tiny_target()
+    d = _drafter(tgt, bs=4).float()
+    layers, data, k = d.config.feature_layers, _long_data(), 6
+    width = len(layers) * tgt.hidden_size
+    mem = FeatureCache(data, layers, width, tgt.dtype, soft_topk=k)
+    disk = FeatureCache(data, layers, width, tgt.dtype, tmp_path / "fc", target_name=tgt.name,
+                        soft_topk=k)
+    plain = FeatureCache(data, layers, width, tgt.dtype, tmp_path / "fc", target_name=tgt.name)
+    assert plain.path != disk.path  # soft labels are part of the key
+    i = 2
+    o0, o1 = int(data.offsets[i]), int(data.offsets[i + 1])
+    seq = data.tokens[None, o0:o1]
+    feats, ids, logp = target_states(tgt, seq, torch.ones_like(seq), layers, k, chunk=5)
+    with torch.no_grad():
+        full = tgt.model(input_ids=seq).logits.float().log_softmax(-1)[0]
+    want_v, want_i = full.topk(k, -1)
+    torch.testing.assert_close(logp[0], want_v, atol=1e-5, rtol=1e-5)
+    assert torch.equal(ids[0].long(), want_i) and ids.dtype == torch.int32
+    g = torch.Generator().manual_seed(3)
+    for _ in range(3):
+        b = sample_batch(data, 3, 8, 4, 24, 7, 0.0, g)
+        idx, starts, L = b["idx"].tolist(), b["starts"].tolist(), b["seqs"].shape[1]
+        f0, i0, l0 = window_targets(tgt, data, idx, starts, L, layers, None, k)
+        assert i0.shape == (3, L, k) and l0.shape == (3, L, k)
+        for cache in (mem, disk):
+            f1, i1, l1 = window_targets(tgt, data, idx, starts, L, layers, cache, k)
+            torch.testing.assert_close(f1, f0, atol=1e-5, rtol=1e-5)
+            assert torch.equal(i1, i0)
+            torch.testing.assert_close(l1, l0, atol=1e-5, rtol=1e-5)
+        for r in range(3):  # -1 / -inf past a row's end
+            n = int(b["attn"][r].sum())
+            assert bool((i0[r, n:] == -1).all()) and bool((i0[r, :n] >= 0).all())
+    with pytest.raises(ValueError, match="soft_topk"):
+        window_targets(tgt, data, idx, starts, L, layers, plain, k)
+    with pytest.raises(ValueError, match="soft_topk"):
+        FeatureCache(data, layers, width, tgt.dtype, soft_topk=-1)
+
+
+def test_soft_targets_align_with_labels_and_draft_vocab() -> None:
+    """Block position k of anchor a takes the distribution stored at window position a + k - 1,
+    kept to the draft vocabulary and renormalised; with none of it there, the hard label."""
+    from specdiff_ext.training.dflash import soft_targets
+
+    V, L, k = 10, 8, 2
+    soft_ids = torch.full((1, L, k), -1, dtype=torch.int64)
+    soft_logp = torch.full((1, L, k), float("-inf"))
+    for t in range(L):  # position t: tokens t+1 and t+2 (mod V) with probability 0.6 / 0.3
+        soft_ids[0, t] = torch.tensor([(t + 1) % V, (t + 2) % V])
+        soft_logp[0, t] = torch.tensor([0.6, 0.3]).log()
+    anchors = torch.tensor([[2, -1]])
+    labels = torch.tensor([[[3, 4, 5], [-1, -1, -1]]])
+    cols, probs = soft_targets(labels, anchors, soft_ids, soft_logp, None, V, 0.5)
+    assert cols.shape == probs.shape == (1, 2, 3, 3)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(1, 2, 3))
+    for j in range(3):  # window position 2 + j: ids 3 + j, 4 + j
+        assert cols[0, 0, j].tolist() == [3 + j, 3 + j, 4 + j]
+        torch.testing.assert_close(probs[0, 0, j], torch.tensor([0.5, 0.5 * 2 / 3, 0.5 / 3]))
+    # a draft vocabulary of the even ids: only one of each pair stays, renormalised to 1
+    vm = torch.tensor([0, 2, 4, 6, 8])
+    cols, probs = soft_targets(torch.tensor([[[1, 2, -1]]]), torch.tensor([[2]]), soft_ids,
+                               soft_logp, vm, V, 0.25)
+    assert cols[0, 0, 0].tolist() == [1, 0, 2] and probs[0, 0, 0].tolist() == [0.75, 0.0, 0.25]
+    assert cols[0, 0, 1].tolist() == [2, 2, 0] and probs[0, 0, 1].tolist() == [0.75, 0.25, 0.0]
+    # nothing of the top-k inside the vocabulary: the hard label alone
+    vm = torch.tensor([0])
+    cols, probs = soft_targets(torch.tensor([[[0, 0, 0]]]), torch.tensor([[2]]), soft_ids,
+                               soft_logp, vm, V, 0.5)
+    assert probs[0, 0, :, 0].tolist() == [1.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_head_loss_soft_targets_match_autograd(dtype) -> None:
+    from specdiff_ext.training.dflash import _HeadCrossEntropy
+
+    g = torch.Generator().manual_seed(4)
+    N, H, V, J = 29, 16, 200, 5
+    h0 = torch.randn(N, H, generator=g)
+    head = (torch.randn(V, H, generator=g) * 0.5).to(dtype)
+    cols = torch.randint(0, V, (N, J), generator=g)
+    cols[:, 2] = cols[:, 0]  # an id twice in a row: its weights add up
+    probs = torch.rand(N, J, generator=g)
+    probs[:, -1] = 0.0  # an unused entry
+    probs /= probs.sum(-1, keepdim=True)
+    w = torch.rand(N, generator=g)
+    need = torch.ones(N, dtype=torch.bool)
+    t = torch.zeros(N, V).scatter_add_(1, cols, probs)
+    ref_h = h0.clone().requires_grad_(True)
+    lg = (ref_h.to(dtype) @ head.T).float()
+    ref = (-(t * lg.log_softmax(-1)).sum(-1) * w).sum()
+    ref.backward(torch.tensor(0.9))
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    for keep_bytes in (0, 1 << 30):
+        x = h0.clone().requires_grad_(True)
+        loss, hit = _HeadCrossEntropy.apply(x, head, cols, w, need, 8, keep_bytes, probs)
+        loss.backward(torch.tensor(0.9))
+        torch.testing.assert_close(loss, ref.detach(), atol=1e-4, rtol=1e-5)
+        assert torch.equal(hit, lg.argmax(-1) == cols[:, 0])
+        torch.testing.assert_close(x.grad, ref_h.grad, **tol)
+    # a one-hot soft target is the hard loss
+    one = torch.zeros(N, J)
+    one[:, 0] = 1.0
+    a, _ = _HeadCrossEntropy.apply(h0, head, cols, w, need, 8, 0, one)
+    b, _ = _HeadCrossEntropy.apply(h0, head, cols[:, 0], w, need, 8, 0)
+    torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="probs"):
+        _HeadCrossEntropy.apply(h0, head, cols, w, need, 8, 0)
+
+
 def test_train_dflash_feature_cache_modes_agree(chat_target, tmp_path: Path) -> None:
     from specdiff_ext.training.data import generate_dataset
     from specdiff_ext.training.dflash import build_parser, train
@@ -430,6 +544,23 @@ def test_train_dflash_feature_cache_modes_agree(chat_target, tmp_path: Path) -> 
     assert r["step"] == 9
     stored = [x for x in msgs if x.startswith("feature cache:")][0]
     assert " 0 stored already" not in stored and "stored already" in stored
+    # the KL term: the same training with and without a cache, and not the hard-label one
+    kl = {}
+    for mode in ("none", "memory"):
+        logs = []
+        kl[mode] = train(build_parser().parse_args(
+            common + ["--out", str(tmp_path / f"kl_{mode}"), "--steps", "6", "--feature-cache",
+                      mode, "--kl-weight", "0.5", "--kl-topk", "8"]),
+            target=chat_target, log=logs.append)
+        assert any("KL term: weight 0.5 on the target's top-8" in x for x in logs)
+    kl_losses = {m: [h["loss"] for h in r["history"]] for m, r in kl.items()}
+    assert kl_losses["memory"] == pytest.approx(kl_losses["none"], rel=1e-4, abs=1e-5)
+    assert kl_losses["none"] != pytest.approx(losses["none"], rel=1e-3)
+    for bad, msg in ((["--kl-weight", "1.5"], "--kl-weight"),
+                     (["--kl-weight", "0.5", "--kl-topk", "0"], "--kl-topk")):
+        with pytest.raises(ValueError, match=msg):
+            train(build_parser().parse_args(common + ["--out", str(tmp_path / "bad"), "--steps",
+                                                      "1"] + bad), target=chat_target)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

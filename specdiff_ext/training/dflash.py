@@ -13,7 +13,10 @@ The recipe matches drafting (docs/design.md section 4):
   itself); every block fully masked (the only state T = 1 drafting sees), except a fraction
   ``--partial-prob`` with a random subset of positions revealed (the states T > 1 produces;
   revealed positions carry no loss);
-- loss: cross-entropy weighted exp(-(k - 1) / g) at block position k;
+- loss: cross-entropy weighted exp(-(k - 1) / g) at block position k; with ``--kl-weight w``
+  against the mixture (1 - w) x the target's token + w x the target's next-token distribution
+  (its top ``--kl-topk`` at temperature 1, computed in the same feature pass and cached with
+  the features), which is w x KL(p || q) + (1 - w) x CE up to a constant;
 - AdamW, warm-up + cosine; checkpoints in the DFlash layout, resumable (``--resume``); the
   acceptance eval runs the real decoder on held-out prompts (with the drafter's top-1 / top-4
   hit rates per block position, `bench.evals.position_hit_rates`); the best eval is kept in
@@ -34,12 +37,12 @@ import torch.nn.functional as F
 
 from ..drafter.checkpoint import load_drafter, save_dflash
 from .data import TokenData, generated_token_counts, load_shards, read_heldout
-from .features import FeatureCache, feature_bytes, window_features
+from .features import FeatureCache, feature_bytes, window_targets
 from .train import lr_at
 from ..drafter.dflash import DFlashConfig, DFlashDrafter, frequent_vocab
 
 __all__ = ["build_parser", "train", "main", "position_weights", "sample_batch", "block_loss",
-           "draft_labels",
+           "draft_labels", "soft_targets",
            "make_feature_cache", "evaluate_dflash"]
 
 STATE_NAME = "trainer_state.pt"
@@ -99,6 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
                          "folder (reused by later runs on the same data and target), none "
                          "(recompute per batch); auto: memory when the whole dataset's features "
                          "fit in --feature-cache-gb, else none")
+    ap.add_argument("--kl-weight", type=float, default=0.0,
+                    help="weight of the KL term: each position's target is (1 - w) x the "
+                         "target's token + w x the target's next-token distribution (its top "
+                         "--kl-topk at temperature 1, computed in the feature pass); 0: the "
+                         "token alone")
+    ap.add_argument("--kl-topk", type=int, default=32,
+                    help="target tokens kept per position for the KL term")
     ap.add_argument("--feature-cache-gb", type=float, default=8.0,
                     help="most GB of features --feature-cache auto keeps in memory")
     return ap
@@ -169,60 +179,70 @@ KEEP_BYTES = 1 << 29  # the head loss keeps its (N, V) gradient rows up to this 
 
 
 class _HeadCrossEntropy(torch.autograd.Function):
-    """sum_i w_i * CE(h_i @ head.T, y_i), in row chunks, with no log_softmax backward over the
-    vocabulary; also whether each row's label is its argmax (for rows in `need`).
+    """sum_i w_i * CE(h_i @ head.T, t_i), in row chunks, with no log_softmax backward over the
+    vocabulary; also whether each row's hard label is its argmax (for rows in `need`).
 
-    The forward keeps softmax - onehot of every row in the head's dtype when those N x V values
+    The target t_i is the one-hot of labels[i] when `labels` is (N,); with (N, J) `labels` and
+    `probs` it is sum_j probs[i, j] * onehot(labels[i, j]) (rows of `probs` sum to 1; column 0
+    holds the hard label, the one `hit` checks; ids may repeat, entries of weight 0 are unused).
+
+    The forward keeps softmax - t of every row in the head's dtype when those N x V values
     take at most `keep_bytes` (then the backward is one matmul, rows scaled by w); beyond, it
     keeps nothing and the backward recomputes the logits chunk by chunk (large GPU batches).
     Both give the gradient up to the rounding of that dtype.
 
-    Shape: h (N, H), head (V, H) frozen, labels (N,), w (N,), need (N,) bool -> loss (),
-    hit (N,) bool (argmax == label; False outside `need`).
+    Shape: h (N, H), head (V, H) frozen, labels (N,) or (N, J), w (N,), need (N,) bool, probs
+    None or (N, J) -> loss (), hit (N,) bool (argmax == hard label; False outside `need`).
     """
 
     @staticmethod
     def forward(ctx: Any, h: torch.Tensor, head: torch.Tensor, labels: torch.Tensor,
-                w: torch.Tensor, need: torch.Tensor, chunk: int, keep_bytes: int) -> tuple:
+                w: torch.Tensor, need: torch.Tensor, chunk: int, keep_bytes: int,
+                probs: Optional[torch.Tensor] = None) -> tuple:
         hc = h.to(head.dtype)
         N, V = h.shape[0], head.shape[0]
+        if labels.dim() == 1:
+            labels = labels[:, None]
+            probs = torch.ones(N, 1, dtype=torch.float32, device=h.device)
+        elif probs is None or probs.shape != labels.shape:
+            raise ValueError("labels of shape (N, J) need probs of the same shape")
+        probs = probs.float()
         keep = N * V * head.element_size() <= keep_bytes
         lse = torch.empty(N, dtype=torch.float32, device=h.device)
         tgt = torch.empty_like(lse)
         hit = torch.zeros(N, dtype=torch.bool, device=h.device)
         grad = torch.empty(N, V, dtype=head.dtype, device=h.device) if keep else None
-        rows = torch.arange(min(chunk, max(N, 1)), device=h.device)
         for i in range(0, N, chunk):
             j = slice(i, i + chunk)
             lg = F.linear(hc[j], head).float()  # (c, V)
             m = lg.amax(-1)
-            t = lg.gather(1, labels[j, None])[:, 0]
+            t = lg.gather(1, labels[j, :1])[:, 0]
             cand = (t >= m) & need[j]  # the label holds the max: is it the first max (argmax)?
             if bool(cand.any()):
-                hit[j][cand] = lg[cand].argmax(-1) == labels[j][cand]
+                hit[j][cand] = lg[cand].argmax(-1) == labels[j, 0][cand]
+            tgt[j] = (lg.gather(1, labels[j]) * probs[j]).sum(-1)
             se = lg.sub_(m[:, None]).exp_().sum(-1)  # lg is now exp(logits - max)
-            lse[j], tgt[j] = m + se.log(), t
+            lse[j] = m + se.log()
             if grad is not None:
                 lg /= se[:, None]
-                lg[rows[: lg.shape[0]], labels[j]] -= 1.0
+                lg.scatter_add_(1, labels[j], -probs[j])
                 grad[j] = lg
-        ctx.save_for_backward(hc, head, labels, w, lse, grad)
+        ctx.save_for_backward(hc, head, labels, w, lse, grad, probs)
         ctx.chunk, ctx.h_dtype = chunk, h.dtype
         return ((lse - tgt) * w).sum(), hit
 
     @staticmethod
     def backward(ctx: Any, g_loss: torch.Tensor, _g_hit: Any) -> tuple:
-        hc, head, labels, w, lse, grad = ctx.saved_tensors
+        hc, head, labels, w, lse, grad, probs = ctx.saved_tensors
         scale = (w * g_loss).float()
-        none = (None,) * 6
-        if grad is not None:  # (softmax - onehot) @ head, each row scaled by w_i * g
+        none = (None,) * 7
+        if grad is not None:  # (softmax - t) @ head, each row scaled by w_i * g
             return ((grad @ head).float() * scale[:, None]).to(ctx.h_dtype), *none
         gh = torch.empty(hc.shape, dtype=ctx.h_dtype, device=hc.device)
-        rows = torch.arange(hc.shape[0], device=hc.device)
         for i in range(0, hc.shape[0], ctx.chunk):
             j = slice(i, i + ctx.chunk)
             p = F.linear(hc[j], head).float().sub_(lse[j, None]).exp_()  # softmax (c, V)
-            p[rows[j] - i, labels[j]] -= 1.0
+            p.scatter_add_(1, labels[j], -probs[j])
             p *= scale[j, None]
             gh[j] = (p.to(head.dtype) @ head).to(ctx.h_dtype)
         return gh, *none
@@ -239,21 +259,63 @@ def draft_labels(labels: torch.Tensor, vocab_map: Optional[torch.Tensor], V: int
     return torch.where(labels >= 0, col[labels.clamp(min=0)], labels)
 
 
+def soft_targets(labels: torch.Tensor, anchors: torch.Tensor, soft_ids: torch.Tensor,
+                 soft_logp: torch.Tensor, vocab_map: Optional[torch.Tensor], V: int,
+                 kl_weight: float) -> tuple:
+    """The training targets of the KL term: at block position k of anchor a the mixture
+    (1 - kl_weight) * onehot(label) + kl_weight * p, p the target's next-token distribution at
+    window position a + k - 1 (the one that predicts the label) over its stored top-k, kept to
+    the draft vocabulary and renormalised there. Where none of the top-k lies in the draft
+    vocabulary the target is the hard label alone.
+
+    Shape: labels (B, A, n) drafter columns (-1: no loss), anchors (B, A), soft_ids / soft_logp
+    (B, L, k) target ids (-1 pads) and log-probabilities -> cols (B, A, n, 1 + k) int64 (0 where
+    unused), probs (B, A, n, 1 + k) float32; column 0 is the hard label.
+    """
+    B, A, n = labels.shape
+    L, k = soft_ids.shape[1], soft_ids.shape[2]
+    pos = (anchors.clamp(min=0)[:, :, None] + torch.arange(n, device=labels.device)).clamp(max=L - 1)
+    flat = pos.view(B, A * n)
+    sid = torch.gather(soft_ids, 1, flat[:, :, None].expand(B, A * n, k)).view(B, A, n, k)
+    slp = torch.gather(soft_logp, 1, flat[:, :, None].expand(B, A * n, k)).view(B, A, n, k)
+    scol = draft_labels(sid, vocab_map, V)
+    p = torch.where(scol >= 0, slp.exp(), torch.zeros_like(slp))
+    tot = p.sum(-1, keepdim=True)
+    has = tot > 0
+    lam = torch.where(has, torch.full_like(tot, float(kl_weight)), torch.zeros_like(tot))
+    p = p / tot.clamp(min=1e-30) * lam
+    cols = torch.cat([labels.clamp(min=0)[..., None], scol.clamp(min=0)], -1)
+    probs = torch.cat([1.0 - lam, p], -1)
+    return cols, probs
+
+
 def block_loss(drafter: DFlashDrafter, feats: torch.Tensor, batch: dict,
-               pos_w: torch.Tensor, chunk: int = 128, keep_bytes: int = KEEP_BYTES) -> tuple:
+               pos_w: torch.Tensor, chunk: int = 128, keep_bytes: int = KEEP_BYTES,
+               soft: Optional[tuple] = None, kl_weight: float = 0.0) -> tuple:
     """Weighted cross-entropy of the drafts against the labels, over the drafter's vocabulary
     (labels outside a draft vocabulary carry no loss); (loss, first-position acc among the
-    first positions that carry a loss)."""
+    first positions that carry a loss).
+
+    With `soft` = (ids, logp), the windows' stored top-k of the target (`window_targets`), and
+    kl_weight > 0, the target at each position is `soft_targets`' mixture: the cross-entropy
+    against it is kl_weight * KL(p || q) + (1 - kl_weight) * CE(label) up to a constant."""
     h = drafter.forward_blocks(feats, batch["anchors"], batch["block"])[:, :, 1:]  # (B,A,bs-1,H)
-    labels = draft_labels(batch["labels"], drafter.vocab_map, drafter.config.vocab_size)
+    V = drafter.config.vocab_size
+    labels = draft_labels(batch["labels"], drafter.vocab_map, V)
     keep = labels >= 0
     w = pos_w.expand_as(labels)[keep]
     w = w / w.sum().clamp(min=1e-6)
     first = keep.clone()
     first[:, :, 1:] = False
     need = first[keep]
-    loss, hit = _HeadCrossEntropy.apply(h[keep], drafter.head_weight(), labels[keep], w, need,
-                                        chunk, keep_bytes)
+    if soft is not None and kl_weight > 0:
+        cols, probs = soft_targets(labels, batch["anchors"], soft[0], soft[1], drafter.vocab_map,
+                                   V, kl_weight)
+        loss, hit = _HeadCrossEntropy.apply(h[keep], drafter.head_weight(), cols[keep], w, need,
+                                            chunk, keep_bytes, probs[keep])
+    else:
+        loss, hit = _HeadCrossEntropy.apply(h[keep], drafter.head_weight(), labels[keep], w,
+                                            need, chunk, keep_bytes)
     hit = hit[need]
     return loss, (hit.float().mean().item() if hit.numel() else 0.0)
 
@@ -278,12 +340,14 @@ def _load_state(path: Path) -> dict:
 
 
 def make_feature_cache(mode: str, budget_gb: float, data: TokenData, target: Any,
-                       layers: Sequence[int], say: Any = print) -> Optional[FeatureCache]:
+                       layers: Sequence[int], say: Any = print,
+                       soft_topk: int = 0) -> Optional[FeatureCache]:
     """The `FeatureCache` ``--feature-cache`` asks for: None for ``none`` (and for ``auto`` when
     the dataset's features exceed `budget_gb`), in memory for ``memory`` / ``auto``, else on disk
-    in the folder `mode` names."""
+    in the folder `mode` names. With `soft_topk` it also keeps that many soft labels per token
+    (8 bytes each)."""
     width, dtype = len(layers) * int(target.hidden_size), target.dtype
-    need = feature_bytes(data, width, dtype)
+    need = feature_bytes(data, width, dtype) + int(data.offsets[-1]) * 8 * int(soft_topk)
     gb = need / 1e9
     if mode == "auto":
         mode = "memory" if gb <= budget_gb else "none"
@@ -294,7 +358,7 @@ def make_feature_cache(mode: str, budget_gb: float, data: TokenData, target: Any
         say(f"feature cache: none ({why}); the target runs on every batch")
         return None
     cache = FeatureCache(data, layers, width, dtype, None if mode == "memory" else mode,
-                         target_name=target.name)
+                         target_name=target.name, soft_topk=soft_topk)
     where = "memory" if cache.path is None else str(cache.path)
     say(f"feature cache: {where} ({why}), {gb:.2f} GB of {str(dtype).replace('torch.', '')} "
         f"states for {len(data)} sequences, {int(cache.filled.sum())} stored already; each "
@@ -427,8 +491,16 @@ def train(args: argparse.Namespace, target: Any = None, log: Any = print) -> dic
     pos_w = position_weights(cfg.block_size - 1, args.decay_g, dev)
     egamma = args.eval_gamma or cfg.block_size - 1
     adict = dict(vars(args))
+    if not 0.0 <= args.kl_weight <= 1.0:
+        raise ValueError(f"--kl-weight must lie in [0, 1], got {args.kl_weight}")
+    if args.kl_weight > 0 and not 1 <= args.kl_topk <= cfg.vocab_size:
+        raise ValueError(f"--kl-topk must lie in [1, {cfg.vocab_size}], got {args.kl_topk}")
+    soft_k = args.kl_topk if args.kl_weight > 0 else 0
     cache = make_feature_cache(args.feature_cache, args.feature_cache_gb, data, target,
-                               cfg.feature_layers, say)
+                               cfg.feature_layers, say, soft_topk=soft_k)
+    if soft_k:
+        say(f"KL term: weight {args.kl_weight:g} on the target's top-{soft_k} next-token "
+            f"distribution (temperature 1)")
     say(f"dflash drafter: {cfg.n_layers} layers, features of target layers "
         f"{cfg.target_layer_ids}, block {cfg.block_size}, "
         f"{sum(p.numel() for p in params) / 1e6:.1f}M parameters; data {len(data)} sequences, "
@@ -440,14 +512,17 @@ def train(args: argparse.Namespace, target: Any = None, log: Any = print) -> dic
     while step < args.steps:
         batch = sample_batch(data, args.batch, args.anchors, cfg.block_size, args.max_len,
                              cfg.mask_token_id, args.partial_prob, gen)
-        feats = window_features(target, data, batch["idx"].tolist(), batch["starts"].tolist(),
-                                batch["seqs"].shape[1], cfg.feature_layers, cache)
+        feats, sid, slp = window_targets(target, data, batch["idx"].tolist(),
+                                         batch["starts"].tolist(), batch["seqs"].shape[1],
+                                         cfg.feature_layers, cache, soft_k)
         lr = lr_at(step, args.lr, args.warmup, args.steps, args.min_lr_ratio)
         for g in opt.param_groups:
             g["lr"] = lr
         batch = {k: v.to(dev) for k, v in batch.items()}
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.bf16):
-            loss, acc = block_loss(drafter, feats.float(), batch, pos_w)
+            loss, acc = block_loss(drafter, feats.float(), batch, pos_w,
+                                   soft=(sid, slp) if soft_k else None,
+                                   kl_weight=args.kl_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, args.clip)

@@ -11,8 +11,12 @@ target at the window start; the two agree whenever the window starts at 0, which
 of the shared distillation data at the default ``--max-len 384``: no sequence there is longer.)
 
 - `target_features`: the states of some target layers at every position, concatenated;
-- `window_features`: those of the windows a batch drew (from a `FeatureCache`, or computed);
-- `FeatureCache`: every sequence's states, computed on first use, in memory or on disk;
+- `target_states`: those, and the target's top-k next-token log-probabilities at every position
+  (the soft labels of ``train-dflash --kl-weight``), from one forward;
+- `window_features` / `window_targets`: those of the windows a batch drew (from a
+  `FeatureCache`, or computed);
+- `FeatureCache`: every sequence's states (and soft labels), computed on first use, in memory or
+  on disk;
 - `feature_bytes`: what caching a dataset's states takes.
 """
 
@@ -27,7 +31,8 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-__all__ = ["target_features", "FeatureCache", "window_features", "feature_bytes"]
+__all__ = ["target_features", "target_states", "FeatureCache", "window_features",
+           "window_targets", "feature_bytes"]
 
 
 @torch.no_grad()
@@ -37,9 +42,36 @@ def target_features(target: Any, seqs: torch.Tensor, attn: torch.Tensor,
 
     Shape: seqs, attn (B, L) -> (B, L, len(layers) * H_t), in the target's dtype.
     """
+    return target_states(target, seqs, attn, layers)[0]
+
+
+@torch.no_grad()
+def target_states(target: Any, seqs: torch.Tensor, attn: torch.Tensor, layers: Sequence[int],
+                  soft_topk: int = 0, chunk: int = 256) -> tuple:
+    """`target_features`, and with ``soft_topk = k > 0`` the target's k most likely next tokens
+    at every position with their log-probabilities (temperature 1, over the whole vocabulary:
+    the soft labels of the KL term), from the same forward.
+
+    Shape: seqs, attn (B, L) -> feats (B, L, len(layers) * H_t) in the target's dtype; ids
+    (B, L, k) int32 and logp (B, L, k) float32, or None, None when k = 0. The head runs in row
+    chunks of `chunk` positions (its (rows, V) logits are the only large temporary).
+    """
     out = target.model.model(input_ids=seqs.to(target.device), attention_mask=attn.to(target.device),
                              output_hidden_states=True)
-    return torch.cat([out.hidden_states[k] for k in layers], dim=-1)
+    feats = torch.cat([out.hidden_states[k] for k in layers], dim=-1)
+    if soft_topk <= 0:
+        return feats, None, None
+    last = out.last_hidden_state  # after the final norm: the head's input
+    B, L, H = last.shape
+    flat = last.reshape(B * L, H)
+    head = target.lm_head_weight
+    ids = torch.empty(B * L, soft_topk, dtype=torch.int32, device=last.device)
+    logp = torch.empty(B * L, soft_topk, dtype=torch.float32, device=last.device)
+    for i in range(0, B * L, chunk):
+        lg = torch.nn.functional.linear(flat[i:i + chunk], head).float()
+        v, j = lg.log_softmax(-1).topk(soft_topk, dim=-1)
+        ids[i:i + chunk], logp[i:i + chunk] = j.to(torch.int32), v
+    return feats, ids.view(B, L, soft_topk), logp.view(B, L, soft_topk)
 
 
 def _rows(data: Any, idx: Sequence[int], ends: Optional[Sequence[int]] = None) -> tuple:
@@ -71,16 +103,40 @@ def window_features(target: Any, data: Any, idx: Sequence[int], starts: Sequence
 
     Shape: returns (B, L, len(layers) * H_t) in the target's dtype (the cache's).
     """
+    return window_targets(target, data, idx, starts, L, layers, cache)[0]
+
+
+def window_targets(target: Any, data: Any, idx: Sequence[int], starts: Sequence[int], L: int,
+                   layers: Sequence[int], cache: Optional["FeatureCache"] = None,
+                   soft_topk: int = 0) -> tuple:
+    """`window_features`, and with ``soft_topk > 0`` the windows' soft labels (`target_states`;
+    a `cache` must store them: built with that `soft_topk`).
+
+    Shape: returns feats (B, L, width); ids (B, L, k) int64 (-1 past a sequence's end) and logp
+    (B, L, k) float32, or None, None.
+    """
     if cache is not None:
-        return cache.windows(target, idx, starts, L)
+        if soft_topk and cache.soft_topk != soft_topk:
+            raise ValueError(f"soft_topk {soft_topk}: the feature cache stores "
+                             f"{cache.soft_topk or 'no'} soft labels per position")
+        feats = cache.windows(target, idx, starts, L)
+        if not soft_topk:
+            return feats, None, None
+        return (feats, *cache.soft_windows(idx, starts, L, target.device))
     ends = [int(s) + L for s in starts]
     ids, att = _rows(data, idx, ends)
-    full = target_features(target, ids, att, layers)  # (B, L', Hf)
+    full, sid, slp = target_states(target, ids, att, layers, soft_topk)  # (B, L', Hf)
     out = full.new_zeros((len(idx), L, full.shape[-1]))
+    oid = olp = None
+    if soft_topk:
+        oid = torch.full((len(idx), L, soft_topk), -1, dtype=torch.int64, device=full.device)
+        olp = torch.full((len(idx), L, soft_topk), float("-inf"), device=full.device)
     for b, s in enumerate(starts):
         n = max(0, min(L, int(att[b].sum()) - int(s)))
         out[b, :n] = full[b, int(s): int(s) + n]
-    return out
+        if soft_topk:
+            oid[b, :n], olp[b, :n] = sid[b, int(s): int(s) + n], slp[b, int(s): int(s) + n]
+    return out, oid, olp
 
 
 def feature_bytes(data: Any, width: int, dtype: torch.dtype) -> int:
@@ -112,6 +168,10 @@ class FeatureCache:
         before. One writer at a time.
     target_name : str
         Recorded in the key and the meta file.
+    soft_topk : int
+        With k > 0 the cache also keeps the target's top-k next-token ids and log-probabilities
+        at every token (`target_states`; ``soft_ids.bin`` / ``soft_logp.bin`` on disk, k in the
+        key), from the same forward.
 
     Attributes
     ----------
@@ -122,21 +182,31 @@ class FeatureCache:
     """
 
     def __init__(self, data: Any, layers: Sequence[int], width: int, dtype: torch.dtype,
-                 folder: Union[str, os.PathLike, None] = None, target_name: str = "") -> None:
+                 folder: Union[str, os.PathLike, None] = None, target_name: str = "",
+                 soft_topk: int = 0) -> None:
         self.data, self.layers = data, [int(k) for k in layers]
         self.width, self.dtype = int(width), dtype
+        if int(soft_topk) < 0:
+            raise ValueError(f"soft_topk must be >= 0, got {soft_topk}")
+        self.soft_topk = k = int(soft_topk)
         n_tok, n_seq = int(data.offsets[-1]), len(data)
         self.computed = self.hits = 0
         self.path: Optional[Path] = None
         self._mm: list = []
+        self.soft_ids: Optional[Tensor] = None
+        self.soft_logp: Optional[Tensor] = None
         if folder is None:
             self.feats = torch.empty(n_tok, self.width, dtype=dtype)
             self.filled = torch.zeros(n_seq, dtype=torch.bool)
+            if k:
+                self.soft_ids = torch.empty(n_tok, k, dtype=torch.int32)
+                self.soft_logp = torch.empty(n_tok, k, dtype=torch.float32)
             return
         import numpy as np
 
         h = hashlib.sha1()
-        h.update(json.dumps([target_name, self.layers, self.width, str(dtype)]).encode())
+        h.update(json.dumps([target_name, self.layers, self.width, str(dtype)]
+                            + ([k] if k else [])).encode())
         h.update(data.tokens.numpy().tobytes())
         h.update(data.offsets.numpy().tobytes())
         key = h.hexdigest()[:16]
@@ -144,9 +214,11 @@ class FeatureCache:
         self.path.mkdir(parents=True, exist_ok=True)
         meta = {"target": target_name, "layers": self.layers, "width": self.width,
                 "dtype": str(dtype).replace("torch.", ""), "tokens": n_tok, "sequences": n_seq}
+        if k:
+            meta["soft_topk"] = k
         mfile = self.path / "meta.json"
-        fresh = not (mfile.is_file() and (self.path / "features.bin").is_file()
-                     and (self.path / "filled.bin").is_file())
+        files = ["features.bin", "filled.bin"] + (["soft_ids.bin", "soft_logp.bin"] if k else [])
+        fresh = not (mfile.is_file() and all((self.path / f).is_file() for f in files))
         if not fresh and json.loads(mfile.read_text()) != meta:
             raise ValueError(f"{self.path}: a feature cache of other settings ({mfile})")
         esize = torch.empty((), dtype=dtype).element_size()
@@ -161,6 +233,12 @@ class FeatureCache:
         self._mm = [fm, flags]
         self.feats = torch.from_numpy(fm).view(dtype)  # shares the mapping: writes go through
         self.filled = torch.from_numpy(flags).view(torch.bool)
+        if k:
+            si = np.memmap(self.path / "soft_ids.bin", dtype="int32", mode=mode, shape=(n_tok, k))
+            sl = np.memmap(self.path / "soft_logp.bin", dtype="float32", mode=mode,
+                           shape=(n_tok, k))
+            self._mm[1:1] = [si, sl]  # flushed before the flags
+            self.soft_ids, self.soft_logp = torch.from_numpy(si), torch.from_numpy(sl)
 
     @property
     def nbytes(self) -> int:
@@ -174,10 +252,14 @@ class FeatureCache:
         if not todo:
             return 0
         ids, att = _rows(self.data, todo)
-        full = target_features(target, ids, att, self.layers).to("cpu", self.dtype)
+        full, sid, slp = target_states(target, ids, att, self.layers, self.soft_topk)
+        full = full.to("cpu", self.dtype)
         for b, i in enumerate(todo):
             o0, o1 = int(self.data.offsets[i]), int(self.data.offsets[i + 1])
             self.feats[o0:o1] = full[b, : o1 - o0]
+            if self.soft_topk:
+                self.soft_ids[o0:o1] = sid[b, : o1 - o0].cpu()
+                self.soft_logp[o0:o1] = slp[b, : o1 - o0].cpu()
         self.filled[todo] = True
         self.computed += len(todo)
         return len(todo)
@@ -195,6 +277,27 @@ class FeatureCache:
             n = max(0, min(L, o1 - o0 - int(s)))
             out[b, :n] = self.feats[o0 + int(s): o0 + int(s) + n]
         return out.to(target.device)
+
+    def soft_windows(self, idx: Sequence[int], starts: Sequence[int], L: int,
+                     device: Any = "cpu") -> tuple:
+        """The soft labels of windows already filled (`windows` first).
+
+        Shape: returns ids (B, L, k) int64 (-1 past a sequence's end) and logp (B, L, k)
+        float32 (-inf there), on `device`.
+        """
+        if not self.soft_topk:
+            raise ValueError("this feature cache stores no soft labels (soft_topk = 0)")
+        k = self.soft_topk
+        ids = torch.full((len(idx), L, k), -1, dtype=torch.int64)
+        logp = torch.full((len(idx), L, k), float("-inf"))
+        for b, (i, s) in enumerate(zip(idx, starts)):
+            if not bool(self.filled[int(i)]):
+                raise ValueError(f"sequence {int(i)} is not in the feature cache yet")
+            o0, o1 = int(self.data.offsets[int(i)]), int(self.data.offsets[int(i) + 1])
+            n = max(0, min(L, o1 - o0 - int(s)))
+            ids[b, :n] = self.soft_ids[o0 + int(s): o0 + int(s) + n].long()
+            logp[b, :n] = self.soft_logp[o0 + int(s): o0 + int(s) + n]
+        return ids.to(device), logp.to(device)
 
     def flush(self) -> None:
         """Write a disk cache's pages out, the states before the flags that vouch for them (a
