@@ -40,11 +40,15 @@ def _tiny(attn: str) -> TargetModel:
         initializer_range=0.2,  # large enough weights that attention visibly moves the logits
     )
     model = transformers.LlamaForCausalLM(config)
-    model.set_attn_implementation(attn)
+    if attn == target_mod.GQA_SDPA:  # what load_target gives CPU models on sdpa
+        model.set_attn_implementation("sdpa")
+        assert target_mod.use_gqa_attention(model)
+    else:
+        model.set_attn_implementation(attn)
     return TargetModel(model, None, f"tiny-{attn}")
 
 
-@pytest.fixture(scope="module", params=["sdpa", "eager"])
+@pytest.fixture(scope="module", params=["sdpa", "eager", "specdiff_sdpa_gqa"])
 def tiny(request: pytest.FixtureRequest) -> TargetModel:
     t = _tiny(request.param)
     assert t.model.config._attn_implementation == request.param
@@ -299,7 +303,7 @@ def test_default_target_tree() -> None:
     if not (folder / "config.json").is_file():
         pytest.skip(f"the converted default target is not cached in {folder} (see test_target.py)")
     target = target_mod.load_target()
-    assert target.model.config._attn_implementation == "sdpa"
+    assert target.model.config._attn_implementation == target_mod.GQA_SDPA
     prompt = target.chat_prompt("What is the capital of France?")
     parents = [-1, 0, 0, 1, 1, 2]
     nodes = torch.randint(0, 5000, (1, len(parents)), generator=torch.Generator().manual_seed(25))

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from . import ops
-from .target import TargetOutput, _tree_ancestry
+from .target import MASKED_ATTENTION, TargetOutput, _tree_ancestry
 
 __all__ = ["SlotCache", "BatchedTarget", "generate_batch", "fork_drafter", "prefetch_blocks",
            "NullDrafting"]
@@ -116,7 +116,7 @@ class BatchedTarget:
 
     def __init__(self, target: Any, batch: int, slots: int) -> None:
         impl = getattr(target.model.config, "_attn_implementation", None)
-        if impl not in (None, "eager", "sdpa"):
+        if impl not in MASKED_ATTENTION:
             raise NotImplementedError(f"batched decoding needs the 'eager' or 'sdpa' attention "
                                       f"implementation (a 4-D additive mask), the model uses "
                                       f"{impl!r}")

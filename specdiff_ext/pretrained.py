@@ -168,7 +168,9 @@ def load_pair(target: Optional[PathLike] = None, drafter: Optional[PathLike] = N
     cpu_linear : "auto" (default), "on", "off" or bool
         Run the target's linear layers through the extension's float32 CPU kernel
         (`set_cpu_linear`): on, off, or auto: on where the target's forward measures faster so
-        at load. A row's logits are then the same bits whatever rows share the forward.
+        at load. A row's logits are then the same bits whatever rows share the forward. The
+        drafters' float linear layers (the DFlash drafter's `fc` beside its int8 layers, the ar
+        drafter's) then run on the same kernel.
 
     Examples
     --------
@@ -181,15 +183,18 @@ def load_pair(target: Optional[PathLike] = None, drafter: Optional[PathLike] = N
     dt = dtype if dtype is not None else default_dtype(device)
     tgt = load_target(target, dtype=dt, device=device)
     d = load_diffusion_drafter(tgt, drafter) if with_drafter else None
+    from .cpu_linear import is_packed, pack_model
+
     set_cpu_linear(tgt, cpu_linear)  # after the drafter: a bad drafter fails before any timing
+    packed = is_packed(tgt.model)
     if d is not None:
         set_draft_int8(d, draft_int8)
+        if packed:  # the float linears left (fc beside int8 layers), on the target's kernel
+            pack_model(d)
     ar = None
     if ar_drafter is not False and ar_drafter is not None:
         folder = DEFAULT_AR_DRAFTER if ar_drafter is True else Path(ar_drafter)
         ar = load_ar_drafter(folder, tgt)
-        from .cpu_linear import is_packed, pack_model
-
-        if is_packed(tgt.model):  # the target's device and dtype, the same machine: no timing
+        if packed:  # the target's device and dtype, the same machine: no timing
             pack_model(ar.model)
     return Pair(tgt, d, ar)

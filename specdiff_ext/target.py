@@ -390,7 +390,7 @@ class TargetModel:
             )
         layers = None if hidden_layers is None else self._check_layers(hidden_layers)
         impl = getattr(self.model.config, "_attn_implementation", None)
-        if impl not in (None, "eager", "sdpa"):
+        if impl not in MASKED_ATTENTION:
             raise NotImplementedError(
                 f"forward_tree needs the 'eager' or 'sdpa' attention implementation (a 4-D additive mask), "
                 f"the model uses {impl!r}"
@@ -691,7 +691,9 @@ def load_target(
                     RuntimeWarning,
                     stacklevel=2,
                 )
-                return TargetModel(model.to(device=device, dtype=dtype), tokenizer, DEFAULT_TARGET)
+                model = model.to(device=device, dtype=dtype)
+                use_gqa_attention(model)
+                return TargetModel(model, tokenizer, DEFAULT_TARGET)
             del model, tokenizer
         return _load_folder(folder, dtype, device, DEFAULT_TARGET)
     folder = Path(path).expanduser()
@@ -705,7 +707,67 @@ def _load_folder(folder: Path, dtype: torch.dtype, device: Union[str, torch.devi
 
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
-    return TargetModel(model.to(device), tokenizer, name)
+    model = model.to(device)
+    use_gqa_attention(model)
+    return TargetModel(model, tokenizer, name)
+
+
+GQA_SDPA = "specdiff_sdpa_gqa"
+# the attention implementations that apply a 4-D additive mask as given (forward_tree, batches)
+MASKED_ATTENTION = (None, "eager", "sdpa", GQA_SDPA)
+
+
+def _gqa_sdpa_attention(module: Any, query: Tensor, key: Tensor, value: Tensor,
+                        attention_mask: Optional[Tensor], dropout: float = 0.0,
+                        scaling: Optional[float] = None, **kwargs: Any) -> Tuple[Tensor, None]:
+    """transformers' ``sdpa`` attention, except that a masked call on a CPU shares the key/value
+    heads through ``enable_gqa`` instead of copying them once per query head (``repeat_kv``):
+    the tree and batch forwards pass a 4-D mask, and the copy of every cached key and value,
+    twice per layer, was a cost that grew with the context. The result is the same up to
+    rounding (torch's CPU kernel indexes the shared heads). Every other call (no mask, another
+    device, position biases, soft-capping) goes to transformers' own function unchanged."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    groups = int(getattr(module, "num_key_value_groups", 1))
+    if (attention_mask is None or query.device.type != "cpu" or groups == 1
+            or kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None
+            or kwargs.get("output_attentions", False)):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling,
+        is_causal=False, enable_gqa=True)  # (B, heads, n, hs)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def use_gqa_attention(model: Any) -> bool:
+    """Switch a CPU model on transformers' ``sdpa`` attention to `_gqa_sdpa_attention` (the
+    same attention without the per-head copies of the cache under a mask); True when switched.
+    Models on another device or another implementation are left as they are."""
+    cfg = getattr(model, "config", None)
+    if cfg is None or getattr(cfg, "_attn_implementation", None) != "sdpa":
+        return False
+    try:
+        dev = next(model.parameters()).device
+    except StopIteration:
+        return False
+    if dev.type != "cpu" or not _SDPA_GQA:
+        return False
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    AttentionInterface.register(GQA_SDPA, _gqa_sdpa_attention)
+    # the masks transformers builds for sdpa (a name without a mask function gets none at all)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(GQA_SDPA, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    try:
+        model.set_attn_implementation(GQA_SDPA)
+    except (AttributeError, ValueError):  # pragma: no cover - older transformers
+        return False
+    return getattr(model.config, "_attn_implementation", None) == GQA_SDPA
+
+
+# scaled_dot_product_attention(enable_gqa=...) exists from torch 2.5 on
+_SDPA_GQA = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
 
 
 def _default_gguf_file() -> Path:
