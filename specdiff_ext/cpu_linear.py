@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -94,7 +95,7 @@ class PackedLinear(torch.nn.Module):
 
     def _weight_version(self) -> int:
         try:
-            return self.weight._version
+            return self._parameters["weight"]._version
         except RuntimeError:  # an inference tensor keeps no version: it cannot change in place
             return 0
 
@@ -110,25 +111,31 @@ class PackedLinear(torch.nn.Module):
     def _serves(self, x: Tensor) -> bool:
         if not self.enabled:
             return False
-        w = self.weight
+        w = self._parameters["weight"]  # not through Module.__getattr__ (about 2 us)
         if x.dtype is not torch.float32 or w.dtype is not torch.float32:
             return False
-        if x.device.type != "cpu" or w.device.type != "cpu" or x.shape[-1] != self.in_features:
+        if not (x.is_cpu and w.is_cpu) or x.shape[-1] != self.in_features:
             return False
         return not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
 
     def forward(self, x: Tensor) -> Tensor:
+        # The kernel itself takes about 1.2 us to call, while a torch call around it costs 2-5
+        # us on a slow core and a target forward makes over 200 of these calls: this path
+        # keeps to numpy where it can (43 -> 16 us a call on the AMD EPYC development machine).
         if not self._serves(x):
             return F.linear(x, self.weight, self.bias)
-        x2 = x.detach().reshape(-1, self.in_features)
-        if not x2.is_contiguous():
-            x2 = x2.contiguous()
-        out = torch.empty(x2.shape[0], self.out_features, dtype=torch.float32)
+        shape = x.shape
+        xn = (x.detach() if x.requires_grad else x).numpy().reshape(-1, self.in_features)
+        if not xn.flags.c_contiguous:
+            xn = np.ascontiguousarray(xn)
+        out = np.empty(tuple(shape[:-1]) + (self.out_features,), dtype=np.float32)
         self.packed()
-        _kernel()(x2.numpy(), self._packed_np, out.numpy(), torch.get_num_threads())
+        _kernel()(xn, self._packed_np, out.reshape(xn.shape[0], self.out_features),
+                  torch.get_num_threads())
+        res = torch.from_numpy(out)  # (from_numpy of a reshaped view costs about 10 us more)
         if self.bias is not None:
-            out += self.bias
-        return out.view(*x.shape[:-1], self.out_features)
+            res += self.bias
+        return res
 
 
 def pack_model(model: torch.nn.Module) -> int:
