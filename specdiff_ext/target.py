@@ -751,6 +751,8 @@ def use_gqa_attention(model: Any) -> bool:
         dev = next(model.parameters()).device
     except StopIteration:
         return False
+    from .drafter.layers import _SDPA_GQA  # enable_gqa exists from torch 2.5 on
+
     if dev.type != "cpu" or not _SDPA_GQA:
         return False
     from transformers import AttentionInterface
@@ -764,10 +766,6 @@ def use_gqa_attention(model: Any) -> bool:
     except (AttributeError, ValueError):  # pragma: no cover - older transformers
         return False
     return getattr(model.config, "_attn_implementation", None) == GQA_SDPA
-
-
-# scaled_dot_product_attention(enable_gqa=...) exists from torch 2.5 on
-_SDPA_GQA = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
 
 
 def _default_gguf_file() -> Path:

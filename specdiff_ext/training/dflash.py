@@ -308,14 +308,13 @@ def block_loss(drafter: DFlashDrafter, feats: torch.Tensor, batch: dict,
     first = keep.clone()
     first[:, :, 1:] = False
     need = first[keep]
+    cols, probs = labels[keep], None  # hard labels
     if soft is not None and kl_weight > 0:
         cols, probs = soft_targets(labels, batch["anchors"], soft[0], soft[1], drafter.vocab_map,
                                    V, kl_weight)
-        loss, hit = _HeadCrossEntropy.apply(h[keep], drafter.head_weight(), cols[keep], w, need,
-                                            chunk, keep_bytes, probs[keep])
-    else:
-        loss, hit = _HeadCrossEntropy.apply(h[keep], drafter.head_weight(), labels[keep], w,
-                                            need, chunk, keep_bytes)
+        cols, probs = cols[keep], probs[keep]
+    loss, hit = _HeadCrossEntropy.apply(h[keep], drafter.head_weight(), cols, w, need, chunk,
+                                        keep_bytes, probs)
     hit = hit[need]
     return loss, (hit.float().mean().item() if hit.numel() else 0.0)
 

@@ -272,11 +272,18 @@ class FeatureCache:
         new = self.fill(target, idx)
         self.hits += len(idx) - new
         out = torch.zeros(len(idx), L, self.width, dtype=self.dtype)
+        for b, lo, n in self._spans(idx, starts, L):
+            out[b, :n] = self.feats[lo: lo + n]
+        return out.to(target.device)
+
+    def _spans(self, idx: Sequence[int], starts: Sequence[int], L: int) -> list:
+        """(row, first stored token, tokens) of each window: sequence idx[b] from its token
+        starts[b], at most L tokens, none past the sequence's end."""
+        spans = []
         for b, (i, s) in enumerate(zip(idx, starts)):
             o0, o1 = int(self.data.offsets[int(i)]), int(self.data.offsets[int(i) + 1])
-            n = max(0, min(L, o1 - o0 - int(s)))
-            out[b, :n] = self.feats[o0 + int(s): o0 + int(s) + n]
-        return out.to(target.device)
+            spans.append((b, o0 + int(s), max(0, min(L, o1 - o0 - int(s)))))
+        return spans
 
     def soft_windows(self, idx: Sequence[int], starts: Sequence[int], L: int,
                      device: Any = "cpu") -> tuple:
@@ -290,13 +297,12 @@ class FeatureCache:
         k = self.soft_topk
         ids = torch.full((len(idx), L, k), -1, dtype=torch.int64)
         logp = torch.full((len(idx), L, k), float("-inf"))
-        for b, (i, s) in enumerate(zip(idx, starts)):
-            if not bool(self.filled[int(i)]):
-                raise ValueError(f"sequence {int(i)} is not in the feature cache yet")
-            o0, o1 = int(self.data.offsets[int(i)]), int(self.data.offsets[int(i) + 1])
-            n = max(0, min(L, o1 - o0 - int(s)))
-            ids[b, :n] = self.soft_ids[o0 + int(s): o0 + int(s) + n].long()
-            logp[b, :n] = self.soft_logp[o0 + int(s): o0 + int(s) + n]
+        missing = [int(i) for i in idx if not bool(self.filled[int(i)])]
+        if missing:
+            raise ValueError(f"sequences {missing} are not in the feature cache yet")
+        for b, lo, n in self._spans(idx, starts, L):
+            ids[b, :n] = self.soft_ids[lo: lo + n].long()
+            logp[b, :n] = self.soft_logp[lo: lo + n]
         return ids.to(device), logp.to(device)
 
     def flush(self) -> None:
