@@ -13,6 +13,8 @@ offset 0 (the rounds then reuse one another's draws).
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import Tensor
@@ -109,17 +111,19 @@ def test_tree_budget_is_checked(tiny: TargetModel) -> None:
         TreeDrafting(None, 4, None)
 
 
-def _tree_law_p(target: TargetModel, prompt: Tensor) -> float:
+def _tree_law_p(target: TargetModel, prompt: Tensor, soft_spine: bool) -> float:
     block = DiffusionDrafting(tiny_drafter(target, init_std=0.5), 1, "left_to_right")
     block.max_drafts = 2
-    dec = SpeculativeDecoder(target, TreeDrafting(block, 6, None, topk=3), None)
+    tree = TreeDrafting(block, 6, None, topk=3, soft_spine=soft_spine)
+    dec = SpeculativeDecoder(target, tree, None)
     counts = _controlled_counts(dec, target, prompt, RUNS, controls={})
     return chi_square(counts, _exact_law(target, prompt))[2]
 
 
-def test_sampled_tree_decoding_has_the_target_law(law_world: tuple) -> None:
+@pytest.mark.parametrize("soft_spine", [False, True])
+def test_sampled_tree_decoding_has_the_target_law(law_world: tuple, soft_spine: bool) -> None:
     target, prompt = law_world
-    assert _tree_law_p(target, prompt) > ALPHA
+    assert _tree_law_p(target, prompt, soft_spine) > ALPHA
 
 
 def test_tree_law_negative_control_is_rejected(law_world: tuple, monkeypatch) -> None:
@@ -127,4 +131,48 @@ def test_tree_law_negative_control_is_rejected(law_world: tuple, monkeypatch) ->
     real = ops.verify_tree
     # the walk of every round at offset 0: rounds reuse one another's draws
     monkeypatch.setattr(ops, "verify_tree", lambda *a, **k: real(*a, **{**k, "offset": 0}))
-    assert _tree_law_p(target, prompt) < ALPHA
+    assert _tree_law_p(target, prompt, False) < ALPHA
+
+
+def test_soft_spine_negative_control_is_rejected(law_world: tuple, monkeypatch) -> None:
+    # a spine of the drafter's top-1 tokens verified as if drawn from q (min(1, p/q) with the
+    # residual): not the law
+    target, prompt = law_world
+    real = DiffusionDrafting.draft
+
+    def top1(self, gamma, rnd):
+        d = real(self, gamma, rnd)
+        ids = d.logits.argmax(-1)
+        if d.vocab_map is not None:
+            ids = d.vocab_map[ids]
+        return dataclasses.replace(d, ids=ids)
+
+    monkeypatch.setattr(DiffusionDrafting, "draft", top1)
+    assert _tree_law_p(target, prompt, True) < ALPHA
+
+
+def test_soft_spine_trees(tiny: TargetModel, prompt: Tensor) -> None:
+    block = DiffusionDrafting(_drafter(tiny, bs=5), 1, "left_to_right")
+    tree = TreeDrafting(block, 6, PromptLookup(), topk=3)
+    block.start(prompt, 7, 1.0, None)
+    tree.start(prompt, 7, 1.0, None)
+    d = tree.draft(4, 0)
+    # the spine: a chain from the root of the block's 4 sampled tokens, inside the budget
+    assert d.spine is not None and d.spine.shape == (1, 4) and d.ids.shape[1] <= 6
+    par = [-1] + d.parents[0].tolist()
+    sp = [0] + d.spine[0].tolist()
+    assert all(par[sp[j + 1]] == sp[j] for j in range(4))
+    assert not d.point_mass[0, d.spine[0] - 1].any()
+    assert int(d.point_mass.sum()) == d.ids.shape[1] - 4
+    # greedy rounds and a tree drafter without the option draw no spine
+    block.start(prompt, 7, 0.0, None)
+    tree.start(prompt, 7, 0.0, None)
+    assert tree.draft(4, 0).spine is None
+    off = TreeDrafting(block, 6, None, topk=3, soft_spine=False)
+    block.start(prompt, 7, 1.0, None)
+    off.start(prompt, 7, 1.0, None)
+    assert off.draft(4, 0).spine is None
+    # sampled decoding with spines runs and reports no budget prefixes
+    dec = SpecDiffDecoder(tiny, _drafter(tiny, bs=5), tree_budget=8)
+    res = dec.generate(prompt, 30, temperature=1.0, seed=3)
+    assert len(res.ids) == 30 and "accepted_by_budget" not in res.stats

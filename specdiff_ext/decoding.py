@@ -45,7 +45,7 @@ from .bench.stats import PhaseClock, run_stats
 from .defaults import DEFAULTS, DecoderDefaults
 from .drafter.dflash import DFlashDrafter
 from .drafting import ARDrafting, DiffusionDrafting, PromptLookup
-from .drafting.tree import TreeDrafting, check_budget
+from .drafting.tree import TreeDrafting, check_budget, walk_soft_tree
 from .types import CommitMode, Draft
 
 __all__ = ["GenerateResult", "SamplingControls", "DecoderKind", "DEFAULTS", "DecoderDefaults",
@@ -336,9 +336,13 @@ class SpeculativeDecoder(BatchDecoding):
                 if tree:  # one forward over every node, the walk, the accepted path kept
                     parents = torch.cat([d.parents.new_full((1, 1), -1), d.parents], 1)
                     tout = tgt.forward_tree(seq, parents, cache, hidden_layers=layers)
-                    tres = ops.verify_tree(tout.logits, seq, parents, temperature=tau,
-                                           seed=vseed, offset=rounds, check_values=False,
-                                           **ctl.filters)
+                    if d.spine is not None:  # a soft spine: min(1, p/q) along it
+                        tres = walk_soft_tree(tout.logits, seq, parents, d, temperature=tau,
+                                              seed=vseed, offset=rounds, filters=ctl.filters)
+                    else:
+                        tres = ops.verify_tree(tout.logits, seq, parents, temperature=tau,
+                                               seed=vseed, offset=rounds, check_values=False,
+                                               **ctl.filters)
                     ids_t = tres.ids
                     # the one host sync of the round
                     flat = torch.cat([tres.ids[0], tres.num_accepted, tres.valid.long(),
@@ -371,6 +375,8 @@ class SpeculativeDecoder(BatchDecoding):
             if d.source is not None and path:
                 for s in d.source[0, [i - 1 for i in path]].tolist():
                     by_source[s & 3] += 1
+            if d.spine is not None:  # node numbers are no budget prefixes then
+                budgets, by_budget = [], []
             if tree and path:
                 for j, b in enumerate(budgets):
                     by_budget[j] += budget_prefix(path, b)

@@ -165,6 +165,10 @@ class Draft:
     source : int64 tensor or None
         Shape: (1, g). Bits of where each tree node came from (`drafting.tree`: 1 the
         drafter's marginals, 2 the n-gram branch), for statistics.
+    spine : int64 tensor or None
+        Shape: (1, s). A tree's soft spine (`drafting.tree.walk_soft_tree`): the node
+        numbers (root 0) of a chain from the root whose j-th node was drawn from
+        ``logits[:, j]``; None: every node is a point mass.
     """
 
     ids: Any
@@ -174,3 +178,4 @@ class Draft:
     vocab_map: Optional[Any] = None
     parents: Optional[Any] = None
     source: Optional[Any] = None
+    spine: Optional[Any] = None

@@ -4,6 +4,12 @@ budget, with prompt lookup's n-gram continuation as a further branch (docs/desig
 One target forward scores every node (`TargetModel.forward_tree`) and `ops.verify_tree` walks
 the tree. The tree is a function of the drafter's block logits and of the text so far, fixed
 before the target's draws, so the walk is exact at every temperature.
+
+At temperature > 0 the tree also carries a soft spine: the block drafter's sampled chain
+(each position drawn from its marginal q), merged into the tree from the root. `walk_soft_tree`
+verifies it with the chain rule of `ops.verify` (accept with min(1, p/q), else draw from the
+residual max(p - q, 0)) and matches the drawn token against the deterministic siblings, then
+walks on with `ops.verify_tree` (docs/design.md, section 5).
 """
 
 from __future__ import annotations
@@ -14,11 +20,13 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..types import Draft
+from .. import ops
+from ..types import Draft, TreeVerifyResult
 from .diffusion import DiffusionDrafting
 from .ngram import PromptLookup, lookup_ngram
 
-__all__ = ["TreeDrafting", "best_first_tree", "SOURCE_DRAFTER", "SOURCE_NGRAM", "check_budget"]
+__all__ = ["TreeDrafting", "best_first_tree", "walk_soft_tree", "SOURCE_DRAFTER", "SOURCE_NGRAM",
+           "check_budget"]
 
 SOURCE_DRAFTER = 1  # bit of a node proposed by the block drafter's marginals
 SOURCE_NGRAM = 2    # bit of a node on the n-gram branch
@@ -90,6 +98,93 @@ def best_first_tree(tree: _Tree, logprobs: Tensor, ids: Tensor, budget: int) -> 
             tie += 1
 
 
+# The walk below the spine draws from its own Philox streams: `offset` with this bit set, a
+# range no round's `offset` (its round number) reaches.
+SUBTREE_STREAM = 1 << 55
+
+
+def walk_soft_tree(target_logits: Tensor, tokens: Tensor, parents: Tensor, draft: Draft, *,
+                   temperature: float, seed: int, offset: int,
+                   filters: Optional[dict] = None) -> TreeVerifyResult:
+    """Verify one draft tree with a soft spine (`TreeDrafting` at temperature > 0).
+
+    The spine (``draft.spine``: a chain of nodes from the root, node ``spine[j]`` drawn from
+    the drafter's law ``draft.logits[:, j]``) is verified by `ops.verify`: each spine node is
+    accepted with min(1, p/q); at the first rejection the token is drawn from the residual
+    max(p - q, 0) (point-mass positions: from p without the draft), and after the whole spine
+    from p. That token is emitted as it is, or, when a deterministic child of the spine node
+    where the chain stopped carries it, accepted there; the walk then goes on below that child
+    with `ops.verify_tree` (a sample-and-match walk over the deterministic subtree, on the
+    streams of ``offset | SUBTREE_STREAM``).
+
+    Exact at every temperature: at each node the token leaving it is a draw of the target's
+    law given the path (the spine draws are independent of everything that decides whether the
+    walk reaches their parent, since the deterministic nodes were chosen before them), and
+    which child it leads to is a function of that token.
+
+    Shapes:
+        target_logits: (1, N, V), row i for the token after node i; tokens, parents: (1, N)
+        with node 0 the root (``parents[0, 0] = -1``). Returns `TreeVerifyResult` of one row.
+    """
+    if draft.spine is None or draft.logits is None:
+        raise ValueError("walk_soft_tree needs a draft with a soft spine (draft.spine, draft.logits)")
+    if target_logits.shape[0] != 1:
+        raise ValueError(f"walk_soft_tree verifies one row, got {target_logits.shape[0]}")
+    filters = filters or {}
+    N = tokens.shape[1]
+    dev = target_logits.device
+    spine = [0] + draft.spine[0].tolist()
+    g = len(spine) - 1
+    sp = torch.tensor(spine, dtype=torch.int64, device=dev)
+    pm = draft.point_mass[:, sp[1:] - 1] if draft.point_mass is not None else None
+    res = ops.verify(target_logits[:, sp], tokens[:, sp[1:]], draft.logits[:, :g],
+                     draft_point_mass=pm, temperature=temperature,
+                     draft_temperature=draft.temperature, seed=seed, offset=offset,
+                     vocab_map=draft.vocab_map, check_values=False, **filters)
+    flat = torch.cat([res.ids[0], res.num_accepted, res.valid.long()]).tolist()  # host sync
+    k, ok = flat[g + 1], flat[g + 2]
+    ids = flat[: k + 1]
+    path = spine[1: k + 1]
+    out_ids = torch.full((1, N), -1, dtype=torch.int64, device=dev)
+    out_path = torch.full((1, N), -1, dtype=torch.int64, device=dev)
+    if not ok:
+        return TreeVerifyResult(out_ids, torch.zeros(1, dtype=torch.int64, device=dev), out_path,
+                                torch.zeros(1, dtype=torch.bool, device=dev))
+    par = parents[0].tolist()
+    tok = tokens[0].tolist()
+    at, x = spine[k], ids[k]
+    nxt = spine[k + 1] if k < g else -1
+    child = next((i for i in range(at + 1, N) if par[i] == at and tok[i] == x and i != nxt), -1)
+    if child >= 0:  # a deterministic child carries the drawn token: walk on below it
+        sub = [child]
+        inside = {child}
+        for i in range(child + 1, N):
+            if par[i] in inside:
+                sub.append(i)
+                inside.add(i)
+        where = {v: j for j, v in enumerate(sub)}
+        sub_par = torch.tensor([-1] + [where[par[i]] for i in sub[1:]], dtype=torch.int64,
+                               device=dev).view(1, -1)
+        st = torch.tensor(sub, dtype=torch.int64, device=dev)
+        r = ops.verify_tree(target_logits[:, st], tokens[:, st], sub_par, temperature=temperature,
+                            seed=seed, offset=offset | SUBTREE_STREAM, check_values=False,
+                            **filters)
+        ns = len(sub)
+        rf = torch.cat([r.ids[0], r.path[0], r.num_accepted, r.valid.long()]).tolist()
+        m = rf[2 * ns]
+        if not rf[2 * ns + 1]:
+            return TreeVerifyResult(out_ids, torch.zeros(1, dtype=torch.int64, device=dev),
+                                    out_path, torch.zeros(1, dtype=torch.bool, device=dev))
+        path = path + [child] + [sub[j] for j in rf[ns: ns + m]]
+        ids = ids + rf[: m + 1]
+    n = len(path)
+    out_ids[0, : n + 1] = torch.tensor(ids, dtype=torch.int64)
+    if n:
+        out_path[0, :n] = torch.tensor(path, dtype=torch.int64)
+    return TreeVerifyResult(out_ids, torch.tensor([n], dtype=torch.int64, device=dev), out_path,
+                            torch.ones(1, dtype=torch.bool, device=dev))
+
+
 class TreeDrafting:
     """Draft trees from a block drafter's marginals and, optionally, prompt lookup.
 
@@ -110,10 +205,17 @@ class TreeDrafting:
         The longest n-gram branch.
     topk : int
         Ranks of each block position considered (the expansion's width).
+    soft_spine : bool
+        At temperature > 0, spend ``min(g, budget)`` of the nodes on the block drafter's
+        sampled chain (the soft spine, verified by `walk_soft_tree`); the n-gram branch and
+        the best-first expansion share the rest. The spine is merged into the tree after the
+        deterministic nodes, so which deterministic nodes exist never depends on its draws.
+        Greedy rounds and penalised calls are unaffected.
     """
 
     def __init__(self, block: Optional[DiffusionDrafting], budget: int,
-                 lookup: Optional[PromptLookup] = None, ngram_len: int = 8, topk: int = 8) -> None:
+                 lookup: Optional[PromptLookup] = None, ngram_len: int = 8, topk: int = 8,
+                 soft_spine: bool = True) -> None:
         if block is None and lookup is None:
             raise ValueError("a tree drafter needs a block drafter, prompt lookup or both")
         budget = check_budget(budget, "budget")
@@ -124,6 +226,7 @@ class TreeDrafting:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         self.block, self.lookup, self.budget = block, lookup, budget
         self.ngram_len, self.topk = ngram_len, topk
+        self.soft_spine = bool(soft_spine)
         self.feature_layers = block.feature_layers if block is not None else None
         depth = [ngram_len] if lookup is not None else []
         if block is not None:
@@ -167,31 +270,53 @@ class TreeDrafting:
 
     def draft(self, gamma: int, rnd: int) -> Draft:
         tree = _Tree()
-        if self.lookup is not None and gamma > 0:
-            n = min(gamma, self.ngram_len, self.budget)
+        g = min(gamma, self.block.max_drafts) if self.block is not None else 0
+        # the soft spine: the block's sampled chain (temperature > 0 only; one drafter pass
+        # gives both the draws and the marginals the best-first expansion reads)
+        chain: Optional[Draft] = None
+        if self.soft_spine and g > 0 and self.block._dtau > 0:
+            chain = self.block.draft(min(g, self.budget), rnd)
+            if chain.logits is None:
+                chain = None
+        spine_len = chain.ids.shape[1] if chain is not None else 0
+        budget = self.budget - spine_len  # the deterministic nodes' share
+        if self.lookup is not None and gamma > 0 and budget > 0:
+            n = min(gamma, self.ngram_len, budget)
             found = lookup_ngram(self.lookup._text, n, self.lookup.max_ngram, self.lookup.min_ngram)
             node = 0
             for t in found:
                 node, _ = tree.child(node, int(t), SOURCE_NGRAM)
-        left = self.budget - tree.size()
-        if self.block is not None and left > 0 and gamma > 0:
-            g = min(gamma, self.block.max_drafts)
-            logits = self.block.marginals(g, rnd)  # (1, g, Vd)
-            lp = torch.log_softmax(logits[0].float(), dim=-1)
+        left = budget - tree.size()
+        if self.block is not None and left > 0 and g > 0:
+            logits = self.block.last_logits if chain is not None else self.block.marginals(g, rnd)
+            lp = torch.log_softmax(logits[0].float(), dim=-1)  # (g', Vd)
             k = min(self.topk, lp.shape[-1])
-            top = lp.topk(k, dim=-1)  # (g, k), sorted
+            top = lp.topk(k, dim=-1)  # (g', k), sorted
             ids = top.indices
             vmap = getattr(self.block.drafter, "vocab_map", None)  # drafter column -> target id
             if vmap is not None:
                 ids = vmap.to(ids.device)[ids]
             best_first_tree(tree, top.values.cpu(), ids.cpu(), left)
+        spine: List[int] = []
+        if chain is not None:  # merged last: a spine token equal to a node's reuses it
+            node = 0
+            for t in chain.ids[0].tolist():
+                node, _ = tree.child(node, int(t), SOURCE_DRAFTER)
+                spine.append(node)
         n = tree.size()
         dev = self._dev
         ids_t = torch.tensor(tree.tokens[1:], dtype=torch.int64, device=dev).view(1, n)
         par_t = torch.tensor(tree.parents[1:], dtype=torch.int64, device=dev).view(1, n)
         src_t = torch.tensor(tree.source[1:], dtype=torch.int64).view(1, n)
-        return Draft(ids_t, None, torch.ones_like(ids_t, dtype=torch.bool), 0.0, None,
-                     parents=par_t, source=src_t)
+        pm = torch.ones((1, n), dtype=torch.bool, device=dev)
+        if chain is None:
+            return Draft(ids_t, None, pm, 0.0, None, parents=par_t, source=src_t)
+        spine_t = torch.tensor(spine, dtype=torch.int64, device=dev)
+        cpm = chain.point_mass if chain.point_mass is not None else \
+            torch.zeros((1, spine_len), dtype=torch.bool, device=dev)
+        pm[0, spine_t - 1] = cpm[0].to(dev)  # a spine node keeps its chain position's rule
+        return Draft(ids_t, chain.logits, pm, chain.temperature, chain.vocab_map,
+                     parents=par_t, source=src_t, spine=spine_t.view(1, -1))
 
     def accept(self, emitted: Tensor, n_acc: int, hidden: Optional[Tensor]) -> None:
         if self.block is not None:
