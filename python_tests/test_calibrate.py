@@ -197,3 +197,23 @@ def test_plain_decoding_when_no_tree_pays(tiny, monkeypatch) -> None:
         "forward": {b: 0.1 for b in budgets}, "draft": 0.0, "plain": 0.1})
     res = SpecDiffDecoder(tiny, d).generate(prompt, 20)
     assert res.ids == want.ids and res.stats["tree_budget"] == 8 and "speculation" not in res.stats
+
+
+def test_tree_acceptance_table_reads_prefixes_greedy_and_direct_runs_with_a_spine() -> None:
+    from specdiff_ext.calibrate import tree_acceptance_table
+
+    rows = [  # greedy: one run of the largest budget measures the smaller ones
+        {"temperature": 0.0, "tree_budget": 8, "rounds": 10, "mean_accepted": 1.2,
+         "accepted_by_budget": {"1": 4, "8": 12}},
+        {"temperature": 0.0, "tree_budget": 2, "rounds": 50, "mean_accepted": 9.0,
+         "accepted_by_budget": {"1": 1, "2": 2}},
+        # temperature 1 with soft spines: no prefixes; each budget's own runs, pooled by rounds
+        {"temperature": 1.0, "tree_budget": 8, "rounds": 10, "mean_accepted": 0.8},
+        {"temperature": 1.0, "tree_budget": 8, "rounds": 30, "mean_accepted": 0.4},
+        {"temperature": 1.0, "tree_budget": 2, "rounds": 20, "mean_accepted": 0.5},
+        {"temperature": 1.0, "tree_budget": 0, "rounds": 20, "mean_accepted": 0.3},
+    ]
+    table, counted = tree_acceptance_table(rows, 8)
+    assert table[0.0] == {1: 0.4, 8: 1.2}
+    assert table[1.0] == pytest.approx({2: 0.5, 8: 0.5})
+    assert counted == {"0.0": 10, "1.0@2": 20, "1.0@8": 40}

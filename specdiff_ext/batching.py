@@ -63,6 +63,8 @@ class SlotCache:
         self.values = [torch.zeros_like(k) for k in self.keys]
         self.write: Optional[Tensor] = None
         self.live: Optional[Tensor] = None  # (B', W) bool: slots a row may read this call
+        # (batch rows, slots) of the window outside `live`: zeroed by `update` before the read
+        self.stale: Optional[tuple] = None
         self.rows: Optional[Tensor] = None  # (B',) the batch rows this call runs; None: all
         self.is_sliding = [False] * layers
 
@@ -73,8 +75,9 @@ class SlotCache:
     def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int,
                *args: Any, **kwargs: Any) -> tuple:
         """Write the new entries (B, nkv, T, hd) at `write` and return the layer's first W
-        slots, with every slot outside `live` read as zero: whatever a stale slot holds (even
-        NaN, which a mask would not hide: NaN + mask is NaN) never reaches the attention."""
+        slots, with every slot outside `live` zeroed first (in place, `stale`): whatever a
+        stale slot held (even NaN, which a mask would not hide: NaN + mask is NaN) never
+        reaches the attention."""
         if self.write is None or self.live is None:
             raise RuntimeError("SlotCache.update outside a BatchedTarget forward (no write slots)")
         k, v = self.keys[layer_idx], self.values[layer_idx]
@@ -85,13 +88,17 @@ class SlotCache:
         r = r.expand(B, T)
         k.permute(0, 2, 1, 3)[r, self.write] = key_states.permute(0, 2, 1, 3).to(k.dtype)
         v.permute(0, 2, 1, 3)[r, self.write] = value_states.permute(0, 2, 1, 3).to(v.dtype)
+        if self.stale is not None and self.stale[0].numel():
+            # the slots outside `live` are zeroed in place (those only: no copy of the
+            # window); a row writes a slot again before it becomes live
+            zero = k.new_zeros(())
+            for t in (k, v):
+                t.permute(0, 2, 1, 3).index_put_(self.stale, zero)
         if self.rows is None:
             kw, vw = k[:, :, :W], v[:, :, :W]
         else:  # a subset of the rows: their windows
             kw, vw = k[:, :, :W].index_select(0, self.rows), v[:, :, :W].index_select(0, self.rows)
-        live = self.live[:, None, :, None]
-        zero = k.new_zeros(())
-        return torch.where(live, kw, zero), torch.where(live, vw, zero)
+        return kw, vw
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """The slot count (positions are always passed explicitly)."""
@@ -184,13 +191,16 @@ class BatchedTarget:
         vis = torch.where(used[:, :, None], vis, prefix[:, None, :])
         mask = torch.zeros(B, 1, N, W, dtype=tgt.dtype, device=dev)
         mask.masked_fill_(~vis[:, None], torch.finfo(tgt.dtype).min)
+        sb, ss = (~live).nonzero(as_tuple=True)  # the window's slots no node reads
+        stale = ((rows_t[sb] if sub else sb), ss)
         self.cache.write, self.cache.live, self.cache.rows = slot, live, rows_t
+        self.cache.stale = stale
         layers = None if hidden_layers is None else tgt._check_layers(hidden_layers)
         try:
             return tgt._run(ids, self.cache, layers, attention_mask=mask,
                             position_ids=L[:, None] + depth)
         finally:
-            self.cache.write = self.cache.live = self.cache.rows = None
+            self.cache.write = self.cache.live = self.cache.rows = self.cache.stale = None
 
     def prefill(self, prompts: Sequence[Tensor],
                 hidden_layers: Optional[Sequence[int]] = None,
@@ -455,6 +465,8 @@ def generate_batch(decoder: Any, drafter: Any, gamma: int, prompts: Sequence[Ten
             offs = [rounds[q] for q in qa]  # each prompt's own round: its solo verify offset
             if tree:
                 res = _verify_trees(out.logits, seq, par.to(dev), tau, seeds_a, offs, ctl.filters)
+                res = _walk_spines(res, out.logits, seq, par.to(dev), ds, tau, seeds_a, offs,
+                                   ctl.filters)
                 flat = torch.cat([res.ids.reshape(-1), res.num_accepted, res.valid.long(),
                                   res.path.reshape(-1)]).tolist()
             else:
@@ -553,6 +565,26 @@ def _verify_trees(logits: Tensor, seq: Tensor, par: Tensor, tau: float, vseed: T
                             offset=off, check_values=False, **filters)
         ids[sel], path[sel] = r.ids, r.path
         num[sel], valid[sel] = r.num_accepted.to(torch.int64), r.valid
+    return TreeVerifyResult(ids, num, path, valid)
+
+
+def _walk_spines(res: Any, logits: Tensor, seq: Tensor, par: Tensor, drafts: list, tau: float,
+                 vseed: Tensor, offsets: Sequence[int], filters: dict) -> Any:
+    """The rows whose tree carries a soft spine (`drafting.tree.walk_soft_tree`), walked as
+    their solo round walks them (their `_verify_trees` result replaced); one host sync each."""
+    spined = [i for i, d in enumerate(drafts) if d.spine is not None]
+    if not spined:
+        return res
+    from .drafting.tree import walk_soft_tree
+    from .types import TreeVerifyResult
+
+    ids, num, path, valid = (t.clone() for t in (res.ids, res.num_accepted, res.path, res.valid))
+    for i in spined:
+        r = walk_soft_tree(logits[i:i + 1], seq[i:i + 1], par[i:i + 1], drafts[i],
+                           temperature=tau, seed=vseed[i:i + 1], offset=offsets[i],
+                           filters=filters)
+        ids[i], path[i] = r.ids[0], r.path[0]
+        num[i], valid[i] = r.num_accepted[0], r.valid[0]
     return TreeVerifyResult(ids, num, path, valid)
 
 

@@ -22,11 +22,11 @@ import math
 import os
 import time
 import weakref
-from typing import Any, Dict, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
-__all__ = ["TREE_ACCEPTANCE_NAME", "read_tree_acceptance", "write_tree_acceptance",
+__all__ = ["TREE_ACCEPTANCE_NAME", "read_tree_acceptance", "write_tree_acceptance", "tree_acceptance_table",
            "nearest_temperature", "acceptance_at", "measure_costs", "choose_budget",
            "calibrated_budget", "chain_forward", "prefer_int8", "packed_forward_seconds",
            "prefer_packed"]
@@ -89,6 +89,38 @@ def read_tree_acceptance(folder: Union[str, os.PathLike]) -> Optional[Dict[float
     if not isinstance(meta, Mapping) or "accepted_per_round" not in meta:
         raise ValueError(f"{path}: expected an object with 'accepted_per_round'")
     return _check_table(meta["accepted_per_round"], path)
+
+
+def tree_acceptance_table(rows: Sequence[dict], top: int) -> Tuple[Dict[float, Dict[int, float]],
+                                                                     Dict[str, int]]:
+    """The accepted-per-round table of `eval-drafter` rows: per temperature, from the runs of
+    the largest budget ``top`` (every smaller budget read off the same rounds,
+    ``accepted_by_budget``), or, at temperature > 0 where trees carry a soft spine and the
+    smaller budgets are not prefixes, from each budget's own runs. Returns (table, rounds
+    behind each entry)."""
+    table: Dict[float, Dict[int, float]] = {}
+    counted: Dict[str, int] = {}
+    for t in sorted({r["temperature"] for r in rows}):
+        sel = [r for r in rows if r["tree_budget"] == top and r["temperature"] == t]
+        rounds = sum(r["rounds"] for r in sel)
+        acc: Dict[int, int] = {}
+        for r in sel:
+            for b, n in r.get("accepted_by_budget", {}).items():
+                acc[int(b)] = acc.get(int(b), 0) + n
+        if rounds and acc:
+            table[t] = {b: n / rounds for b, n in sorted(acc.items())}
+            counted[repr(t)] = rounds
+        elif t > 0:
+            direct: Dict[int, float] = {}
+            for b in sorted({r["tree_budget"] for r in rows if r["tree_budget"] > 0}):
+                sb = [r for r in rows if r["tree_budget"] == b and r["temperature"] == t]
+                n = sum(r["rounds"] for r in sb)
+                if n:
+                    direct[b] = sum(r["mean_accepted"] * r["rounds"] for r in sb) / n
+                    counted[f"{t!r}@{b}"] = n
+            if direct:
+                table[t] = direct
+    return table, counted
 
 
 def write_tree_acceptance(folder: Union[str, os.PathLike], table: Mapping, **about: Any) -> str:

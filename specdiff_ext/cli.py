@@ -518,7 +518,9 @@ def _eval_drafter(argv: Sequence[str]) -> int:
                     help="write DIR/tree_acceptance.json: accepted drafts per round at every "
                          "power-of-two budget up to the largest of --tree-budgets, per "
                          "temperature, over all sets (one run of the largest tree measures every "
-                         "smaller one); the decoder's default budget is calibrated from it")
+                         "smaller one; at temperature > 0, where trees carry a soft spine, each "
+                         "budget of --tree-budgets is measured by its own runs); the decoder's "
+                         "default budget is calibrated from it")
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
     _check(ap, a)
@@ -553,21 +555,10 @@ def _eval_drafter(argv: Sequence[str]) -> int:
         with open(a.out, "w") as fh:
             json.dump(meta, fh, indent=1)
     if a.write_tree_acceptance is not None:
-        from .calibrate import write_tree_acceptance
+        from .calibrate import tree_acceptance_table, write_tree_acceptance
 
         top = max(grid["tree_budgets"])
-        table: Dict[float, Dict[int, float]] = {}
-        counted: Dict[str, int] = {}  # rounds behind each temperature's row
-        for t in sorted({r["temperature"] for r in rows}):
-            sel = [r for r in rows if r["tree_budget"] == top and r["temperature"] == t]
-            rounds = sum(r["rounds"] for r in sel)
-            acc: Dict[int, int] = {}
-            for r in sel:
-                for b, n in r.get("accepted_by_budget", {}).items():
-                    acc[int(b)] = acc.get(int(b), 0) + n
-            if rounds and acc:
-                table[t] = {b: n / rounds for b, n in sorted(acc.items())}
-                counted[repr(t)] = rounds
+        table, counted = tree_acceptance_table(rows, top)
         path = write_tree_acceptance(
             a.write_tree_acceptance, table,
             measured_with="specdiff eval-drafter " + " ".join(argv),

@@ -104,7 +104,7 @@ SUBTREE_STREAM = 1 << 55
 
 
 def walk_soft_tree(target_logits: Tensor, tokens: Tensor, parents: Tensor, draft: Draft, *,
-                   temperature: float, seed: int, offset: int,
+                   temperature: float, seed: Any, offset: int,
                    filters: Optional[dict] = None) -> TreeVerifyResult:
     """Verify one draft tree with a soft spine (`TreeDrafting` at temperature > 0).
 
@@ -124,7 +124,8 @@ def walk_soft_tree(target_logits: Tensor, tokens: Tensor, parents: Tensor, draft
 
     Shapes:
         target_logits: (1, N, V), row i for the token after node i; tokens, parents: (1, N)
-        with node 0 the root (``parents[0, 0] = -1``). Returns `TreeVerifyResult` of one row.
+        with node 0 the root (``parents[0, 0] = -1``; -1 also marks unused nodes); seed an
+        int or a (1,) int64 tensor, as the ops take it. Returns `TreeVerifyResult` of one row.
     """
     if draft.spine is None or draft.logits is None:
         raise ValueError("walk_soft_tree needs a draft with a soft spine (draft.spine, draft.logits)")
