@@ -15,7 +15,7 @@ walks on with `ops.verify_tree` (docs/design.md, section 5).
 from __future__ import annotations
 
 import heapq
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -78,24 +78,47 @@ def best_first_tree(tree: _Tree, logprobs: Tensor, ids: Tensor, budget: int) -> 
     Shape:
         logprobs, ids: (g, K), ranks sorted by decreasing log-probability.
     """
+    if budget <= 0:
+        return
+    added = 0
+    for _ in best_first_nodes(tree, logprobs, ids):
+        added += 1
+        if added >= budget:
+            return
+
+
+def best_first_nodes(tree: _Tree, logprobs: Tensor, ids: Tensor) -> Iterator[int]:
+    """`best_first_tree` one node at a time: yields each node it creates, in the order of
+    the expansion (reused nodes are passed over), until the ranks run out."""
     g, K = logprobs.shape
-    if g == 0 or K == 0 or budget <= 0:
+    if g == 0 or K == 0:
         return
     lp = logprobs.tolist()
     tk = ids.tolist()
     # (-score, tie, parent node, parent score, position, rank)
     heap: List[tuple] = [(-lp[0][0], 0, 0, 0.0, 0, 0)]
-    tie, added = 1, 0
-    while heap and added < budget:
+    tie = 1
+    while heap:
         neg, _, par, pscore, pos, rank = heapq.heappop(heap)
         node, created = tree.child(par, tk[pos][rank], SOURCE_DRAFTER)
-        added += created
         if rank + 1 < K:
             heapq.heappush(heap, (-(pscore + lp[pos][rank + 1]), tie, par, pscore, pos, rank + 1))
             tie += 1
         if pos + 1 < g:
             heapq.heappush(heap, (neg - lp[pos + 1][0], tie, node, -neg, pos + 1, 0))
             tie += 1
+        if created:
+            yield node
+
+
+def _ngram_nodes(tree: _Tree, tokens: Sequence[int]) -> Iterator[int]:
+    """The n-gram continuation as a branch from the root, one created node at a time (nodes
+    already in the tree are passed over)."""
+    node = 0
+    for t in tokens:
+        node, created = tree.child(node, int(t), SOURCE_NGRAM)
+        if created:
+            yield node
 
 
 # The walk below the spine draws from its own Philox streams: `offset` with this bit set, a
@@ -281,14 +304,15 @@ class TreeDrafting:
                 chain = None
         spine_len = chain.ids.shape[1] if chain is not None else 0
         budget = self.budget - spine_len  # the deterministic nodes' share
+        # the n-gram branch and the drafter's best-first expansion take turns, a node each
+        # (the order does not depend on the budget: a tree of b nodes is nodes 1 .. b of any
+        # larger one, which `accepted_by_budget` reads)
+        sources: List[Iterator[int]] = []
         if self.lookup is not None and gamma > 0 and budget > 0:
             n = min(gamma, self.ngram_len, budget)
             found = lookup_ngram(self.lookup._text, n, self.lookup.max_ngram, self.lookup.min_ngram)
-            node = 0
-            for t in found:
-                node, _ = tree.child(node, int(t), SOURCE_NGRAM)
-        left = budget - tree.size()
-        if self.block is not None and left > 0 and g > 0:
+            sources.append(_ngram_nodes(tree, found))
+        if self.block is not None and budget > 0 and g > 0:
             logits = self.block.last_logits if chain is not None else self.block.marginals(g, rnd)
             lp = torch.log_softmax(logits[0].float(), dim=-1)  # (g', Vd)
             k = min(self.topk, lp.shape[-1])
@@ -297,7 +321,13 @@ class TreeDrafting:
             vmap = getattr(self.block.drafter, "vocab_map", None)  # drafter column -> target id
             if vmap is not None:
                 ids = vmap.to(ids.device)[ids]
-            best_first_tree(tree, top.values.cpu(), ids.cpu(), left)
+            sources.append(best_first_nodes(tree, top.values.cpu(), ids.cpu()))
+        while sources and tree.size() < budget:
+            for src in list(sources):
+                if tree.size() >= budget:
+                    break
+                if next(src, None) is None:
+                    sources.remove(src)
         spine: List[int] = []
         if chain is not None:  # merged last: a spine token equal to a node's reuses it
             node = 0
