@@ -62,8 +62,8 @@ class SlotCache:
                      for _ in range(layers)]
         self.values = [torch.zeros_like(k) for k in self.keys]
         self.write: Optional[Tensor] = None
-        self.live: Optional[Tensor] = None  # (B', W) bool: slots a row may read this call
-        # (batch rows, slots) of the window outside `live`: zeroed by `update` before the read
+        self.window: Optional[int] = None  # W: the slots this call reads (0 .. W - 1)
+        # (batch rows, slots) of the window that no node of this call reads: zeroed by `update`
         self.stale: Optional[tuple] = None
         self.rows: Optional[Tensor] = None  # (B',) the batch rows this call runs; None: all
         self.is_sliding = [False] * layers
@@ -75,22 +75,21 @@ class SlotCache:
     def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int,
                *args: Any, **kwargs: Any) -> tuple:
         """Write the new entries (B, nkv, T, hd) at `write` and return the layer's first W
-        slots, with every slot outside `live` zeroed first (in place, `stale`): whatever a
-        stale slot held (even NaN, which a mask would not hide: NaN + mask is NaN) never
-        reaches the attention."""
-        if self.write is None or self.live is None:
+        slots, with the `stale` ones zeroed first (in place): whatever a stale slot held (even
+        NaN, which a mask would not hide: NaN + mask is NaN) never reaches the attention."""
+        if self.write is None or self.window is None:
             raise RuntimeError("SlotCache.update outside a BatchedTarget forward (no write slots)")
         k, v = self.keys[layer_idx], self.values[layer_idx]
         B, H, T, D = key_states.shape
-        W = self.live.shape[1]
+        W = self.window
         # one index_put through the (B, S, H, D) view: row r's entry t goes to slot write[r, t]
         r = (torch.arange(B, device=k.device) if self.rows is None else self.rows)[:, None]
         r = r.expand(B, T)
         k.permute(0, 2, 1, 3)[r, self.write] = key_states.permute(0, 2, 1, 3).to(k.dtype)
         v.permute(0, 2, 1, 3)[r, self.write] = value_states.permute(0, 2, 1, 3).to(v.dtype)
         if self.stale is not None and self.stale[0].numel():
-            # the slots outside `live` are zeroed in place (those only: no copy of the
-            # window); a row writes a slot again before it becomes live
+            # zeroed in place, those slots only (no copy of the window): a row writes a slot
+            # again before any node reads it
             zero = k.new_zeros(())
             for t in (k, v):
                 t.permute(0, 2, 1, 3).index_put_(self.stale, zero)
@@ -193,14 +192,14 @@ class BatchedTarget:
         mask.masked_fill_(~vis[:, None], torch.finfo(tgt.dtype).min)
         sb, ss = (~live).nonzero(as_tuple=True)  # the window's slots no node reads
         stale = ((rows_t[sb] if sub else sb), ss)
-        self.cache.write, self.cache.live, self.cache.rows = slot, live, rows_t
+        self.cache.write, self.cache.window, self.cache.rows = slot, W, rows_t
         self.cache.stale = stale
         layers = None if hidden_layers is None else tgt._check_layers(hidden_layers)
         try:
             return tgt._run(ids, self.cache, layers, attention_mask=mask,
                             position_ids=L[:, None] + depth)
         finally:
-            self.cache.write = self.cache.live = self.cache.rows = self.cache.stale = None
+            self.cache.write = self.cache.window = self.cache.rows = self.cache.stale = None
 
     def prefill(self, prompts: Sequence[Tensor],
                 hidden_layers: Optional[Sequence[int]] = None,
@@ -464,9 +463,8 @@ def generate_batch(decoder: Any, drafter: Any, gamma: int, prompts: Sequence[Ten
             seeds_a = vseed[qa]
             offs = [rounds[q] for q in qa]  # each prompt's own round: its solo verify offset
             if tree:
-                res = _verify_trees(out.logits, seq, par.to(dev), tau, seeds_a, offs, ctl.filters)
-                res = _walk_spines(res, out.logits, seq, par.to(dev), ds, tau, seeds_a, offs,
-                                   ctl.filters)
+                res = _verify_trees(out.logits, seq, par.to(dev), ds, tau, seeds_a, offs,
+                                    ctl.filters)
                 flat = torch.cat([res.ids.reshape(-1), res.num_accepted, res.valid.long(),
                                   res.path.reshape(-1)]).tolist()
             else:
@@ -542,15 +540,19 @@ def _groups(keys: Sequence[Any]) -> dict:
     return out
 
 
-def _verify_trees(logits: Tensor, seq: Tensor, par: Tensor, tau: float, vseed: Tensor,
-                  offsets: Sequence[int], filters: dict) -> Any:
-    """`ops.verify_tree` of every row, one call per distinct round offset (one call while every
-    row started together), each row at its own seed and its own round: the call its solo round
-    makes."""
+def _verify_trees(logits: Tensor, seq: Tensor, par: Tensor, drafts: list, tau: float,
+                  vseed: Tensor, offsets: Sequence[int], filters: dict) -> Any:
+    """Every row's tree walk, each at its own seed and its own round: the call its solo round
+    makes. Rows whose tree carries a soft spine go through `drafting.tree.walk_soft_tree`
+    (one host sync each); the others through `ops.verify_tree`, one call per distinct round
+    offset (one call while every row started together)."""
+    from .drafting.tree import walk_soft_tree
     from .types import TreeVerifyResult
 
-    groups = _groups(offsets)
-    if len(groups) == 1:
+    spined = [i for i, d in enumerate(drafts) if d.spine is not None]
+    plain = [i for i, d in enumerate(drafts) if d.spine is None]
+    groups = _groups([offsets[i] for i in plain])
+    if not spined and len(groups) == 1:
         return ops.verify_tree(logits, seq, par, temperature=tau, seed=vseed, offset=offsets[0],
                                check_values=False, **filters)
     B, N = seq.shape
@@ -559,26 +561,12 @@ def _verify_trees(logits: Tensor, seq: Tensor, par: Tensor, tau: float, vseed: T
     path = torch.full((B, N), -1, dtype=torch.int64, device=dev)
     num = torch.zeros(B, dtype=torch.int64, device=dev)
     valid = torch.ones(B, dtype=torch.bool, device=dev)
-    for off, rows in groups.items():
-        sel = torch.tensor(rows, dtype=torch.int64, device=dev)
+    for off, at in groups.items():
+        sel = torch.tensor([plain[j] for j in at], dtype=torch.int64, device=dev)
         r = ops.verify_tree(logits[sel], seq[sel], par[sel], temperature=tau, seed=vseed[sel],
                             offset=off, check_values=False, **filters)
         ids[sel], path[sel] = r.ids, r.path
         num[sel], valid[sel] = r.num_accepted.to(torch.int64), r.valid
-    return TreeVerifyResult(ids, num, path, valid)
-
-
-def _walk_spines(res: Any, logits: Tensor, seq: Tensor, par: Tensor, drafts: list, tau: float,
-                 vseed: Tensor, offsets: Sequence[int], filters: dict) -> Any:
-    """The rows whose tree carries a soft spine (`drafting.tree.walk_soft_tree`), walked as
-    their solo round walks them (their `_verify_trees` result replaced); one host sync each."""
-    spined = [i for i, d in enumerate(drafts) if d.spine is not None]
-    if not spined:
-        return res
-    from .drafting.tree import walk_soft_tree
-    from .types import TreeVerifyResult
-
-    ids, num, path, valid = (t.clone() for t in (res.ids, res.num_accepted, res.path, res.valid))
     for i in spined:
         r = walk_soft_tree(logits[i:i + 1], seq[i:i + 1], par[i:i + 1], drafts[i],
                            temperature=tau, seed=vseed[i:i + 1], offset=offsets[i],

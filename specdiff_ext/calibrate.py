@@ -26,8 +26,8 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
-__all__ = ["TREE_ACCEPTANCE_NAME", "read_tree_acceptance", "write_tree_acceptance", "tree_acceptance_table",
-           "nearest_temperature", "acceptance_at", "measure_costs", "choose_budget",
+__all__ = ["TREE_ACCEPTANCE_NAME", "read_tree_acceptance", "write_tree_acceptance",
+           "tree_acceptance_table", "nearest_temperature", "acceptance_at", "measure_costs", "choose_budget",
            "calibrated_budget", "chain_forward", "prefer_int8", "packed_forward_seconds",
            "prefer_packed"]
 

@@ -324,6 +324,8 @@ class SpeculativeDecoder(BatchDecoding):
                     hidden = _cat_hidden(tgt.forward(prompt[:, :-1], cache, hidden_layers=layers))
             with clock("draft"):
                 drafter.start(prompt, dseed, tau, hidden, ctl.filters)
+            if getattr(drafter, "draws_spine", False):  # node numbers are no budget prefixes
+                budgets, by_budget = [], []
         length, last = prompt.shape[1] - 1, prompt[:, -1:]  # cached positions, (1, 1)
         while len(out) < max_new_tokens:
             g = min(gamma, max_new_tokens - len(out) - 1)  # the last token is free
@@ -344,7 +346,7 @@ class SpeculativeDecoder(BatchDecoding):
                                                seed=vseed, offset=rounds, check_values=False,
                                                **ctl.filters)
                     ids_t = tres.ids
-                    # the one host sync of the round
+                    # the one host sync of the round (a spine walk has synced already)
                     flat = torch.cat([tres.ids[0], tres.num_accepted, tres.valid.long(),
                                       tres.path[0]]).tolist()
                     path = flat[g + 3: g + 3 + flat[g + 1]]
@@ -375,8 +377,6 @@ class SpeculativeDecoder(BatchDecoding):
             if d.source is not None and path:
                 for s in d.source[0, [i - 1 for i in path]].tolist():
                     by_source[s & 3] += 1
-            if d.spine is not None:  # node numbers are no budget prefixes then
-                budgets, by_budget = [], []
             if tree and path:
                 for j, b in enumerate(budgets):
                     by_budget[j] += budget_prefix(path, b)

@@ -171,9 +171,10 @@ def walk_soft_tree(target_logits: Tensor, tokens: Tensor, parents: Tensor, draft
     path = spine[1: k + 1]
     out_ids = torch.full((1, N), -1, dtype=torch.int64, device=dev)
     out_path = torch.full((1, N), -1, dtype=torch.int64, device=dev)
+    invalid = TreeVerifyResult(out_ids, torch.zeros(1, dtype=torch.int64, device=dev), out_path,
+                               torch.zeros(1, dtype=torch.bool, device=dev))
     if not ok:
-        return TreeVerifyResult(out_ids, torch.zeros(1, dtype=torch.int64, device=dev), out_path,
-                                torch.zeros(1, dtype=torch.bool, device=dev))
+        return invalid
     par = parents[0].tolist()
     tok = tokens[0].tolist()
     at, x = spine[k], ids[k]
@@ -197,8 +198,7 @@ def walk_soft_tree(target_logits: Tensor, tokens: Tensor, parents: Tensor, draft
         rf = torch.cat([r.ids[0], r.path[0], r.num_accepted, r.valid.long()]).tolist()
         m = rf[2 * ns]
         if not rf[2 * ns + 1]:
-            return TreeVerifyResult(out_ids, torch.zeros(1, dtype=torch.int64, device=dev),
-                                    out_path, torch.zeros(1, dtype=torch.bool, device=dev))
+            return invalid
         path = path + [child] + [sub[j] for j in rf[ns: ns + m]]
         ids = ids + rf[: m + 1]
     n = len(path)
@@ -260,6 +260,13 @@ class TreeDrafting:
         self.chain_drafter = block if block is not None else lookup
 
     @property
+    def draws_spine(self) -> bool:
+        """Whether this call's trees carry a soft spine (after `start`: the block drafter
+        samples, at a draft temperature > 0). Such trees are not budget prefixes of one
+        another, so the decode loop reports no ``accepted_by_budget`` for them."""
+        return self.soft_spine and self.block is not None and getattr(self.block, "_dtau", 0) > 0
+
+    @property
     def cache(self) -> Any:
         """The block drafter's context cache (None without one)."""
         return self.block.cache if self.block is not None else None
@@ -297,11 +304,8 @@ class TreeDrafting:
         g = min(gamma, self.block.max_drafts) if self.block is not None else 0
         # the soft spine: the block's sampled chain (temperature > 0 only; one drafter pass
         # gives both the draws and the marginals the best-first expansion reads)
-        chain: Optional[Draft] = None
-        if self.soft_spine and g > 0 and self.block._dtau > 0:
-            chain = self.block.draft(min(g, self.budget), rnd)
-            if chain.logits is None:
-                chain = None
+        chain = self.block.draft(min(g, self.budget), rnd) if self.draws_spine and g > 0 \
+            else None
         spine_len = chain.ids.shape[1] if chain is not None else 0
         budget = self.budget - spine_len  # the deterministic nodes' share
         # the n-gram branch and the drafter's best-first expansion take turns, a node each
